@@ -1,0 +1,121 @@
+"""The feda2v ClientApp: a site trains adapters on its own audio and reports weights + class means.
+
+``train``: load the global adapters (or, with ``aggregation = "none"``, this node's own adapters kept
+in the node's Context state), train local epochs toward the per-clip class targets sent by the
+server, reply with adapter weights, metrics and per-class mean adapter outputs.
+``evaluate``: retrieval accuracy and losses on the node's validation and test clips.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client_app.node_data import NodeData, load_node_data
+from common.config import FedA2VConfig, NodeRuntimeConfig, load_config
+from common.factory import adapter_config, build_adapters, resolve_device
+from common.models.adapters import Adapters
+from common.records import (
+    ARRAYS,
+    CLASS_MEANS,
+    CLASS_MEANS_META,
+    METRICS,
+    TARGETS,
+    TARGETS_META,
+    ClassTensors,
+    RecordError,
+    arrays_to_module,
+    module_to_arrays,
+)
+from common.training import TrainSettings, class_mean_outputs, evaluate_adapters, train_adapters
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+LOCAL_ADAPTERS = "local-adapters"  # Context.state key for aggregation="none"
+
+
+def _setup(msg: Message, context: Context) -> tuple[FedA2VConfig, NodeRuntimeConfig, NodeData, ClassTensors]:
+    cfg = load_config(context.run_config)
+    node = NodeRuntimeConfig.from_node_config(context.node_config)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    data = load_node_data(cfg, node)
+    targets = ClassTensors.from_records(msg.content, TARGETS, TARGETS_META)
+    if targets.class_names != data.class_names:
+        raise RecordError(
+            f"node {node.partition_id}: server targets are for classes {targets.class_names} but this node's "
+            f"configuration gives {data.class_names}; both sides must use the same data.classes"
+        )
+    return cfg, node, data, targets
+
+
+def _adapters(cfg: FedA2VConfig, msg: Message, context: Context, targets: ClassTensors) -> Adapters:
+    acfg = adapter_config(cfg, clip_dim=targets.clip.shape[1], t5_dim=targets.t5.shape[2])
+    adapters = build_adapters(cfg, acfg)
+    if cfg.aggregation == "none" and LOCAL_ADAPTERS in context.state:
+        return arrays_to_module(context.state[LOCAL_ADAPTERS], adapters)  # type: ignore[arg-type]
+    return arrays_to_module(msg.content[ARRAYS], adapters)  # type: ignore[arg-type]
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, node, data, targets = _setup(msg, context)
+    server_round = int(msg.content["config"].get("server-round", 0))  # type: ignore[union-attr]
+    device = resolve_device(cfg)
+    adapters = _adapters(cfg, msg, context, targets)
+    split = data.splits["train"]
+    settings = TrainSettings.from_config(cfg.train, seed=cfg.seed * 1000 + server_round * 31 + node.partition_id)
+    t0 = time.perf_counter()
+    losses = train_adapters(adapters, split.embeddings, split.labels, targets.clip, targets.t5, settings, device)
+    train_seconds = time.perf_counter() - t0
+    clip_means, t5_means, counts = class_mean_outputs(adapters, split.embeddings, split.labels, len(data.class_names), device)
+    weights = module_to_arrays(adapters)
+    if cfg.aggregation == "none":
+        context.state[LOCAL_ADAPTERS] = weights
+    present = [i for i, c in enumerate(counts.tolist()) if c > 0]
+    means = ClassTensors([data.class_names[i] for i in present], clip_means[present], t5_means[present], counts[present])
+    metrics = {
+        "num-examples": len(split),
+        "train_loss": losses["loss"],
+        "train_loss_clip": losses["loss_clip"],
+        "train_loss_t5": losses["loss_t5"],
+        "train_seconds": train_seconds,
+        "extract_seconds": data.extract_seconds,
+        "skipped_files": data.skipped_files,
+        "partition_id": node.partition_id,
+    }
+    log.info(
+        "node %d round %d: trained on %d clips in %.1fs, loss %.4f (clip %.4f, t5 %.4f)",
+        node.partition_id, server_round, len(split), train_seconds, losses["loss"], losses["loss_clip"], losses["loss_t5"],
+    )
+    content = RecordDict({ARRAYS: weights, METRICS: MetricRecord(metrics)})
+    means.to_records(content, CLASS_MEANS, CLASS_MEANS_META)
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, node, data, targets = _setup(msg, context)
+    device = resolve_device(cfg)
+    adapters = _adapters(cfg, msg, context, targets)
+    metrics: dict[str, float | int] = {
+        "num-examples": len(data.splits["test"]),
+        "num_val": len(data.splits["val"]),
+        "partition_id": node.partition_id,
+    }
+    for name in ("val", "test"):
+        split = data.splits[name]
+        result = evaluate_adapters(
+            adapters, split.embeddings, split.labels, targets.clip, targets.t5, cfg.train.cosine_weight, device=device
+        )
+        metrics.update({f"{name}_{k}": v for k, v in result.items()})
+    log.info(
+        "node %d: test retrieval acc %.3f (clip %.3f, t5 %.3f) on %d clips",
+        node.partition_id, metrics.get("test_retrieval_acc", float("nan")), metrics.get("test_retrieval_acc_clip", float("nan")),
+        metrics.get("test_retrieval_acc_t5", float("nan")), metrics["num-examples"],
+    )
+    return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

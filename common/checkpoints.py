@@ -1,0 +1,125 @@
+"""Atomic, self-describing checkpoints: safetensors tensors + JSON metadata, never pickles.
+
+Why atomic: a run killed mid-write (OOM, node dying, Ctrl-C) must leave either the previous file or
+the new one, never a truncated file that a resumed run would trip over. Every write goes to a
+temporary file in the same directory, is fsync'ed, then ``os.replace``-d into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = "1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not match what the caller expects."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a same-directory temp file + ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> Path:
+    """Save tensors with JSON-encoded metadata (safetensors metadata is str -> str)."""
+    path = Path(path)
+    meta = {"format-version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    meta.update({k: json.dumps(v) for k, v in metadata.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load tensors and decoded metadata; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            raw = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint '{path}' is not a readable safetensors file: {err}") from None
+    meta: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            meta[key] = json.loads(value)
+        except json.JSONDecodeError:
+            meta[key] = value
+    return tensors, meta
+
+
+# ------------------------------------------------------------------------- adapters
+def save_adapters(
+    path: Path,
+    adapters: torch.nn.Module,
+    adapter_config: Mapping[str, Any],
+    class_names: list[str],
+    server_round: int,
+    config_hash: str,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Global (or per-node) adapters with everything needed to rebuild and check them."""
+    meta = {
+        "type": "adapters",
+        "adapter-config": dict(adapter_config),
+        "class-names": list(class_names),
+        "round": server_round,
+        "config-hash": config_hash,
+    }
+    meta.update(extra or {})
+    return save_tensors(path, adapters.state_dict(), meta)
+
+
+def load_adapters(path: Path, expected_adapter_config: Mapping[str, Any] | None = None):
+    """Rebuild adapters from a checkpoint; a dims mismatch names the field, found vs expected."""
+    from common.models.adapters import AdapterConfig, Adapters
+
+    tensors, meta = load_tensors(path)
+    if meta.get("type") != "adapters":
+        raise CheckpointError(f"checkpoint '{path}': type is {meta.get('type')!r}, expected 'adapters'")
+    found = meta["adapter-config"]
+    if expected_adapter_config is not None:
+        for key, value in expected_adapter_config.items():
+            if found.get(key) != value:
+                raise CheckpointError(f"checkpoint '{path}': adapter-config.{key} is {found.get(key)!r}, expected {value!r}")
+    adapters = Adapters(AdapterConfig.from_dict(found))
+    adapters.load_state_dict(tensors)
+    return adapters, meta

@@ -1,0 +1,420 @@
+"""One validated configuration tree for the whole system.
+
+Why one tree: the earlier code base read keys with ``getattr(cfg, key, None)``, so a typo or a
+missing key silently became ``None`` and switched features off. Here every key is declared once,
+with a real default, a type and a description; unknown keys and wrong types fail fast with a
+message naming the dotted key.
+
+Sources, lowest to highest precedence:
+
+1. the defaults declared below (mirrored in ``pyproject.toml`` ``[tool.flwr.app.config]``; a test
+   keeps the two in sync),
+2. an optional TOML ``config-file`` (nested tables, e.g. ``[train]``), typically under ``configs/``,
+3. Flower's run config (``--run-config 'train.local-epochs=3'``): flat, dotted kebab-case keys.
+
+Flower fuses the pyproject defaults and the ``--run-config`` overrides into one flat dict before
+the app sees it, so an override equal to the default cannot be told apart from the default: a
+config-file value wins over a run-config value that equals the built-in default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "FedA2VConfig",
+    "NodeRuntimeConfig",
+    "load_config",
+    "flatten",
+    "unflatten",
+    "config_hash",
+    "default_cache_dir",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key (and file, if any)."""
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Strict(BaseModel):
+    """Base for every config section: kebab-case keys, unknown keys forbidden, no coercion surprises."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=_kebab,
+        populate_by_name=True,
+        validate_assignment=True,
+        frozen=False,
+    )
+
+
+def _split_list(value: Any) -> Any:
+    """Flower run-config values are scalars, so lists travel as comma-separated strings."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class DataConfig(_Strict):
+    """Which audio, how it is loaded, and how it is split across nodes."""
+
+    dataset: Literal["synthetic", "esc50"] = Field(
+        "synthetic",
+        description="'synthetic' generates an ESC-50-format dataset on first use; 'esc50' reads the "
+        "official layout (audio/*.wav, meta/esc50.csv) at data.root.",
+    )
+    root: str = Field(
+        "",
+        description="Dataset directory. Empty: for 'synthetic', <cache-dir>/data/synthetic-<params>; "
+        "required for 'esc50'. A node's node-config 'data-root' overrides it on that node.",
+    )
+    classes: list[str] = Field(
+        default_factory=list,
+        description="Class names (comma-separated in run config). Empty: the first data.num-classes "
+        "classes of the dataset.",
+    )
+    num_classes: int = Field(10, ge=1, description="Used when data.classes is empty.")
+    clips_per_class: int = Field(40, ge=3, description="Clips per class written by the synthetic generator.")
+    synth_seed: int = Field(0, description="Seed of the synthetic dataset generator.")
+    clip_seconds: float = Field(5.0, gt=0, le=60, description="Clip length after pad/trim; sets AST max_length.")
+    sample_rate: int = Field(16000, ge=8000, description="Sample rate the AST expects (16 kHz for AudioSet ASTs).")
+    partition: Literal["iid", "explicit"] = Field(
+        "iid",
+        description="'iid': every node gets a stratified share of every class; 'explicit': node "
+        "classes and sample caps from the [nodes.<id>] tables.",
+    )
+    val_fraction: float = Field(0.1, ge=0, lt=0.5, description="Per-class fraction of clips held out for validation.")
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Per-class fraction of clips held out for test.")
+
+    _split_classes = field_validator("classes", mode="before")(_split_list)
+
+
+class NodeSpec(_Strict):
+    """Per-node data assignment for ``data.partition = "explicit"``."""
+
+    classes: list[str] = Field(default_factory=list, description="Class names this node owns.")
+    samples_per_class: int = Field(0, ge=0, description="Cap on training clips per class (0 = all of its share).")
+
+    _split_classes = field_validator("classes", mode="before")(_split_list)
+
+
+class AudioEncoderConfig(_Strict):
+    """The frozen AST that turns audio into embeddings."""
+
+    model: str = Field(
+        "tiny",
+        description="'tiny' (random small AST, fixed seed) or a hub id / local folder loaded with "
+        "from_pretrained, e.g. MIT/ast-finetuned-audioset-10-10-0.4593.",
+    )
+    reduction: Literal["cls", "pool"] = Field(
+        "pool", description="'cls': the CLS token only (L=1); 'pool': adaptive-pool patch tokens to L tokens."
+    )
+    tokens: int = Field(8, ge=1, le=256, description="L, the token count of a reduced embedding ('pool' only).")
+    batch_size: int = Field(32, ge=1, description="Clips per AST forward pass.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="AST compute dtype.")
+
+
+class TextEncoderConfig(_Strict):
+    """The diffusion model's own text encoders, used once to compute per-class targets."""
+
+    model: str = Field(
+        "tiny",
+        description="'tiny' (small random CLIP-L/T5 with FLUX's real 768/4096 dims) or a local FLUX.1 "
+        "folder (diffusers layout: text_encoder, tokenizer, text_encoder_2, tokenizer_2).",
+    )
+    prompt_template: str = Field("a photo of a {label}", description="Class prompt; {label} is the class name.")
+    t5_tokens: int = Field(16, ge=1, le=512, description="n, the T5 sequence length of targets and adapter output.")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_label(cls, value: str) -> str:
+        if "{label}" not in value:
+            raise ValueError("must contain '{label}'")
+        return value
+
+
+class AdapterConfigSection(_Strict):
+    """Adapter architecture (token-wise MLP + learned-latent attention pooling per branch)."""
+
+    hidden_dim: int = Field(512, ge=8, description="Width of the token-wise MLP and the latents.")
+    heads: int = Field(8, ge=1, description="Attention heads of the latent pooling.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout inside the adapters.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "AdapterConfigSection":
+        if self.hidden_dim % self.heads:
+            raise ValueError(f"adapter.hidden-dim ({self.hidden_dim}) must be divisible by adapter.heads ({self.heads})")
+        return self
+
+
+class TrainConfig(_Strict):
+    """Local adapter training on each node."""
+
+    local_epochs: int = Field(6, ge=1, description="Epochs over the node's training clips per round.")
+    batch_size: int = Field(32, ge=1, description="Mini-batch size.")
+    lr_clip: float = Field(1e-3, gt=0, description="AdamW learning rate of the CLIP branch.")
+    lr_t5: float = Field(1e-3, gt=0, description="AdamW learning rate of the T5 branch.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    cosine_weight: float = Field(0.5, ge=0, description="Weight of the (1 - cosine) term added to the MSE loss.")
+
+
+class FedA2VConfig(_Strict):
+    """The complete run configuration of a feda2v federation."""
+
+    config_file: str = Field("", description="Optional TOML file whose values override the defaults.")
+    seed: int = Field(42, description="Seed for splits, model init and training.")
+    output_dir: str = Field("outputs", description="Where runs write summary.json and checkpoints.")
+    run_name: str = Field("", description="Sub-directory of output-dir for this run. Empty: a timestamp.")
+    cache_dir: str = Field("", description="Cache for datasets and text targets. Empty: the user cache dir.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when available.")
+    num_rounds: int = Field(5, ge=1, description="Federated rounds.")
+    aggregation: Literal["fedavg", "none"] = Field(
+        "fedavg",
+        description="'fedavg': sample-weighted average of adapter weights; 'none': standalone nodes, each "
+        "keeps its own adapters (global metrics are averages over nodes).",
+    )
+    fraction_train: float = Field(1.0, gt=0, le=1, description="Fraction of nodes sampled for training each round.")
+    fraction_evaluate: float = Field(1.0, ge=0, le=1, description="Fraction of nodes sampled for evaluation.")
+    min_nodes: int = Field(2, ge=1, description="Nodes that must be connected before a round starts.")
+    checkpoint_every: int = Field(1, ge=1, description="Save global adapters every k rounds (and at the end).")
+    data: DataConfig = Field(default_factory=DataConfig)
+    nodes: dict[str, NodeSpec] = Field(
+        default_factory=dict, description="Per-node tables for data.partition='explicit', keyed by partition id."
+    )
+    audio_encoder: AudioEncoderConfig = Field(default_factory=AudioEncoderConfig)
+    text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    adapter: AdapterConfigSection = Field(default_factory=AdapterConfigSection)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("nodes")
+    @classmethod
+    def _node_ids_are_ints(cls, value: dict[str, NodeSpec]) -> dict[str, NodeSpec]:
+        for key in value:
+            if not key.isdigit():
+                raise ValueError(f"node id '{key}' must be a partition id (0, 1, ...)")
+        return value
+
+    @model_validator(mode="after")
+    def _explicit_needs_nodes(self) -> "FedA2VConfig":
+        if self.data.partition == "explicit" and not self.nodes:
+            raise ValueError("data.partition='explicit' needs [nodes.<id>] tables with 'classes'")
+        return self
+
+    # ------------------------------------------------------------------ derived values
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+
+    def node_classes(self, num_nodes: int) -> list[list[str]] | None:
+        """Explicit per-node class lists, validated against the number of nodes."""
+        if self.data.partition != "explicit":
+            return None
+        missing = [str(i) for i in range(num_nodes) if str(i) not in self.nodes]
+        if missing:
+            raise ConfigError(f"data.partition='explicit' but no [nodes.<id>] table for node(s) {', '.join(missing)}")
+        return [list(self.nodes[str(i)].classes) for i in range(num_nodes)]
+
+    def node_samples_per_class(self, num_nodes: int) -> list[int | None] | None:
+        if self.data.partition != "explicit":
+            return None
+        return [self.nodes[str(i)].samples_per_class or None for i in range(num_nodes)]
+
+
+class NodeRuntimeConfig(_Strict):
+    """What a SuperNode's ``--node-config`` may carry (simulation fills the first two)."""
+
+    partition_id: int = Field(..., ge=0, description="This node's index in the partitioning.")
+    num_partitions: int = Field(..., ge=1, description="Number of nodes in the partitioning.")
+    data_root: str = Field("", description="Dataset directory on this host (overrides data.root).")
+    cache_dir: str = Field("", description="Cache directory on this host (overrides cache-dir).")
+
+    @model_validator(mode="after")
+    def _id_in_range(self) -> "NodeRuntimeConfig":
+        if self.partition_id >= self.num_partitions:
+            raise ValueError(f"partition-id {self.partition_id} must be < num-partitions {self.num_partitions}")
+        return self
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> "NodeRuntimeConfig":
+        try:
+            return cls.model_validate(dict(node_config))
+        except ValidationError as err:
+            raise ConfigError(_format_errors(err, "node-config")) from None
+
+
+# ---------------------------------------------------------------------------- helpers
+def default_cache_dir() -> Path:
+    """``$FEDA2V_CACHE`` or the platform's user cache dir: never a hard-coded absolute path."""
+    env = os.environ.get("FEDA2V_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("feda2v"))
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> Flower-style flat dict with dotted keys (lists become comma strings)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            if value:
+                flat.update(flatten(value, dotted + "."))
+        elif isinstance(value, (list, tuple)):
+            flat[dotted] = ",".join(str(v) for v in value)
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat dotted keys -> nested dict; a key that is both a value and a table is an error."""
+    tree: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        parts = dotted.split(".")
+        node = tree
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' is a value, but '{dotted}' uses it as a table")
+            node = child
+        if isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(f"config key '{dotted}' is a table, not a value")
+        node[parts[-1]] = value
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{key}'")
+        else:
+            lines.append(f"  '{key}': {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _defaults_flat() -> dict[str, Any]:
+    return flatten(FedA2VConfig().model_dump(by_alias=True))
+
+
+def _read_config_file(path_str: str, search_dirs: tuple[Path, ...]) -> tuple[dict[str, Any], Path]:
+    path = Path(path_str).expanduser()
+    candidates = [path] if path.is_absolute() else [d / path for d in search_dirs] + [path]
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                return tomllib.loads(candidate.read_text()), candidate.resolve()
+            except tomllib.TOMLDecodeError as err:
+                raise ConfigError(f"config-file '{candidate}': not valid TOML: {err}") from None
+    tried = ", ".join(str(c) for c in candidates)
+    raise ConfigError(f"config-file '{path_str}' not found (tried: {tried})")
+
+
+def load_config(
+    run_config: Mapping[str, Any] | None = None,
+    search_dirs: tuple[Path, ...] = (),
+) -> FedA2VConfig:
+    """Build the validated config from Flower's flat run config (+ its optional config-file).
+
+    ``search_dirs``: where a relative ``config-file`` is looked up (the app directory, so that
+    ``configs/x.toml`` works wherever the ServerApp process runs), then the current directory.
+    """
+    run_config = dict(run_config or {})
+    defaults = _defaults_flat()
+    try:
+        run_tree = unflatten(run_config)
+    except ConfigError:
+        raise
+    file_tree: dict[str, Any] = {}
+    file_path: Path | None = None
+    config_file = run_config.get("config-file", "")
+    if config_file:
+        file_tree, file_path = _read_config_file(str(config_file), search_dirs + (_app_root(),))
+        if "config-file" in file_tree:
+            raise ConfigError(f"config-file '{file_path}': may not set 'config-file' itself")
+    # Run-config values equal to the built-in default do not override the file (see module doc).
+    file_flat = flatten(file_tree)
+    explicit = {k: v for k, v in run_config.items() if not (k in file_flat and defaults.get(k) == v)}
+    merged = _deep_merge(file_tree, unflatten(explicit)) if file_tree else run_tree
+    source = f"run config + {file_path}" if file_path else "run config"
+    try:
+        cfg = FedA2VConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+    return cfg
+
+
+def _app_root() -> Path:
+    """The directory holding configs/ (the repo root or the unpacked FAB)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def config_hash(cfg: FedA2VConfig) -> str:
+    """Stable short hash of the settings that define a run (stored in checkpoint metadata)."""
+    payload = cfg.model_dump(by_alias=True, exclude={"config_file", "output_dir", "run_name", "cache_dir"})
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def json_schema() -> dict[str, Any]:
+    return FedA2VConfig.model_json_schema(by_alias=True)
+
+
+def _walk_fields(model: type[BaseModel], prefix: str = ""):
+    """Yield (dotted key, annotation text, default, description) for every leaf field."""
+    for name, field in model.model_fields.items():
+        key = prefix + _kebab(name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _walk_fields(ann, key + ".")
+            continue
+        if name == "nodes":
+            for sub_name, sub_field in NodeSpec.model_fields.items():
+                yield (
+                    f"nodes.<id>.{_kebab(sub_name)}",
+                    _type_text(sub_field.annotation),
+                    sub_field.get_default(call_default_factory=True),
+                    sub_field.description or "",
+                )
+            continue
+        yield key, _type_text(ann), field.get_default(call_default_factory=True), field.description or ""
+
+
+def _type_text(ann: Any) -> str:
+    text = str(ann) if getattr(ann, "__origin__", None) is list else (getattr(ann, "__name__", None) or str(ann))
+    if str(ann).startswith("typing.Literal"):
+        text = " \\| ".join(repr(a) for a in ann.__args__)
+    return text.replace("typing.", "")
+
+
+def markdown_reference() -> str:
+    """The configuration reference table in README.md (a test checks that README matches it)."""
+    lines = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+    for key, type_text, default, description in _walk_fields(FedA2VConfig):
+        if isinstance(default, list):
+            default = ",".join(default)
+        lines.append(f"| `{key}` | {type_text} | `{json.dumps(default)}` | {description} |")
+    return "\n".join(lines)

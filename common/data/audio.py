@@ -1,0 +1,120 @@
+"""Decode clip files into fixed-length mono float32 tensors at the model's sample rate.
+
+The data path is one direction (DESIGN.md): file --soundfile--> mono float32 --torchaudio resample--> 16 kHz,
+padded/trimmed to the clip length. Every clip comes out with the same number of samples, so batches stack without a
+custom collate, and the AST ``max_length`` can be derived from the clip length alone.
+
+I/O is soundfile only: ``torchaudio.load`` needs torchcodec, which is not installed. A bad file (corrupt, empty,
+not audio, NaN samples) is a property of one clip, not of the run: :func:`load_clips` skips it with a warning that
+names it, and reports it in :attr:`LoadedAudio.skipped` so callers can count what was lost.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+
+from .esc50 import Clip
+
+logger = logging.getLogger(__name__)
+
+
+class AudioLoadError(Exception):
+    """A clip file that cannot be turned into audio; ``str()`` names the file and the reason."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"cannot load audio file {self.path}: {reason}")
+
+
+def num_samples(sample_rate: int, clip_seconds: float) -> int:
+    """Samples per clip after loading (the one place this rounding is defined)."""
+    return int(round(clip_seconds * sample_rate))
+
+
+def _check_target(sample_rate: int, clip_seconds: float) -> None:
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    if clip_seconds <= 0:
+        raise ValueError(f"clip_seconds must be positive, got {clip_seconds}")
+
+
+@functools.lru_cache(maxsize=16)
+def _resampler(orig_freq: int, new_freq: int) -> torchaudio.transforms.Resample:
+    # Building the sinc kernel costs more than applying it to a 5-s clip; datasets use one or two source rates.
+    return torchaudio.transforms.Resample(orig_freq=orig_freq, new_freq=new_freq)
+
+
+def _read(path: Path) -> tuple[np.ndarray, int]:
+    if not path.is_file():  # libsndfile would only say "System error"
+        raise AudioLoadError(path, "file not found" if not path.exists() else "not a regular file")
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.SoundFileError, RuntimeError, OSError, ValueError, TypeError) as exc:
+        # libsndfile reports "Format not recognised" for text/garbage files, and raises for truncated data.
+        raise AudioLoadError(path, f"unreadable or not an audio file ({exc})") from exc
+    if data.shape[0] == 0:
+        raise AudioLoadError(path, "the file holds no audio frames")
+    if data.shape[1] == 0:
+        raise AudioLoadError(path, "the file has no channels")
+    if not np.isfinite(data).all():
+        raise AudioLoadError(path, "the file contains non-finite samples (NaN or infinity)")
+    return data, int(rate)
+
+
+def load_clip(path: Path, sample_rate: int = 16000, clip_seconds: float = 5.0) -> torch.Tensor:
+    """Load one file as a float32 tensor of shape ``(round(clip_seconds * sample_rate),)``.
+
+    Channels are averaged to mono, the signal is resampled to `sample_rate`, then zero-padded at the end or
+    trimmed. Raises :class:`AudioLoadError` for anything that is not usable audio.
+    """
+    _check_target(sample_rate, clip_seconds)
+    data, rate = _read(Path(path))
+    wave = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1, dtype=np.float32)))
+    if rate != sample_rate:
+        with torch.no_grad():
+            wave = _resampler(rate, sample_rate)(wave)
+    target = num_samples(sample_rate, clip_seconds)
+    if wave.shape[0] >= target:
+        wave = wave[:target]
+    else:
+        wave = torch.nn.functional.pad(wave, (0, target - wave.shape[0]))
+    return wave.contiguous().to(torch.float32)
+
+
+@dataclass
+class LoadedAudio:
+    """Decoded clips: ``waveforms[i]`` belongs to ``clips[i]``; files that failed are in ``skipped``."""
+
+    waveforms: torch.Tensor  # [N, S] float32
+    clips: list[Clip]
+    skipped: list[tuple[Clip, str]] = field(default_factory=list)  # (clip, reason)
+
+
+def load_clips(clips: Sequence[Clip], sample_rate: int = 16000, clip_seconds: float = 5.0) -> LoadedAudio:
+    """Load many clips, skipping bad files (one warning per file) instead of failing the whole run."""
+    _check_target(sample_rate, clip_seconds)
+    waveforms = torch.empty((len(clips), num_samples(sample_rate, clip_seconds)), dtype=torch.float32)
+    kept: list[Clip] = []
+    skipped: list[tuple[Clip, str]] = []
+    for clip in clips:
+        try:
+            waveforms[len(kept)] = load_clip(clip.path, sample_rate, clip_seconds)
+        except AudioLoadError as exc:
+            logger.warning("skipping clip %s (%s): %s", clip.rel_path, exc.path, exc.reason)
+            skipped.append((clip, exc.reason))
+            continue
+        kept.append(clip)
+    if skipped:
+        logger.info("loaded %d of %d clips; %d skipped", len(kept), len(clips), len(skipped))
+    return LoadedAudio(waveforms=waveforms[: len(kept)].clone() if skipped else waveforms, clips=kept,
+                       skipped=skipped)

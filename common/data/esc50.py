@@ -1,0 +1,184 @@
+"""Reader for datasets in the ESC-50 layout.
+
+The official ESC-50 release (and our synthetic stand-in, see :mod:`common.data.synth`) is a folder::
+
+    root/
+      meta/esc50.csv     filename,fold,target,category,esc10,src_file,take
+      audio/<filename>   e.g. 1-100032-A-0.wav
+
+The reader only turns that folder into :class:`Clip` records; decoding audio is :mod:`common.data.audio`'s job,
+so listing a dataset stays cheap (no torch import, no file reads beyond the csv and ``stat``).
+
+Labels are indices into the *selected* class list, never the csv ``target``: a run on 5 of the 50 classes needs
+labels 0..4, and every node must derive the same mapping from the same configuration. (The old code base gave
+every clip the first class's label -- see DESIGN.md, defect 8 -- so the mapping is explicit and tested here.)
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ESC50_COLUMNS = ("filename", "fold", "target", "category", "esc10", "src_file", "take")
+META_RELPATH = Path("meta") / "esc50.csv"
+AUDIO_DIRNAME = "audio"
+
+
+class DatasetError(ValueError):
+    """A problem with a dataset the user pointed us at; the message names the file, column or class."""
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One labelled audio file.
+
+    ``rel_path`` (posix, relative to the dataset root) is the clip's identity: it does not change when the dataset
+    folder moves, so caches keyed by it survive a relocation.
+    """
+
+    path: Path
+    rel_path: str
+    category: str
+    label: int
+    fold: int
+
+
+@dataclass
+class Esc50Index:
+    """Everything the reader found: the kept clips, the label order and the rows whose file is missing."""
+
+    root: Path
+    clips: list[Clip]
+    class_names: list[str]
+    missing: list[str] = field(default_factory=list)  # rel_paths listed in the csv but absent on disk
+
+
+def _check_root(root: Path) -> tuple[Path, Path, Path]:
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(
+            f"dataset root {str(root)!r} does not exist or is not a directory "
+            f"(expected an ESC-50-format folder with {META_RELPATH.as_posix()} and {AUDIO_DIRNAME}/)"
+        )
+    root = root.resolve()
+    meta = root / META_RELPATH
+    if not meta.is_file():
+        raise DatasetError(f"metadata file {str(meta)!r} is missing: {root} is not an ESC-50-format dataset")
+    audio = root / AUDIO_DIRNAME
+    if not audio.is_dir():
+        raise DatasetError(f"audio directory {str(audio)!r} is missing: {root} is not an ESC-50-format dataset")
+    return root, meta, audio
+
+
+def _read_rows(meta: Path) -> list[dict[str, str]]:
+    """Read the csv, insisting on the columns we use and naming the ones that are absent."""
+    try:
+        with meta.open(newline="", encoding="utf-8-sig") as handle:  # tolerate a BOM from spreadsheet tools
+            reader = csv.DictReader(handle)
+            header = [name.strip() for name in (reader.fieldnames or [])]
+            missing = [col for col in ESC50_COLUMNS if col not in header]
+            if missing:
+                raise DatasetError(
+                    f"{meta}: missing column(s) {', '.join(missing)}; "
+                    f"expected {', '.join(ESC50_COLUMNS)}, found {', '.join(header) or 'no header'}"
+                )
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{meta}: not a UTF-8 text csv ({exc})") from exc
+    if not rows:
+        raise DatasetError(f"{meta}: the csv has a header but no rows")
+    return rows
+
+
+def _parse_int(meta: Path, line: int, column: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise DatasetError(f"{meta}, line {line}: column {column!r} must be an integer, got {value!r}") from None
+
+
+def list_categories(root: Path) -> list[str]:
+    """All categories of the dataset in csv order of first appearance (the default label order)."""
+    _, meta, _ = _check_root(root)
+    return _categories(_read_rows(meta))
+
+
+def _categories(rows: list[dict[str, str]]) -> list[str]:
+    return list(dict.fromkeys(row["category"] for row in rows))
+
+
+def _select_classes(meta: Path, available: list[str], classes: Sequence[str] | None) -> list[str]:
+    if classes is None:
+        return list(available)
+    if isinstance(classes, str):  # a bare string would silently become a list of characters
+        raise DatasetError(f"classes must be a list of class names, got the string {classes!r}")
+    selected = [str(c).strip() for c in classes]
+    if not selected:
+        raise DatasetError("classes is empty: select at least one class (or leave it unset for all)")
+    duplicates = sorted({c for c in selected if selected.count(c) > 1})
+    if duplicates:
+        raise DatasetError(f"class(es) requested more than once: {', '.join(duplicates)}")
+    unknown = [c for c in selected if c not in available]
+    if unknown:
+        raise DatasetError(
+            f"class(es) {', '.join(repr(c) for c in unknown)} not in {meta}; "
+            f"available: {', '.join(available)}"
+        )
+    return selected
+
+
+def scan_esc50(root: Path, classes: Sequence[str] | None = None) -> Esc50Index:
+    """Like :func:`read_esc50` but also reports which csv rows had no file (for callers that count them)."""
+    root, meta, audio = _check_root(root)
+    rows = _read_rows(meta)
+    class_names = _select_classes(meta, _categories(rows), classes)
+    label_of = {name: i for i, name in enumerate(class_names)}
+
+    clips: list[Clip] = []
+    missing: list[str] = []
+    seen: set[str] = set()
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        category = row["category"]
+        if category not in label_of:
+            continue
+        filename = row["filename"]
+        if not filename or "/" in filename or "\\" in filename or filename in (".", ".."):
+            raise DatasetError(f"{meta}, line {line}: column 'filename' must be a plain file name, got {filename!r}")
+        if filename in seen:
+            raise DatasetError(f"{meta}, line {line}: file {filename!r} is listed more than once")
+        seen.add(filename)
+        fold = _parse_int(meta, line, "fold", row["fold"])
+        rel_path = f"{AUDIO_DIRNAME}/{filename}"
+        path = audio / filename
+        if not path.is_file():
+            logger.warning("ESC-50 row skipped: audio file %s listed in %s does not exist", path, meta)
+            missing.append(rel_path)
+            continue
+        clips.append(Clip(path=path, rel_path=rel_path, category=category, label=label_of[category], fold=fold))
+
+    if missing:
+        logger.warning("%d of %d selected clips in %s are missing on disk and were skipped",
+                       len(missing), len(missing) + len(clips), root)
+    empty = [name for name in class_names if not any(c.category == name for c in clips)]
+    if empty:
+        raise DatasetError(f"class(es) {', '.join(empty)} have no audio files under {audio}")
+    clips.sort(key=lambda c: c.rel_path)
+    logger.info("ESC-50 dataset %s: %d clips, %d classes", root, len(clips), len(class_names))
+    return Esc50Index(root=root, clips=clips, class_names=class_names, missing=missing)
+
+
+def read_esc50(root: Path, classes: Sequence[str] | None = None) -> tuple[list[Clip], list[str]]:
+    """Read an ESC-50-format dataset.
+
+    Returns ``(clips sorted by rel_path, class_names)``; ``clip.label`` indexes ``class_names``. ``classes=None``
+    selects every category in csv order of first appearance, so the label order is stable across machines.
+    Rows whose wav is absent are skipped with a warning naming each file (use :func:`scan_esc50` to get them);
+    everything else that is wrong raises :class:`DatasetError`.
+    """
+    index = scan_esc50(root, classes)
+    return index.clips, index.class_names

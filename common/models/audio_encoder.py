@@ -1,0 +1,375 @@
+"""Frozen Audio Spectrogram Transformer (AST): waveforms -> reduced token embeddings [N, L, H].
+
+The encoder is never trained. It wraps ``ASTFeatureExtractor`` (kaldi fbank, 128 mel bins, 10 ms hop)
+and ``ASTModel`` and reduces the patch tokens to a small, fixed number of tokens so that embeddings can
+be cached and exchanged cheaply.
+
+Clip length drives ``max_length`` (frames): a 5-s clip has 498 fbank frames, so the model is adapted to
+498 frames instead of padding every clip to the 1024 frames (10.24 s) the checkpoints were trained on.
+Pretrained position embeddings are kept, cropped (or linearly interpolated) along the *time* axis of the
+(frequency x time) patch grid; they are never re-initialised.
+
+Reductions (``reduction``):
+
+* ``"cls"``  -> L = 1: the CLS token (token 0) of the last layer (after the final LayerNorm).
+* ``"pool"`` -> L = ``tokens``: the patch tokens (CLS/distillation excluded) are laid back on their
+  (frequency x time) grid, averaged over frequency, then adaptively average-pooled over time to
+  ``tokens`` segments. Token i summarises the i-th time segment of the clip, in order. We pool along
+  time rather than along the flattened sequence because that sequence is frequency-major
+  (index = f * T + t): a 1-D pool of it would produce frequency bands whose boundaries do not even
+  align with the 12 frequency rows, and would throw away *when* things happen. Time segments keep the
+  temporal structure (onsets, repetitions) that the adapters' attention pooling can use, and every
+  token already mixes all frequencies through 12 layers of self-attention.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "TINY_AST",
+    "AudioEncoder",
+    "ModelLoadError",
+    "ast_frames",
+    "build_tiny_ast",
+    "hf_offline",
+    "identity_key",
+    "resize_time_positions",
+]
+
+# Small AST for tests and the demo: real feature pipeline (128 mel bins, 16x16 patches, stride 10),
+# so the sequence is as long as the real model's (12 x 49 + 2 = 590 tokens for 5 s), but narrow/shallow.
+TINY_AST: dict[str, Any] = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    patch_size=16,
+    frequency_stride=10,
+    time_stride=10,
+    num_mel_bins=128,
+)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+class ModelLoadError(ValueError):
+    """A model (or its tokenizer/feature extractor) cannot be loaded from what is available offline."""
+
+
+def hf_offline() -> bool:
+    """True when the Hugging Face hub must not be contacted (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    return any(
+        os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"}
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _load_hint(model: str) -> str:
+    return (
+        f"Cannot load '{model}' offline. Point the model setting at a local folder holding the weights "
+        "(config.json + *.safetensors), or pre-populate the Hugging Face cache (HF_HOME) and set "
+        "HF_HUB_OFFLINE=1, or use 'tiny' for the small random-weight preset."
+    )
+
+
+def ast_frames(clip_seconds: float, sample_rate: int = 16000) -> int:
+    """Number of kaldi fbank frames (25 ms window, 10 ms shift, snip_edges) of a clip: 5 s -> 498, 10 s -> 998."""
+    if clip_seconds <= 0 or sample_rate <= 0:
+        raise ValueError(f"clip_seconds and sample_rate must be positive, got {clip_seconds}, {sample_rate}")
+    num_samples = int(round(clip_seconds * sample_rate))
+    window = int(sample_rate * 25.0 * 0.001)  # same expressions as torchaudio.compliance.kaldi
+    shift = int(sample_rate * 10.0 * 0.001)
+    if num_samples < window:
+        raise ValueError(f"a {clip_seconds}-s clip at {sample_rate} Hz is shorter than one 25-ms fbank window")
+    return 1 + (num_samples - window) // shift
+
+
+def _patch_grid(config: ASTConfig) -> tuple[int, int]:
+    """(frequency, time) size of the patch grid; same formula as ``ASTEmbeddings.get_shape``."""
+    f = (config.num_mel_bins - config.patch_size) // config.frequency_stride + 1
+    t = (config.max_length - config.patch_size) // config.time_stride + 1
+    return f, t
+
+
+def build_tiny_ast(max_length: int, seed: int = 0) -> ASTModel:
+    """The ``tiny`` preset: ``ASTConfig(**TINY_AST, max_length)`` with seeded random weights.
+
+    CLS, distillation and position embeddings (zeros in the transformers init) get N(0, 0.02) like the
+    original AST, so the tiny model has positional information and position-embedding surgery is
+    observable. The global RNG state is left untouched.
+    """
+    config = ASTConfig(**TINY_AST, max_length=int(max_length))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ASTModel(config)
+        emb = model.embeddings
+        with torch.no_grad():
+            for p in (emb.cls_token, emb.distillation_token, emb.position_embeddings):
+                p.normal_(0.0, config.initializer_range)
+    return model.eval()
+
+
+@torch.no_grad()
+def resize_time_positions(model: ASTModel, max_length: int) -> None:
+    """Adapt an AST to ``max_length`` fbank frames in place, keeping its trained position embeddings.
+
+    The patch position embeddings form a (freq x time) grid (frequency-major, as produced by the patch
+    Conv2d + flatten). Shorter: keep the first time columns of every frequency row - exactly the
+    positions a short clip zero-padded to the original length would occupy. Longer: linear
+    interpolation along time. CLS and distillation embeddings are kept as they are.
+    """
+    config = model.config
+    emb = model.embeddings
+    if config.max_length == max_length:
+        return
+    f_old, t_old = _patch_grid(config)
+    f_new, t_new = f_old, (int(max_length) - config.patch_size) // config.time_stride + 1
+    if t_new < 1:
+        raise ValueError(f"max_length={max_length} frames is shorter than one AST patch ({config.patch_size})")
+    pos = emb.position_embeddings.data  # [1, 2 + F*T, H]
+    hidden = pos.shape[-1]
+    if pos.shape[1] != 2 + f_old * t_old:
+        raise ValueError(f"position embeddings have {pos.shape[1]} entries, expected 2 + {f_old}x{t_old}")
+    special, grid = pos[:, :2], pos[:, 2:].reshape(f_old, t_old, hidden)
+    if t_new <= t_old:
+        grid = grid[:, :t_new]
+    else:
+        grid = F.interpolate(
+            grid.permute(0, 2, 1).float(), size=t_new, mode="linear", align_corners=False
+        ).permute(0, 2, 1).to(pos.dtype)
+    new_pos = torch.cat([special, grid.reshape(1, f_new * t_new, hidden)], dim=1).contiguous()
+    emb.position_embeddings = torch.nn.Parameter(new_pos, requires_grad=emb.position_embeddings.requires_grad)
+    config.max_length = int(max_length)
+    if getattr(emb, "config", None) is not None and emb.config is not config:
+        emb.config.max_length = int(max_length)
+
+
+def _state_dict_sha256(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class AudioEncoder:
+    """Frozen AST + feature extractor + reduction. Build it with :meth:`build`."""
+
+    def __init__(
+        self,
+        model: ASTModel,
+        feature_extractor: ASTFeatureExtractor,
+        *,
+        model_id: str,
+        clip_seconds: float,
+        sample_rate: int,
+        reduction: str,
+        tokens: int,
+        dtype: str,
+        device: str,
+        seed: int | None,
+    ) -> None:
+        if reduction not in ("cls", "pool"):
+            raise ValueError(f"reduction must be 'cls' or 'pool', got {reduction!r}")
+        self.model = model
+        self.feature_extractor = feature_extractor
+        self.model_id = model_id
+        self.clip_seconds = float(clip_seconds)
+        self.sample_rate = int(sample_rate)
+        self.reduction = reduction
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.seed = seed
+        self.max_length = int(model.config.max_length)
+        self.hidden_size = int(model.config.hidden_size)
+        self.grid = _patch_grid(model.config)  # (freq, time) patches
+        if reduction == "pool" and not 1 <= tokens <= self.grid[1]:
+            raise ValueError(
+                f"tokens={tokens} must be between 1 and the {self.grid[1]} time patches of a "
+                f"{clip_seconds}-s clip"
+            )
+        self.tokens = int(tokens)
+        self.num_tokens = 1 if reduction == "cls" else self.tokens
+        self._weights_sha256: str | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(
+        cls,
+        model: str,
+        clip_seconds: float,
+        sample_rate: int = 16000,
+        reduction: str = "pool",
+        tokens: int = 8,
+        dtype: str = "float32",
+        device: str = "cpu",
+        seed: int = 0,
+    ) -> "AudioEncoder":
+        """``model``: ``"tiny"``, a local folder (``save_pretrained`` layout) or a hub id in the local cache."""
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        max_length = ast_frames(clip_seconds, sample_rate)
+        model = str(model)
+        if model == "tiny":
+            ast = build_tiny_ast(max_length, seed)
+            fe = ASTFeatureExtractor()
+            used_seed: int | None = seed
+        else:
+            ast, fe = _load_pretrained(model)
+            resize_time_positions(ast, max_length)
+            used_seed = None
+        fe.max_length = ast.config.max_length
+        fe.sampling_rate = int(sample_rate)
+        fe.num_mel_bins = ast.config.num_mel_bins
+        ast.requires_grad_(False)
+        ast.to(device=device, dtype=_DTYPES[dtype]).eval()
+        return cls(
+            ast,
+            fe,
+            model_id=model,
+            clip_seconds=clip_seconds,
+            sample_rate=sample_rate,
+            reduction=reduction,
+            tokens=tokens,
+            dtype=dtype,
+            device=device,
+            seed=used_seed,
+        )
+
+    # ------------------------------------------------------------------ encoding
+    def _reduce(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.float()
+        if self.reduction == "cls":
+            return hidden[:, :1]
+        n_f, n_t = self.grid
+        patches = hidden[:, 2:].reshape(hidden.shape[0], n_f, n_t, hidden.shape[-1])
+        per_time = patches.mean(dim=1)  # [B, T, H]
+        return F.adaptive_avg_pool1d(per_time.transpose(1, 2), self.tokens).transpose(1, 2)
+
+    def encode(self, waveforms: torch.Tensor, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+        """[N, S] mono waveforms at ``sample_rate`` -> [N, L, H] float32 CPU embeddings."""
+        wav = torch.as_tensor(waveforms)
+        if wav.ndim == 1:
+            wav = wav.unsqueeze(0)
+        if wav.ndim != 2:
+            raise ValueError(f"waveforms must be [N, samples], got shape {tuple(wav.shape)}")
+        wav = wav.detach().to("cpu", torch.float32)
+        n = wav.shape[0]
+        out = torch.empty(n, self.num_tokens, self.hidden_size, dtype=torch.float32)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc="AST embeddings", unit="clip")
+        model_dtype = _DTYPES[self.dtype]
+        with torch.inference_mode():
+            for start in range(0, n, batch_size):
+                chunk = wav[start : start + batch_size].numpy()
+                feats = self.feature_extractor(
+                    list(chunk), sampling_rate=self.sample_rate, return_tensors="pt"
+                )["input_values"]
+                hidden = self.model(feats.to(self.device, model_dtype)).last_hidden_state
+                out[start : start + chunk.shape[0]] = self._reduce(hidden).cpu()
+                if bar is not None:
+                    bar.update(chunk.shape[0])
+        if bar is not None:
+            bar.close()
+        return out
+
+    # ------------------------------------------------------------------ identity / saving
+    def weights_sha256(self) -> str:
+        """sha256 over the (adapted, cast) state dict; computed once, on first use."""
+        if self._weights_sha256 is None:
+            self._weights_sha256 = _state_dict_sha256(self.model)
+        return self._weights_sha256
+
+    def identity(self) -> dict[str, Any]:
+        """JSON-able description of everything that changes the embedding (embedding-cache key)."""
+        fe = self.feature_extractor
+        ident: dict[str, Any] = {
+            "encoder": "ast",
+            "model": self.model_id,
+            "weights_sha256": self.weights_sha256(),
+            "sample_rate": self.sample_rate,
+            "clip_seconds": self.clip_seconds,
+            "max_length": self.max_length,
+            "reduction": self.reduction,
+            "tokens": self.num_tokens,
+            "dtype": self.dtype,
+            "feature_extractor": {
+                "num_mel_bins": int(fe.num_mel_bins),
+                "do_normalize": bool(fe.do_normalize),
+                "mean": float(fe.mean),
+                "std": float(fe.std),
+            },
+        }
+        if self.model_id == "tiny":
+            ident["tiny_config"] = dict(TINY_AST)
+            ident["seed"] = self.seed
+        return ident
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Save model (safetensors, at its adapted max_length) and feature extractor into ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.feature_extractor.save_pretrained(path)
+
+    def __repr__(self) -> str:
+        return (
+            f"AudioEncoder(model={self.model_id!r}, hidden={self.hidden_size}, max_length={self.max_length}, "
+            f"reduction={self.reduction!r}, L={self.num_tokens}, dtype={self.dtype}, device={self.device})"
+        )
+
+
+def _load_pretrained(model: str) -> tuple[ASTModel, ASTFeatureExtractor]:
+    """ASTModel with its original config (+ extractor) from a local folder or the local HF cache."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"'{model}' exists but has no config.json: not an AST model folder. " + _load_hint(model))
+        source, local_only = str(path), True
+    elif _HUB_ID.match(model) and not model.startswith((".", "~")):
+        source, local_only = model, hf_offline()
+    else:
+        raise ModelLoadError(f"audio encoder path '{model}' does not exist. " + _load_hint(model))
+    try:
+        ast = ASTModel.from_pretrained(source, dtype=torch.float32, local_files_only=local_only)
+    except Exception as err:  # hub/IO errors come in many types; keep the original as __cause__
+        raise ModelLoadError(f"{_load_hint(model)} ({type(err).__name__}: {err})") from err
+    fe: ASTFeatureExtractor
+    if path.exists():
+        fe = (
+            ASTFeatureExtractor.from_pretrained(source)
+            if (path / "preprocessor_config.json").is_file()
+            else ASTFeatureExtractor()
+        )
+    else:
+        try:
+            fe = ASTFeatureExtractor.from_pretrained(source, local_files_only=local_only)
+        except Exception as err:
+            log.warning("no feature-extractor config for %s (%s); using ASTFeatureExtractor defaults", model, err)
+            fe = ASTFeatureExtractor()
+    return ast, fe
+
+
+def identity_key(identity: dict[str, Any]) -> str:
+    """Stable sha256 of an identity dict (sorted-key JSON), e.g. as an embedding-cache key."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,49 @@
+"""``summary.json``: the run's per-round, per-node and global metrics, rewritten after every round.
+
+Rewritten atomically each round so a crashed or stopped run still leaves a valid file with every
+completed round; the HTML run report to come reads this file.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from common.checkpoints import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+class RunSummary:
+    def __init__(self, path: Path, run_info: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.data: dict[str, Any] = {"run": run_info, "rounds": [], "final": {}}
+        self._t0 = time.time()
+
+    def round_entry(self, server_round: int) -> dict[str, Any]:
+        for entry in self.data["rounds"]:
+            if entry["round"] == server_round:
+                return entry
+        entry = {"round": server_round}
+        self.data["rounds"].append(entry)
+        return entry
+
+    def record(self, server_round: int, phase: str, global_metrics: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> None:
+        entry = self.round_entry(server_round)
+        entry[phase] = {"global": global_metrics, "nodes": nodes}
+        entry["elapsed_seconds"] = round(time.time() - self._t0, 3)
+        self.write()
+
+    def set(self, server_round: int, key: str, value: Any) -> None:
+        self.round_entry(server_round)[key] = value
+        self.write()
+
+    def finish(self, final: dict[str, Any]) -> None:
+        self.data["final"] = final
+        self.data["run"]["total_seconds"] = round(time.time() - self._t0, 3)
+        self.write()
+
+    def write(self) -> None:
+        atomic_write_json(self.path, self.data)

@@ -1,0 +1,123 @@
+"""Configuration: strict validation, precedence, and the pyproject/README mirrors staying in sync."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.config import (
+    ConfigError,
+    FedA2VConfig,
+    NodeRuntimeConfig,
+    flatten,
+    load_config,
+    markdown_reference,
+    unflatten,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pyproject_run_config() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def flat_pyproject() -> dict:
+    return flatten(pyproject_run_config())
+
+
+def test_pyproject_defaults_mirror_the_schema():
+    assert flat_pyproject() == flatten(FedA2VConfig().model_dump(by_alias=True))
+
+
+def test_defaults_validate_to_the_embedded_default():
+    cfg = load_config(flat_pyproject())
+    assert cfg.num_rounds == 5 and cfg.data.num_classes == 10 and cfg.data.clips_per_class == 40
+    assert cfg.data.dataset == "synthetic" and cfg.audio_encoder.model == "tiny"
+    assert cfg.data.classes == []
+
+
+def test_unknown_key_is_named():
+    run = flat_pyproject() | {"train.local-epoch": 3}
+    with pytest.raises(ConfigError, match=r"unknown key 'train.local-epoch'"):
+        load_config(run)
+
+
+def test_wrong_type_is_named():
+    run = flat_pyproject() | {"train.batch-size": "big"}
+    with pytest.raises(ConfigError, match=r"'train.batch-size'"):
+        load_config(run)
+
+
+def test_bad_literal_is_named():
+    with pytest.raises(ConfigError, match=r"'aggregation'"):
+        load_config(flat_pyproject() | {"aggregation": "median"})
+
+
+def test_classes_from_comma_string():
+    cfg = load_config(flat_pyproject() | {"data.classes": "dog, siren,rain"})
+    assert cfg.data.classes == ["dog", "siren", "rain"]
+
+
+def test_config_file_overrides_defaults_and_run_config_overrides_file(tmp_path):
+    f = tmp_path / "exp.toml"
+    f.write_text('num-rounds = 9\n[train]\nlocal-epochs = 2\nbatch-size = 8\n[data]\nclasses = ["dog", "rain"]\n')
+    run = flat_pyproject() | {"config-file": str(f), "train.batch-size": 16}
+    cfg = load_config(run)
+    assert cfg.num_rounds == 9  # file beats the default
+    assert cfg.train.local_epochs == 2
+    assert cfg.train.batch_size == 16  # explicit run-config beats the file
+    assert cfg.data.classes == ["dog", "rain"]
+
+
+def test_config_file_errors_name_the_file_and_key(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[train]\nlocal_epochs = 2\n")
+    with pytest.raises(ConfigError, match=r"bad.toml.*\n.*unknown key 'train.local_epochs'"):
+        load_config(flat_pyproject() | {"config-file": str(f)})
+    with pytest.raises(ConfigError, match=r"config-file 'nope.toml' not found"):
+        load_config(flat_pyproject() | {"config-file": "nope.toml"})
+    f.write_text("[train\n")
+    with pytest.raises(ConfigError, match=r"not valid TOML"):
+        load_config(flat_pyproject() | {"config-file": str(f)})
+
+
+def test_explicit_partition_needs_node_tables(tmp_path):
+    with pytest.raises(ConfigError, match=r"explicit"):
+        load_config(flat_pyproject() | {"data.partition": "explicit"})
+    f = tmp_path / "nodes.toml"
+    f.write_text('[data]\npartition = "explicit"\n[nodes.0]\nclasses = ["dog"]\n[nodes.1]\nclasses = "rain,siren"\nsamples-per-class = 5\n')
+    cfg = load_config(flat_pyproject() | {"config-file": str(f)})
+    assert cfg.node_classes(2) == [["dog"], ["rain", "siren"]]
+    assert cfg.node_samples_per_class(2) == [None, 5]
+    with pytest.raises(ConfigError, match=r"node\(s\) 2"):
+        cfg.node_classes(3)
+
+
+def test_shipped_config_files_validate():
+    files = sorted((ROOT / "configs").glob("*.toml"))
+    assert files, "configs/ should ship example configurations"
+    for f in files:
+        load_config(flat_pyproject() | {"config-file": str(f)})
+
+
+def test_node_runtime_config():
+    node = NodeRuntimeConfig.from_node_config({"partition-id": 1, "num-partitions": 2, "data-root": "/d"})
+    assert node.partition_id == 1 and node.data_root == "/d"
+    with pytest.raises(ConfigError, match=r"partition-id"):
+        NodeRuntimeConfig.from_node_config({"partition-id": 2, "num-partitions": 2})
+    with pytest.raises(ConfigError, match=r"unknown key 'data-dir'"):
+        NodeRuntimeConfig.from_node_config({"partition-id": 0, "num-partitions": 2, "data-dir": "/d"})
+
+
+def test_unflatten_conflict():
+    with pytest.raises(ConfigError, match="'train'"):
+        unflatten({"train": 1, "train.batch-size": 2})
+
+
+def test_readme_configuration_reference_is_current():
+    readme = (ROOT / "README.md").read_text()
+    assert markdown_reference() in readme, "README's configuration reference is stale: paste `feda2v config reference`"
