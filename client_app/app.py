@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from client_app.node_data import NodeData, load_node_data
 from common.config import FedA2VConfig, NodeRuntimeConfig, load_config
+from common.logs import setup_logging
 from common.factory import adapter_config, build_adapters, resolve_device
 from common.models.adapters import Adapters
 from common.records import (
@@ -40,9 +41,9 @@ LOCAL_ADAPTERS = "local-adapters"  # Context.state key for aggregation="none"
 
 
 def _setup(msg: Message, context: Context) -> tuple[FedA2VConfig, NodeRuntimeConfig, NodeData, ClassTensors]:
+    setup_logging()
     cfg = load_config(context.run_config)
     node = NodeRuntimeConfig.from_node_config(context.node_config)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data = load_node_data(cfg, node)
     targets = ClassTensors.from_records(msg.content, TARGETS, TARGETS_META)
     if targets.class_names != data.class_names:
@@ -107,11 +108,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         "num_val": len(data.splits["val"]),
         "partition_id": node.partition_id,
     }
+    settings = TrainSettings.from_config(cfg.train, seed=cfg.seed)
     for name in ("val", "test"):
         split = data.splits[name]
-        result = evaluate_adapters(
-            adapters, split.embeddings, split.labels, targets.clip, targets.t5, cfg.train.cosine_weight, device=device
-        )
+        result = evaluate_adapters(adapters, split.embeddings, split.labels, targets.clip, targets.t5, settings, device=device)
         metrics.update({f"{name}_{k}": v for k, v in result.items()})
     log.info(
         "node %d: test retrieval acc %.3f (clip %.3f, t5 %.3f) on %d clips",

@@ -121,7 +121,9 @@ class AudioEncoderConfig(_Strict):
     reduction: Literal["cls", "pool"] = Field(
         "pool", description="'cls': the CLS token only (L=1); 'pool': adaptive-pool patch tokens to L tokens."
     )
-    tokens: int = Field(8, ge=1, le=256, description="L, the token count of a reduced embedding ('pool' only).")
+    tokens: int = Field(
+        12, ge=1, le=1024, description="L, the token count of a reduced embedding ('pool' only; 12 = one per AST frequency row)."
+    )
     batch_size: int = Field(32, ge=1, description="Clips per AST forward pass.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="AST compute dtype.")
 
@@ -168,6 +170,10 @@ class TrainConfig(_Strict):
     lr_t5: float = Field(1e-3, gt=0, description="AdamW learning rate of the T5 branch.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     cosine_weight: float = Field(0.5, ge=0, description="Weight of the (1 - cosine) term added to the MSE loss.")
+    contrastive_weight: float = Field(
+        1.0, ge=0, description="Weight of the class-contrastive term (cross-entropy over cosine to every class target)."
+    )
+    temperature: float = Field(0.05, gt=0, description="Temperature of the class-contrastive term.")
 
 
 class FedA2VConfig(_Strict):

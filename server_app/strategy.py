@@ -92,7 +92,7 @@ class FedA2VStrategy(FedAvg):
         self.template = template
         self.adapter_config = adapter_config
         self.run_dir = Path(run_dir)
-        self.summary = summary
+        self.run_summary = summary
         self.num_rounds = num_rounds
         self.checkpoint_every = checkpoint_every
         self.config_hash = config_hash
@@ -116,6 +116,7 @@ class FedA2VStrategy(FedAvg):
     # ------------------------------------------------------------------ aggregate
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        self._fail_if_all_failed(server_round, replies, "train")
         node_means: dict[int, ClassTensors] = {}
         node_metrics: dict[str, dict[str, Any]] = {}
         for msg in replies:
@@ -138,10 +139,10 @@ class FedA2VStrategy(FedAvg):
         if node_means:
             self.class_means[server_round] = self._merge_class_means(node_means)
         global_metrics = dict(metrics) if metrics is not None else {}
-        self.summary.record(server_round, "train", global_metrics, node_metrics)
+        self.run_summary.record(server_round, "train", global_metrics, node_metrics)
         if self.class_means.get(server_round) is not None:
             means = self.class_means[server_round]
-            self.summary.set(server_round, "class_counts", dict(zip(means.class_names, means.counts.tolist())))
+            self.run_summary.set(server_round, "class_counts", dict(zip(means.class_names, means.counts.tolist())))
         if self.aggregation == "none":
             self._checkpoint_nodes(server_round, replies)
             return None, metrics
@@ -151,12 +152,13 @@ class FedA2VStrategy(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
+        self._fail_if_all_failed(server_round, replies, "evaluate")
         node_metrics = {
             str(self._partition_id(m)): dict(m.content[METRICS]) for m in replies if not m.has_error() and METRICS in m.content
         }
         metrics = super().aggregate_evaluate(server_round, replies)
         global_metrics = dict(metrics) if metrics is not None else {}
-        self.summary.record(server_round, "evaluate", global_metrics, node_metrics)
+        self.run_summary.record(server_round, "evaluate", global_metrics, node_metrics)
         self.history[server_round] = global_metrics
         if global_metrics:
             log.info(
@@ -171,6 +173,16 @@ class FedA2VStrategy(FedAvg):
         return metrics
 
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _fail_if_all_failed(server_round: int, replies: list[Message], phase: str) -> None:
+        """Stop the run when every node failed: continuing would only repeat the error N rounds."""
+        if replies and all(m.has_error() for m in replies):
+            reason = replies[0].error.reason.strip().splitlines()
+            raise RuntimeError(
+                f"round {server_round}: all {len(replies)} nodes failed in {phase}; first error: "
+                + (reason[-1] if reason else "unknown")
+            )
+
     @staticmethod
     def _partition_id(msg: Message) -> int:
         metrics = msg.content[METRICS] if METRICS in msg.content else {}

@@ -67,16 +67,18 @@ def test_tiny_ast_shapes(seconds, reduction, tokens):
     assert not torch.allclose(emb[0], emb[1])  # different clips -> different embeddings
 
 
-def test_pool_is_time_segments_of_patch_grid():
-    enc = AudioEncoder.build("tiny", clip_seconds=5.0, reduction="pool", tokens=7)
+def test_pool_is_frequency_bands_of_patch_sequence():
+    enc = AudioEncoder.build("tiny", clip_seconds=5.0, reduction="pool", tokens=12)
     n_f, n_t = enc.grid
     assert (n_f, n_t) == (12, 49)
     hidden = torch.randn(2, 2 + n_f * n_t, enc.hidden_size)
     red = enc._reduce(hidden)
-    per_time = hidden[:, 2:].reshape(2, n_f, n_t, -1).mean(1)  # frequency-major patch order
-    assert torch.allclose(red, per_time.reshape(2, 7, 7, -1).mean(2), atol=1e-6)
+    # frequency-major order: with 12 tokens, token f is frequency row f averaged over time
+    per_row = hidden[:, 2:].reshape(2, n_f, n_t, -1).mean(2)
+    assert torch.allclose(red, per_row, atol=1e-6)
+    assert not torch.allclose(red, red.mean(1, keepdim=True).expand_as(red))  # CLS/distill tokens excluded, bands differ
     with pytest.raises(ValueError):
-        AudioEncoder.build("tiny", clip_seconds=5.0, reduction="pool", tokens=50)
+        AudioEncoder.build("tiny", clip_seconds=5.0, reduction="pool", tokens=n_f * n_t + 1)
 
 
 def test_tiny_ast_deterministic_by_seed():

@@ -3,8 +3,8 @@
 Each branch is the same small network:
 
 1. token-wise MLP  (LayerNorm, Linear, GELU, Dropout, Linear): [B, L, in_dim] -> [B, L, hidden]
-   plus a learned position embedding per input token (the pooled AST tokens are time segments, and
-   attention pooling alone would be blind to their order);
+   plus a learned position embedding per input token (the pooled AST tokens are frequency bands, and
+   attention pooling alone would be blind to which band is which);
 2. learned-latent attention pooling: K query latents attend over the L tokens
    (``nn.MultiheadAttention``, pre-LayerNorm), then a residual MLP -> [B, K, hidden];
 3. LayerNorm + Linear to the output space -> [B, K, out_dim].
@@ -79,6 +79,8 @@ class BranchAdapter(nn.Module):
         )
         self.pos = nn.Parameter(torch.randn(in_tokens, hidden_dim) * 0.02) if in_tokens else None
         self.latents = nn.Parameter(torch.randn(num_latents, hidden_dim) * 0.02)
+        # Input-conditioned queries: a linear summary of all tokens (in order) is added to every latent.
+        self.summary = nn.Linear(in_tokens * hidden_dim, hidden_dim) if in_tokens else None
         self.norm_q = nn.LayerNorm(hidden_dim)
         self.norm_kv = nn.LayerNorm(hidden_dim)
         self.attn = nn.MultiheadAttention(hidden_dim, heads, dropout=dropout, batch_first=True)
@@ -100,6 +102,8 @@ class BranchAdapter(nn.Module):
                 raise ValueError(f"expected {self.pos.shape[0]} input tokens, got {h.shape[1]}")
             h = h + self.pos
         q = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1)
+        if self.summary is not None:
+            q = q + self.summary(h.flatten(1)).unsqueeze(1)
         kv = self.norm_kv(h)
         z = q + self.attn(self.norm_q(q), kv, kv, need_weights=False)[0]
         z = z + self.mlp(z)
