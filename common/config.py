@@ -164,7 +164,7 @@ class AdapterConfigSection(_Strict):
 class TrainConfig(_Strict):
     """Local adapter training on each node."""
 
-    local_epochs: int = Field(6, ge=1, description="Epochs over the node's training clips per round.")
+    local_epochs: int = Field(12, ge=1, description="Epochs over the node's training clips per round.")
     batch_size: int = Field(32, ge=1, description="Mini-batch size.")
     lr_clip: float = Field(1e-3, gt=0, description="AdamW learning rate of the CLIP branch.")
     lr_t5: float = Field(1e-3, gt=0, description="AdamW learning rate of the T5 branch.")
