@@ -1,0 +1,150 @@
+"""ClientApp and node data, called directly (no Flower runtime): splits, replies, privacy rule."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, MessageType, RecordDict
+
+import client_app.node_data as node_data
+from client_app.app import evaluate, train
+from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config
+from common.data.synth import synthesize_dataset
+from common.factory import adapter_config, build_adapters
+from common.records import CLASS_MEANS, CLASS_MEANS_META, ClassTensors, module_to_arrays
+from server_app.app import class_targets
+
+CLASSES = ["dog", "siren", "rain"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return synthesize_dataset(tmp_path_factory.mktemp("d") / "esc", CLASSES, clips_per_class=12, seed=1, clip_seconds=1.0)
+
+
+def run_config(root: Path, cache: Path, **extra) -> dict:
+    flat = flatten(FedA2VConfig().model_dump(by_alias=True))
+    flat.update({
+        "data.dataset": "esc50", "data.root": str(root), "data.classes": ",".join(CLASSES), "data.clip-seconds": 1.0,
+        "cache-dir": str(cache), "train.local-epochs": 2, "text-encoder.t5-tokens": 4, "adapter.hidden-dim": 64,
+        "device": "cpu",
+    })
+    flat.update(extra)
+    return flat
+
+
+def make_message(content: RecordDict, message_type: str = MessageType.TRAIN) -> Message:
+    meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="1",
+                    created_at=time.time(), ttl=3600, message_type=message_type)
+    return Message(content=content, metadata=meta)
+
+
+def server_content(cfg, server_round: int = 1) -> RecordDict:
+    targets = class_targets(cfg, CLASSES)
+    adapters = build_adapters(cfg, adapter_config(cfg, targets.clip.shape[1], targets.t5.shape[2]))
+    content = RecordDict({"arrays": module_to_arrays(adapters), "config": ConfigRecord({"server-round": server_round})})
+    targets.to_records(content, "targets", "targets-meta")
+    return content
+
+
+def test_node_partitions_are_disjoint_and_test_clips_never_trained(data_root, tmp_path):
+    cfg = load_config(run_config(data_root, tmp_path))
+    node_data._MEMO.clear()
+    nodes = [node_data.load_node_data(cfg, NodeRuntimeConfig(partition_id=i, num_partitions=3)) for i in range(3)]
+    trains = [set(n.splits["train"].clip_ids) for n in nodes]
+    held_out = set().union(*(set(n.splits["test"].clip_ids) | set(n.splits["val"].clip_ids) for n in nodes))
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert not trains[i] & trains[j]
+    assert not set().union(*trains) & held_out
+    assert sum(len(t) for t in trains) + len(held_out) == 36
+    emb = nodes[0].splits["train"].embeddings
+    assert emb.ndim == 3 and emb.shape[1] == cfg.audio_encoder.tokens
+    assert nodes[0].class_names == CLASSES
+
+
+def test_bad_file_is_skipped_counted_and_named(data_root, tmp_path, caplog):
+    root = tmp_path / "esc"
+    shutil.copytree(data_root, root)
+    victim = sorted((root / "audio").glob("*.wav"))[0]
+    victim.write_bytes(b"this is not a wav file")
+    cfg = load_config(run_config(root, tmp_path))
+    node_data._MEMO.clear()
+    with caplog.at_level(logging.WARNING):
+        data = node_data.load_node_data(cfg, NodeRuntimeConfig(partition_id=0, num_partitions=1))
+    assert data.skipped_files == 1
+    assert victim.name in caplog.text
+    total = sum(len(s) for s in data.splits.values())
+    assert total == 35
+
+
+def test_train_reply_records_and_privacy_rule(data_root, tmp_path):
+    cfg = load_config(run_config(data_root, tmp_path))
+    node_data._MEMO.clear()
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
+                  run_config=run_config(data_root, tmp_path))
+    reply = train(make_message(server_content(cfg)), ctx)
+    content = reply.content
+    # Only weights, scalar metrics, and per-class means with counts leave the node.
+    assert set(content.keys()) == {"arrays", "metrics", CLASS_MEANS, CLASS_MEANS_META}
+    metrics = content["metrics"]
+    n_train = metrics["num-examples"]
+    assert n_train > 0 and metrics["skipped_files"] == 0 and metrics["partition_id"] == 0
+    means = ClassTensors.from_records(content, CLASS_MEANS, CLASS_MEANS_META)
+    assert means.class_names == CLASSES
+    assert int(means.counts.sum()) == n_train
+    assert means.clip.shape == (3, 768) and means.t5.shape == (3, 4, 4096)
+    adapters = build_adapters(cfg, adapter_config(cfg, 768, 4096))
+    # every array is either an adapter weight (same keys and shapes as the model) ...
+    weights = content["arrays"].to_torch_state_dict()
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {k: tuple(v.shape) for k, v in adapters.state_dict().items()}
+    # ... or a per-class mean / count: one row per class, never one row per clip
+    per_class = content[CLASS_MEANS].to_torch_state_dict()
+    assert set(per_class) == {"clip", "t5", "counts"}
+    assert all(v.shape[0] == len(CLASSES) for v in per_class.values())
+    assert [k for k, r in content.items() if isinstance(r, ArrayRecord)] == ["arrays", CLASS_MEANS]
+    adapters.load_state_dict(weights)
+
+
+def test_evaluate_reports_retrieval_accuracy_per_branch(data_root, tmp_path):
+    cfg = load_config(run_config(data_root, tmp_path))
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(),
+                  run_config=run_config(data_root, tmp_path))
+    reply = evaluate(make_message(server_content(cfg), MessageType.EVALUATE), ctx)
+    m = reply.content["metrics"]
+    for key in ("test_retrieval_acc", "test_retrieval_acc_clip", "test_retrieval_acc_t5", "val_retrieval_acc", "test_loss"):
+        assert key in m
+    assert 0.0 <= m["test_retrieval_acc"] <= 1.0
+    assert m["test_retrieval_acc"] == pytest.approx((m["test_retrieval_acc_clip"] + m["test_retrieval_acc_t5"]) / 2)
+    assert m["num-examples"] > 0
+
+
+def test_aggregation_none_keeps_the_nodes_own_adapters(data_root, tmp_path):
+    rc = run_config(data_root, tmp_path, aggregation="none")
+    cfg = load_config(rc)
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config=rc)
+    first = train(make_message(server_content(cfg, 1)), ctx)
+    assert "local-adapters" in ctx.state
+    second_msg = make_message(server_content(cfg, 2))  # carries the untouched initial weights
+    second = train(second_msg, ctx)
+    w_init = second_msg.content["arrays"].to_torch_state_dict()
+    w_first = first.content["arrays"].to_torch_state_dict()
+    w_second = second.content["arrays"].to_torch_state_dict()
+    key = next(iter(w_first))
+    # round 2 continued from the node's own round-1 weights, not from the server's arrays
+    assert (w_second[key] - w_first[key]).abs().sum() < (w_second[key] - w_init[key]).abs().sum()
+
+
+def test_target_class_mismatch_is_a_clear_error(data_root, tmp_path):
+    cfg = load_config(run_config(data_root, tmp_path))
+    content = server_content(cfg)
+    content["targets-meta"] = ConfigRecord({"class-names": ["dog", "rain", "siren"]})
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
+                  run_config=run_config(data_root, tmp_path))
+    with pytest.raises(ValueError, match="same data.classes"):
+        train(make_message(content), ctx)

@@ -1,0 +1,87 @@
+"""Server strategy: extra records popped, count-weighted class means, checkpoints, summary."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+
+from common.checkpoints import load_adapters
+from common.models.adapters import AdapterConfig, Adapters
+from common.records import CLASS_MEANS, CLASS_MEANS_META, ClassTensors, module_to_arrays
+from server_app.strategy import FedA2VStrategy
+from server_app.summary import RunSummary
+
+ACFG = AdapterConfig(in_dim=8, in_tokens=2, clip_dim=6, t5_dim=5, t5_tokens=2, hidden_dim=16, heads=2, dropout=0.0)
+NAMES = ["dog", "siren", "rain"]
+
+
+def reply(pid: int, weights: Adapters, n: int, means: ClassTensors) -> Message:
+    content = RecordDict({"arrays": module_to_arrays(weights), "metrics": MetricRecord({"num-examples": n, "partition_id": pid, "train_loss": float(pid)})})
+    means.to_records(content, CLASS_MEANS, CLASS_MEANS_META)
+    meta = Metadata(run_id=1, message_id=f"r{pid}", src_node_id=100 + pid, dst_node_id=0, reply_to_message_id="x",
+                    group_id="1", created_at=time.time(), ttl=60, message_type=MessageType.TRAIN)
+    return Message(content=content, metadata=meta)
+
+
+def make_strategy(tmp_path, aggregation="fedavg", rounds=2):
+    targets = ClassTensors(NAMES, torch.randn(3, 6), torch.randn(3, 2, 5))
+    summary = RunSummary(tmp_path / "summary.json", {"classes": NAMES})
+    return FedA2VStrategy(
+        targets=targets, aggregation=aggregation, template=Adapters(ACFG), adapter_config=ACFG.to_dict(),
+        run_dir=tmp_path, summary=summary, num_rounds=rounds, checkpoint_every=1, config_hash="abc",
+    )
+
+
+def test_aggregate_train_merges_class_means_by_count_and_checkpoints(tmp_path):
+    strategy = make_strategy(tmp_path)
+    torch.manual_seed(0)
+    a, b = Adapters(ACFG), Adapters(ACFG)
+    m0 = ClassTensors(["dog", "siren"], torch.ones(2, 6), torch.ones(2, 2, 5), torch.tensor([1, 3]))
+    m1 = ClassTensors(["siren"], 5 * torch.ones(1, 6), 5 * torch.ones(1, 2, 5), torch.tensor([1]))
+    replies = [reply(0, a, 4, m0), reply(1, b, 1, m1)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    # weighted FedAvg of the weights (4:1)
+    key = "clip.out.1.weight"
+    expected = (4 * a.state_dict()[key] + 1 * b.state_dict()[key]) / 5
+    assert torch.allclose(arrays.to_torch_state_dict()[key], expected, atol=1e-6)
+    assert metrics["num-examples"] == 5
+    # class means: dog only from node 0; siren = (3*1 + 1*5) / 4 = 2; rain absent
+    means = strategy.class_means[1]
+    assert means.class_names == ["dog", "siren"]
+    assert means.counts.tolist() == [1, 4]
+    assert torch.allclose(means.clip[1], torch.full((6,), 2.0))
+    assert torch.allclose(means.clip[0], torch.ones(6))
+    # the extra records were popped before FedAvg saw the replies
+    assert all(CLASS_MEANS not in r.content for r in replies)
+    adapters, meta = load_adapters(tmp_path / "checkpoints" / "adapters_round_1.safetensors", ACFG.to_dict())
+    assert meta["round"] == 1 and meta["class-names"] == NAMES and meta["config-hash"] == "abc"
+    assert (tmp_path / "checkpoints" / "adapters.safetensors").is_file()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["rounds"][0]["train"]["nodes"]["1"]["train_loss"] == 1.0
+    assert summary["rounds"][0]["class_counts"] == {"dog": 1, "siren": 4}
+
+
+def test_aggregation_none_keeps_no_global_weights_and_saves_node_adapters(tmp_path):
+    strategy = make_strategy(tmp_path, aggregation="none", rounds=1)
+    a, b = Adapters(ACFG), Adapters(ACFG)
+    m = ClassTensors(["dog"], torch.ones(1, 6), torch.ones(1, 2, 5), torch.tensor([2]))
+    arrays, metrics = strategy.aggregate_train(1, [reply(0, a, 2, m), reply(1, b, 2, m)])
+    assert arrays is None and metrics is not None
+    for pid in (0, 1):
+        assert (tmp_path / "checkpoints" / f"adapters_node{pid}.safetensors").is_file()
+    assert not (tmp_path / "checkpoints" / "adapters.safetensors").exists()
+
+
+def test_all_nodes_failing_stops_the_run(tmp_path):
+    strategy = make_strategy(tmp_path)
+    from flwr.app import Error
+
+    meta = Metadata(run_id=1, message_id="e", src_node_id=5, dst_node_id=0, reply_to_message_id="x", group_id="1",
+                    created_at=time.time(), ttl=60, message_type=MessageType.TRAIN)
+    failed = Message(Error(code=0, reason="boom: dataset missing"), metadata=meta)
+    with pytest.raises(RuntimeError, match="all 1 nodes failed in train.*dataset missing"):
+        strategy.aggregate_train(1, [failed])
