@@ -86,6 +86,16 @@ def branch_loss(
     return loss
 
 
+def adapter_losses(
+    out_clip: Tensor, out_t5: Tensor, labels: Tensor, targets_clip: Tensor, targets_t5: Tensor, s: "TrainSettings"
+) -> tuple[Tensor, Tensor]:
+    """Both branches' losses with the configured weights (one definition for train and eval)."""
+    return (
+        branch_loss(out_clip, labels, targets_clip, s.cosine_weight, s.contrastive_weight, s.temperature),
+        branch_loss(out_t5, labels, targets_t5, s.cosine_weight, s.contrastive_weight, s.temperature),
+    )
+
+
 def batch_targets(targets_clip: Tensor, targets_t5: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Each sample's own class target (the fix for defect 1 of the earlier code base)."""
     return targets_clip[labels], targets_t5[labels]
@@ -127,8 +137,7 @@ def train_adapters(
             x = embeddings[idx].to(device, non_blocking=True).float()
             y = labels[idx].to(device)
             out_clip, out_t5 = adapters(x)
-            loss_clip = branch_loss(out_clip, y, targets_clip, settings.cosine_weight, settings.contrastive_weight, settings.temperature)
-            loss_t5 = branch_loss(out_t5, y, targets_t5, settings.cosine_weight, settings.contrastive_weight, settings.temperature)
+            loss_clip, loss_t5 = adapter_losses(out_clip, out_t5, y, targets_clip, targets_t5, settings)
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
             (loss_clip + loss_t5).backward()
@@ -181,9 +190,8 @@ def evaluate_adapters(
     if len(embeddings) == 0:
         return {}
     out_clip, out_t5 = predict(adapters, embeddings, batch_size, device)
-    s = settings
-    loss_clip = branch_loss(out_clip, labels, targets_clip, s.cosine_weight, s.contrastive_weight, s.temperature).item()
-    loss_t5 = branch_loss(out_t5, labels, targets_t5, s.cosine_weight, s.contrastive_weight, s.temperature).item()
+    loss_clip_t, loss_t5_t = adapter_losses(out_clip, out_t5, labels, targets_clip, targets_t5, settings)
+    loss_clip, loss_t5 = loss_clip_t.item(), loss_t5_t.item()
     acc_clip = retrieval_correct(out_clip, targets_clip, labels).float().mean().item()
     acc_t5 = retrieval_correct(out_t5, targets_t5, labels).float().mean().item()
     return {

@@ -1,0 +1,129 @@
+"""Federated vs centralized adapters on the same test clips.
+
+Federated: the real app, run with `flwr run` (a local simulation, default: the embedded default
+federation, 3 nodes x 5 rounds) — or an existing run's ``summary.json`` via ``--summary``.
+Centralized: the same adapters, loss and hyper-parameters trained in one process on the union of
+every node's training clips, for the same total epochs (rounds x local epochs), evaluated on the
+union of the nodes' test clips (exactly the clips the federated evaluation used).
+
+Usage:  python bench/fed_vs_central.py [--summary RUN/summary.json] [--run-config 'k=v ...']
+Last line of output: one JSON object with fedavg_test_acc, central_test_acc, ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from client_app.node_data import load_node_data  # noqa: E402
+from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config  # noqa: E402
+from common.factory import adapter_config, build_adapters, resolve_device  # noqa: E402
+from common.logs import setup_logging  # noqa: E402
+from common.training import TrainSettings, evaluate_adapters, train_adapters  # noqa: E402
+from server_app.app import class_targets  # noqa: E402
+
+log = logging.getLogger("bench.fed_vs_central")
+
+
+def parse_overrides(text: str) -> dict:
+    import tomllib
+
+    out = {}
+    for item in text.split():
+        key, _, value = item.partition("=")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value
+    return out
+
+
+def run_federated(overrides: str, num_nodes: int, workdir: Path) -> Path:
+    """Run the app with `flwr run` in an isolated FLWR_HOME; return its summary.json."""
+    env = dict(os.environ, FLWR_HOME=str(workdir / "flwr-home"), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               HF_HUB_OFFLINE="1")
+    out = workdir / "outputs"
+    cmd = ["flwr", "run", str(ROOT), "--federation-config",
+           f"num-supernodes={num_nodes} client-resources-num-cpus=1",
+           "--run-config", f'output-dir="{out}" run-name="fed" {overrides}'.strip(), "--stream"]
+    log.info("federated run: %s", " ".join(cmd))
+    try:
+        subprocess.run(cmd, env=env, cwd=workdir, check=True, timeout=3600)
+    finally:
+        subprocess.run(["pkill", "-f", f"flower-superlink.*{workdir}"], check=False)
+    return out / "fed" / "summary.json"
+
+
+def central(cfg: FedA2VConfig, num_nodes: int) -> dict:
+    device = resolve_device(cfg)
+    nodes = [load_node_data(cfg, NodeRuntimeConfig(partition_id=i, num_partitions=num_nodes)) for i in range(num_nodes)]
+    def union(split: str):
+        return (torch.cat([n.splits[split].embeddings for n in nodes]), torch.cat([n.splits[split].labels for n in nodes]))
+    x_train, y_train = union("train")
+    x_test, y_test = union("test")
+    targets = class_targets(cfg, nodes[0].class_names)
+    adapters = build_adapters(cfg, adapter_config(cfg, targets.clip.shape[1], targets.t5.shape[2]))
+    settings = TrainSettings.from_config(cfg.train, seed=cfg.seed)
+    settings.epochs = cfg.num_rounds * cfg.train.local_epochs
+    t0 = time.perf_counter()
+    train_adapters(adapters, x_train, y_train, targets.clip, targets.t5, settings, device)
+    seconds = time.perf_counter() - t0
+    metrics = evaluate_adapters(adapters, x_test, y_test, targets.clip, targets.t5, settings, device=device)
+    return {"train_clips": len(x_train), "test_clips": len(x_test), "epochs": settings.epochs, "seconds": seconds, **metrics}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--summary", help="use this federated run's summary.json instead of running one")
+    parser.add_argument("--run-config", default="", help="run-config overrides for both runs ('k=v k2=v2')")
+    parser.add_argument("--num-nodes", type=int, default=3)
+    args = parser.parse_args()
+    setup_logging()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    run = flatten(FedA2VConfig().model_dump(by_alias=True))
+    run.update(parse_overrides(args.run_config))
+    with tempfile.TemporaryDirectory(prefix="feda2v-bench-") as tmp:
+        t0 = time.perf_counter()
+        summary_path = Path(args.summary) if args.summary else run_federated(args.run_config, args.num_nodes, Path(tmp))
+        fed_seconds = time.perf_counter() - t0
+        summary = json.loads(summary_path.read_text())
+        cfg = load_config(run)
+        fed = summary["final"]
+        cen = central(cfg, args.num_nodes)
+    fed_acc = float(fed["test_retrieval_acc"])
+    cen_acc = float(cen["retrieval_acc"])
+    result = {
+        "fedavg_test_acc": round(fed_acc, 4),
+        "central_test_acc": round(cen_acc, 4),
+        "ratio": round(fed_acc / cen_acc, 4) if cen_acc else None,
+        "fedavg_test_acc_clip": round(float(fed["test_retrieval_acc_clip"]), 4),
+        "fedavg_test_acc_t5": round(float(fed["test_retrieval_acc_t5"]), 4),
+        "central_test_acc_clip": round(cen["retrieval_acc_clip"], 4),
+        "central_test_acc_t5": round(cen["retrieval_acc_t5"], 4),
+        "fed_test_clips": int(fed.get("num-examples", 0)),
+        "central_test_clips": cen["test_clips"],
+        "central_train_clips": cen["train_clips"],
+        "central_epochs": cen["epochs"],
+        "fed_wall_seconds": round(fed_seconds, 1) if not args.summary else None,
+        "central_train_seconds": round(cen["seconds"], 1),
+        "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "summary": str(summary_path),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
