@@ -44,6 +44,8 @@ def _setup(msg: Message, context: Context) -> tuple[FedA2VConfig, NodeRuntimeCon
     setup_logging()
     cfg = load_config(context.run_config)
     node = NodeRuntimeConfig.from_node_config(context.node_config)
+    if node.num_threads:
+        torch.set_num_threads(node.num_threads)
     data = load_node_data(cfg, node)
     targets = ClassTensors.from_records(msg.content, TARGETS, TARGETS_META)
     if targets.class_names != data.class_names:

@@ -1,10 +1,11 @@
 """A node's embedded data: its partition of clips, read once, turned into AST embeddings once.
 
-Why a per-process memo: Flower calls the ClientApp function once per message, but the process
-(a SuperNode's ClientApp process, or a Ray actor in simulation) lives across rounds. Extracting
-AST embeddings dominates a node's time, so it happens on the first message and later rounds reuse
-the tensors. (A persistent on-disk embedding cache shared across runs and nodes is its own
-module, planned separately; it plugs in at ``_embed_split``.)
+Why a per-process memo: Flower calls the ClientApp function once per message. In simulation the
+process (a Ray actor) lives across rounds, so extraction happens on a node's first message and
+later rounds reuse the tensors. In deployment, Flower 1.41 starts a fresh ClientApp process per
+message, so the memo does not survive and every message re-extracts: cheap with the tiny AST,
+costly with the real one. The persistent on-disk embedding cache (shared across messages, runs
+and nodes of a host) is the next planned module; it plugs in at ``_embed_split``.
 """
 
 from __future__ import annotations

@@ -45,8 +45,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
+    # flwr starts `flower-superlink` by name: make this interpreter's scripts findable without an activated venv
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     print("+ " + " ".join(shlex.quote(c) for c in cmd), file=sys.stderr)
-    return subprocess.call(cmd, env=env, cwd=tempfile.gettempdir())
+    cwd = tempfile.gettempdir()
+    output: list[str] = []
+    with subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            output.append(line)
+    if proc.returncode != 0:
+        return proc.returncode
+    return _check_run_completed("".join(output), env, cwd)
+
+
+def _check_run_completed(output: str, env: dict[str, str], cwd: str) -> int:
+    """`flwr run` exits 0 even when the ServerApp failed: ask the SuperLink for the verdict."""
+    from common.flwr_cli import COMPLETED, ls_command, parse_run_id, parse_run_status
+
+    run_id = parse_run_id(output)
+    if run_id is None:
+        print("error: could not find the run id in the output of flwr run", file=sys.stderr)
+        return 1
+    ls = subprocess.run(ls_command(run_id), env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+    try:
+        status = parse_run_status(ls.stdout)
+    except ValueError as err:
+        print(f"error: could not read the status of run {run_id}: {err}", file=sys.stderr)
+        return 1
+    if status.get("status") != COMPLETED:
+        print(f"error: run {run_id} ended as {status.get('status')}: {status.get('status-details')}", file=sys.stderr)
+        return 1
+    print(f"run {run_id}: {COMPLETED}", file=sys.stderr)
+    return 0
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:

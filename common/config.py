@@ -244,6 +244,10 @@ class NodeRuntimeConfig(_Strict):
     num_partitions: int = Field(..., ge=1, description="Number of nodes in the partitioning.")
     data_root: str = Field("", description="Dataset directory on this host (overrides data.root).")
     cache_dir: str = Field("", description="Cache directory on this host (overrides cache-dir).")
+    num_threads: int = Field(
+        0, ge=0, description="torch CPU threads of this node's ClientApp (0: torch's default). Set it when "
+        "several SuperNodes share one host, or they oversubscribe the cores.",
+    )
 
     @model_validator(mode="after")
     def _id_in_range(self) -> "NodeRuntimeConfig":

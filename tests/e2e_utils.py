@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -45,6 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from common.flwr_cli import COMPLETED, ls_command, parse_run_id, parse_run_status
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -73,8 +76,21 @@ def free_port() -> int:
 
 
 # ---------------------------------------------------------------------------------------- processes
-def tagged_pids(tag: str) -> list[int]:
-    """PIDs of live (non-zombie) processes whose environment carries ``FEDA2V_E2E_TAG=<tag>``."""
+def tagged_pids(tag: str, marker: str | None = None) -> list[int]:
+    """PIDs of live (non-zombie) processes whose environment carries ``FEDA2V_E2E_TAG=<tag>``.
+
+    Without /proc (macOS), falls back to processes whose command line contains ``marker`` (the
+    test's tmp dir, which the local SuperLink's ``--log-file``/``--database`` arguments name).
+    """
+    if not Path("/proc/self/environ").exists():
+        if not marker:
+            return []
+        ps = subprocess.run(["ps", "-axo", "pid=,command="], capture_output=True, text=True, check=False)
+        return [
+            int(line.split(None, 1)[0])
+            for line in ps.stdout.splitlines()
+            if marker in line and line.split(None, 1)[0].isdigit() and int(line.split(None, 1)[0]) != os.getpid()
+        ]
     needle = f"{TAG_VAR}={tag}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
@@ -159,6 +175,11 @@ class E2EEnv:
         self._started: list[_Started] = []
         self._log_names: set[str] = set()
         self.env = self._base_env()
+        missing = [exe for exe in ("flwr", "flower-superlink", "flower-supernode", "feda2v")
+                   if shutil.which(exe, path=self.env["PATH"]) is None]
+        if missing:
+            pytest.fail(f"{', '.join(missing)} not found next to {sys.executable}: install the project "
+                        "(pip install -e '.[dev]') into the interpreter that runs pytest", pytrace=False)
 
     # ------------------------------------------------------------------ environment
     def _base_env(self) -> dict[str, str]:
@@ -308,6 +329,31 @@ class E2EEnv:
         cmd += ["--run-config", run_config, "--stream"]
         return self.run(name, cmd, timeout=timeout, watch=watch, env=env)
 
+    @staticmethod
+    def run_id(result: Result) -> int:
+        run_id = parse_run_id(result.output)
+        assert run_id is not None, "no run id in the output of flwr run\n" + result.describe()
+        return run_id
+
+    def run_status(self, run_id: int, superlink: str | None = None, timeout: float = 60) -> dict[str, Any]:
+        """The run as the SuperLink reports it (``flwr ls --run-id --format json``).
+
+        Needed because ``flwr run --stream`` exits 0 even when the ServerApp raised.
+        """
+        result = self.run("flwr-ls", ls_command(run_id, superlink), timeout=timeout)
+        assert result.returncode == 0, result.describe()
+        return parse_run_status(result.output)
+
+    def assert_run_completed(self, result: Result, superlink: str | None = None) -> dict[str, Any]:
+        """Exit code 0 *and* the SuperLink's verdict ``finished:completed`` (the exit code alone is not enough)."""
+        assert result.returncode == 0, result.describe()
+        status = self.run_status(self.run_id(result), superlink)
+        assert status.get("status") == COMPLETED, (
+            f"run {status.get('run-id')} ended as {status.get('status')!r}: {status.get('status-details')}\n"
+            + result.describe()
+        )
+        return status
+
     # ------------------------------------------------------------------ teardown
     def _stop(self, started: list[_Started]) -> None:
         for s in started:
@@ -329,20 +375,20 @@ class E2EEnv:
             if s.proc.poll() is None:
                 _signal_group(s.proc, signal.SIGTERM)
         # 2. Everything else carrying our tag: the detached local SuperLink, SuperExecs, app processes, Ray.
-        for pid in tagged_pids(self.tag):
+        for pid in tagged_pids(self.tag, str(self.root)):
             _signal_pid(pid, signal.SIGTERM)
         deadline = time.monotonic() + TERM_GRACE_S
         while time.monotonic() < deadline:
             for s in self._started:
                 s.proc.poll()  # reap our own children
-            if all(s.proc.returncode is not None for s in self._started) and not tagged_pids(self.tag):
+            if all(s.proc.returncode is not None for s in self._started) and not tagged_pids(self.tag, str(self.root)):
                 break
             time.sleep(0.2)
         # 3. SIGKILL whatever is left.
         for s in self._started:
             if s.proc.poll() is None:
                 _signal_group(s.proc, signal.SIGKILL)
-        for pid in tagged_pids(self.tag):
+        for pid in tagged_pids(self.tag, str(self.root)):
             _signal_pid(pid, signal.SIGKILL)
         leftovers = []
         deadline = time.monotonic() + KILL_GRACE_S
@@ -350,12 +396,12 @@ class E2EEnv:
             for s in self._started:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     s.proc.wait(timeout=0.05)
-            pids = tagged_pids(self.tag)
+            pids = tagged_pids(self.tag, str(self.root))
             if not pids:
                 break
             time.sleep(0.2)
         else:
-            leftovers = [f"{pid}: {_cmdline(pid)}" for pid in tagged_pids(self.tag)]
+            leftovers = [f"{pid}: {_cmdline(pid)}" for pid in tagged_pids(self.tag, str(self.root))]
         for s in self._started:
             if s.handle is not None:
                 s.handle.close()

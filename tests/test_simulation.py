@@ -57,7 +57,7 @@ def synthetic_root(cache: Path) -> Path:
 
 def test_two_round_simulation(e2e: E2EEnv) -> None:
     result = e2e.flwr_run(run_config(e2e, "sim"), federation_config=FEDERATION, timeout=RUN_TIMEOUT_S)
-    assert result.returncode == 0, result.describe()
+    e2e.assert_run_completed(result)
     assert "global test retrieval acc" in result.output, result.describe()
 
     run_dir = e2e.out / "sim"
@@ -118,7 +118,7 @@ def test_aggregation_none_keeps_per_node_adapters(e2e: E2EEnv) -> None:
         federation_config=FEDERATION,
         timeout=RUN_TIMEOUT_S,
     )
-    assert result.returncode == 0, result.describe()
+    e2e.assert_run_completed(result)
 
     run_dir = e2e.out / "standalone"
     summary = load_summary(run_dir)
