@@ -54,7 +54,7 @@ def parse_overrides(text: str) -> dict:
 def run_federated(overrides: str, num_nodes: int, workdir: Path) -> Path:
     """Run the app with `flwr run` in an isolated FLWR_HOME; return its summary.json."""
     env = dict(os.environ, FLWR_HOME=str(workdir / "flwr-home"), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               HF_HUB_OFFLINE="1")
+               HF_HUB_OFFLINE="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     out = workdir / "outputs"
     cmd = ["flwr", "run", str(ROOT), "--federation-config",
            f"num-supernodes={num_nodes} client-resources-num-cpus=1",

@@ -14,7 +14,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.checkpoints import atomic_write_json
+from common.checkpoints import atomic_write_json, save_tensors
 from common.config import FedA2VConfig, config_hash, load_config
 from common.factory import adapter_config, build_adapters, resolve_classes
 from common.logs import setup_logging
@@ -55,6 +55,11 @@ def main(grid: Grid, context: Context) -> None:
 
     class_names = resolve_classes(cfg, Path(cfg.data.root) if cfg.data.root else None)
     targets = class_targets(cfg, class_names)
+    save_tensors(
+        run_dir / "targets.safetensors", {"clip": targets.clip, "t5": targets.t5},
+        {"type": "class-targets", "class-names": targets.class_names, "prompt-template": cfg.text_encoder.prompt_template,
+         "text-encoder": cfg.text_encoder.model},
+    )
     acfg = adapter_config(cfg, clip_dim=targets.clip.shape[1], t5_dim=targets.t5.shape[2])
     adapters = build_adapters(cfg, acfg)
     n_params = sum(p.numel() for p in adapters.parameters())

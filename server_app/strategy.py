@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import FedAvg
 from common.checkpoints import save_adapters, save_tensors
 from common.models.adapters import Adapters
 from common.records import (
+    ARRAYS,
     CLASS_MEANS,
     CLASS_MEANS_META,
     METRICS,
@@ -96,8 +97,10 @@ class FedA2VStrategy(FedAvg):
         self.num_rounds = num_rounds
         self.checkpoint_every = checkpoint_every
         self.config_hash = config_hash
-        self.class_means: dict[int, ClassTensors] = {}  # round -> count-weighted global means
-        self.node_class_means: dict[int, dict[int, ClassTensors]] = {}  # round -> partition id -> means
+        # latest round only: round -> count-weighted global means / partition id -> the node's means
+        self.class_means: dict[int, ClassTensors] = {}
+        self.node_class_means: dict[int, dict[int, ClassTensors]] = {}
+        self.node_extras: dict[int, dict[int, dict[str, Any]]] = {}  # round -> partition id -> extra records
         self.history: dict[int, dict[str, float]] = {}
 
     # ------------------------------------------------------------------ configure
@@ -119,6 +122,7 @@ class FedA2VStrategy(FedAvg):
         self._fail_if_all_failed(server_round, replies, "train")
         node_means: dict[int, ClassTensors] = {}
         node_metrics: dict[str, dict[str, Any]] = {}
+        round_extras: dict[int, dict[str, Any]] = {}
         for msg in replies:
             if msg.has_error():
                 continue
@@ -130,14 +134,19 @@ class FedA2VStrategy(FedAvg):
                 log.warning("round %d: reply of node %s has no usable class means (%s)", server_round, pid, err)
             else:
                 node_means[pid] = means
-            for name in (CLASS_MEANS, CLASS_MEANS_META):
-                if name in content:
-                    del content[name]
+            # FedAvg accepts exactly one ArrayRecord + one MetricRecord: every other record (class means
+            # now; generator weights and the like later) is taken off the reply and kept per node.
+            extras = {name: content[name] for name in list(content.keys()) if name not in (ARRAYS, METRICS)}
+            for name in extras:
+                del content[name]
+            round_extras[pid] = extras
             node_metrics[str(pid)] = dict(content[METRICS]) if METRICS in content else {}
         arrays, metrics = super().aggregate_train(server_round, replies)
-        self.node_class_means[server_round] = node_means
+        # Only the latest round is kept: per-round tensors held forever would grow memory every round.
+        self.node_extras = {server_round: round_extras}
+        self.node_class_means = {server_round: node_means}
         if node_means:
-            self.class_means[server_round] = self._merge_class_means(node_means)
+            self.class_means = {server_round: self._merge_class_means(node_means)}
         global_metrics = dict(metrics) if metrics is not None else {}
         self.run_summary.record(server_round, "train", global_metrics, node_metrics)
         if self.class_means.get(server_round) is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from common.checkpoints import load_adapters
+from common.checkpoints import load_adapters, load_tensors
 from common.data.esc50 import read_esc50
 from common.data.partition import split_dataset
 from common.data.synth import SYNTH_CLASSES
@@ -108,7 +108,11 @@ def test_two_round_simulation(e2e: E2EEnv) -> None:
     assert sum(p.numel() for p in adapters.parameters()) == summary["run"]["adapter_params"]
     _, meta1 = load_adapters(ckpt_dir / "adapters_round_1.safetensors")
     assert meta1["round"] == 1
-    assert (run_dir / "class_means.safetensors").is_file()
+    means, means_meta = load_tensors(run_dir / "class_means.safetensors")
+    assert means_meta["round"] == 2 and means_meta["class-names"] == classes  # every class has training clips
+    assert int(means["counts"].sum()) == rounds[-1]["train"]["global"]["num-examples"]
+    targets, targets_meta = load_tensors(run_dir / "targets.safetensors")
+    assert targets_meta["class-names"] == classes and targets["clip"].shape == (len(classes), 768)
     assert (run_dir / "config.json").is_file()
 
 
