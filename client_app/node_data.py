@@ -1,30 +1,35 @@
 """A node's embedded data: its partition of clips, read once, turned into AST embeddings once.
 
-Why a per-process memo: Flower calls the ClientApp function once per message. In simulation the
-process (a Ray actor) lives across rounds, so extraction happens on a node's first message and
-later rounds reuse the tensors. In deployment, Flower 1.41 starts a fresh ClientApp process per
-message, so the memo does not survive and every message re-extracts: cheap with the tiny AST,
-costly with the real one. The persistent on-disk embedding cache (shared across messages, runs
-and nodes of a host) is the next planned module; it plugs in at ``_embed_split``.
+Two layers of reuse:
+
+* the persistent embedding cache (:mod:`common.cache`, under ``<cache-dir>/embeddings``), shared by
+  messages, runs and all nodes of a host that read the same dataset folder. ``_embed_split`` asks it
+  first and extracts only misses; the AST is built only if there is a miss, so a fully cached node
+  opens no audio file and never constructs the model.
+* a per-process memo. Flower calls the ClientApp function once per message. In simulation the
+  process (a Ray actor) lives across rounds, so later rounds reuse the tensors without touching
+  the disk. In deployment, Flower 1.41 starts a fresh ClientApp process per message, so every
+  message reads the cache (fast: memory-mapped shards) instead of re-extracting.
+
+``NodeData.stats`` describes what *this* call cost (cache hits/misses, extraction and load
+seconds); a memo hit reports zeros, so per-round metrics show where time was actually spent.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from common.cache import EmbeddingStore, EmbedStats, ExtractionSettings, LazyEncoder, embed_clips, open_store
 from common.config import FedA2VConfig, NodeRuntimeConfig
-from common.data.audio import load_clips
 from common.data.esc50 import Clip, read_esc50
-from common.data.partition import partition_nodes
-from common.factory import dataset_root, prepare_dataset, resolve_classes, resolve_device
-from common.models.audio_encoder import AudioEncoder
+from common.factory import dataset_root, node_splits, prepare_dataset, resolve_classes, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +52,13 @@ class NodeData:
     node_classes: list[str]  # the classes this node owns
     splits: dict[str, EmbeddedSplit]
     skipped_files: int = 0
-    extract_seconds: float = 0.0
     skipped: list[str] = field(default_factory=list)
+    stats: EmbedStats = field(default_factory=EmbedStats)  # cost of this call (zeros on a memo hit)
+    from_memo: bool = False
+
+    @property
+    def extract_seconds(self) -> float:
+        return self.stats.extract_seconds
 
 
 _MEMO: dict[str, NodeData] = {}
@@ -66,77 +76,62 @@ def _memo_key(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
+def node_cache_dir(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> Path:
+    """This host's cache dir: node-config ``cache-dir``, else ``cache-dir``, else $FEDA2V_CACHE / user cache."""
+    return Path(node.cache_dir).expanduser() if node.cache_dir else cfg.resolved_cache_dir()
+
+
 def _embed_split(
-    encoder: AudioEncoder, clips: list[Clip], cfg: FedA2VConfig, name: str
-) -> tuple[EmbeddedSplit, list[tuple[Clip, str]]]:
-    """Load and encode clips chunk by chunk so RAM holds one chunk of waveforms at a time."""
-    chunk = max(cfg.audio_encoder.batch_size * 4, 1)
-    embs, labels, ids, skipped = [], [], [], []
-    for start in range(0, len(clips), chunk):
-        loaded = load_clips(clips[start : start + chunk], cfg.data.sample_rate, cfg.data.clip_seconds)
-        skipped.extend(loaded.skipped)
-        if not loaded.clips:
-            continue
-        embs.append(encoder.encode(loaded.waveforms, batch_size=cfg.audio_encoder.batch_size))
-        labels.extend(c.label for c in loaded.clips)
-        ids.extend(c.rel_path for c in loaded.clips)
-    if embs:
-        emb = torch.cat(embs)
-    else:
-        emb = torch.empty(0, 1, 1)
-    log.info("%s: %d clips embedded (%d skipped) -> %s", name, len(ids), len(skipped), tuple(emb.shape))
-    return EmbeddedSplit(emb, torch.tensor(labels, dtype=torch.long), ids), skipped
+    clips: list[Clip],
+    settings: ExtractionSettings,
+    store: EmbeddingStore | None,
+    encoder: LazyEncoder,
+    name: str,
+) -> tuple[EmbeddedSplit, list[tuple[Clip, str]], EmbedStats]:
+    """Cache hits first, then extraction of the misses only (written back to the cache)."""
+    res = embed_clips(clips, settings, store, encoder)
+    s = res.stats
+    log.info(
+        "%s: %d clips embedded (%d skipped) -> %s; cache %d hits, %d misses; extract %.1fs, load %.2fs",
+        name, len(res.clips), len(res.skipped), tuple(res.embeddings.shape), s.hits, s.misses,
+        s.extract_seconds, s.load_seconds,
+    )
+    labels = torch.tensor([c.label for c in res.clips], dtype=torch.long)
+    return EmbeddedSplit(res.embeddings, labels, [c.rel_path for c in res.clips]), res.skipped, s
 
 
 def load_node_data(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> NodeData:
-    """The node's train/val/test embeddings (memoised per process)."""
+    """The node's train/val/test embeddings (memoised per process, persisted in the embedding cache)."""
     key = _memo_key(cfg, node)
     if key in _MEMO:
-        return _MEMO[key]
-    cache_dir = Path(node.cache_dir).expanduser() if node.cache_dir else cfg.resolved_cache_dir()
+        return dataclasses.replace(_MEMO[key], stats=EmbedStats(), from_memo=True)
+    cache_dir = node_cache_dir(cfg, node)
     root = prepare_dataset(cfg, dataset_root(cfg, node.data_root, cache_dir))
     class_names = resolve_classes(cfg, root)
     clips, class_names = read_esc50(root, class_names)
-    splits = partition_nodes(
-        clips,
-        class_names,
-        num_nodes=node.num_partitions,
-        mode=cfg.data.partition,
-        seed=cfg.seed,
-        val_fraction=cfg.data.val_fraction,
-        test_fraction=cfg.data.test_fraction,
-        node_classes=cfg.node_classes(node.num_partitions),
-        node_samples_per_class=cfg.node_samples_per_class(node.num_partitions),
-    )
-    mine = splits[node.partition_id]
+    mine = node_splits(cfg, clips, class_names, node.num_partitions)[node.partition_id]
     log.info(
         "node %d/%d: %d train, %d val, %d test clips of %d classes from %s",
         node.partition_id, node.num_partitions, len(mine.train), len(mine.val), len(mine.test), len(mine.classes), root,
     )
-    t0 = time.perf_counter()
-    encoder = AudioEncoder.build(
-        cfg.audio_encoder.model,
-        clip_seconds=cfg.data.clip_seconds,
-        sample_rate=cfg.data.sample_rate,
-        reduction=cfg.audio_encoder.reduction,
-        tokens=cfg.audio_encoder.tokens,
-        dtype=cfg.audio_encoder.dtype,
-        device=str(resolve_device(cfg)),
-        seed=cfg.seed,
-    )
+    settings = ExtractionSettings.from_config(cfg, device=str(resolve_device(cfg)))
+    store = open_store(cache_dir, root, settings) if cfg.audio_encoder.cache else None
+    encoder = LazyEncoder(settings)  # built only if some clip misses the cache
     embedded: dict[str, EmbeddedSplit] = {}
     skipped: list[tuple[Clip, str]] = []
+    stats = EmbedStats()
     for name, split_clips in (("train", mine.train), ("val", mine.val), ("test", mine.test)):
-        embedded[name], bad = _embed_split(encoder, split_clips, cfg, name)
+        embedded[name], bad, split_stats = _embed_split(split_clips, settings, store, encoder, name)
         skipped.extend(bad)
+        stats += split_stats
     del encoder
     data = NodeData(
         class_names=list(class_names),
         node_classes=list(mine.classes),
         splits=embedded,
         skipped_files=len(skipped),
-        extract_seconds=time.perf_counter() - t0,
         skipped=[c.rel_path for c, _ in skipped],
+        stats=stats,
     )
     _MEMO[key] = data
     return data

@@ -1,4 +1,4 @@
-"""``feda2v`` command line: run the federation, make data, inspect the configuration.
+"""``feda2v`` command line: run the federation, make data, manage the embedding cache, inspect the configuration.
 
 ``feda2v run`` is a thin wrapper around ``flwr run`` that sets what a local simulation needs on
 this kind of machine (no run-time dependency installation, 1 CPU per simulated node, log
@@ -101,19 +101,73 @@ def _cmd_config(args: argparse.Namespace) -> int:
     elif args.action == "reference":
         print(config_mod.markdown_reference())
     elif args.action == "show":
-        run_config = config_mod.flatten(config_mod.FedA2VConfig().model_dump(by_alias=True))
-        for item in args.set or []:
-            key, _, value = item.partition("=")
-            run_config[key.strip()] = _parse_value(value)
-        if args.config_file:
-            run_config["config-file"] = args.config_file
         try:
-            cfg = config_mod.load_config(run_config, search_dirs=(Path.cwd(),))
+            cfg = _config_from_args(args)
         except config_mod.ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         print(json.dumps(cfg.model_dump(by_alias=True), indent=2))
     return 0
+
+
+def _config_from_args(args: argparse.Namespace):
+    """Defaults + ``--config-file`` + ``--set key=value`` overrides, validated like a run config."""
+    from common import config as config_mod
+
+    run_config = config_mod.flatten(config_mod.FedA2VConfig().model_dump(by_alias=True))
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        run_config[key.strip()] = _parse_value(value)
+    if args.config_file:
+        run_config["config-file"] = args.config_file
+    return config_mod.load_config(run_config, search_dirs=(Path.cwd(),))
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from common.cache import commands
+    from common.config import ConfigError
+
+    try:
+        cfg = _config_from_args(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    action = args.cache_command
+    if action == "build":
+        summary = commands.build(cfg, args.cache_dir, args.data_root, args.num_nodes, args.all_classes, progress=True)
+        print(commands.to_json(summary))
+        return 0
+    if action == "info":
+        summaries = commands.info(cfg, args.cache_dir, args.key)
+        if args.json:
+            print(commands.to_json(summaries))
+        elif not summaries:
+            print(f"no embedding cache under {commands.embeddings_root(cfg, args.cache_dir)}")
+        else:
+            print("\n".join(commands.format_info(s) for s in summaries))
+        return 0
+    if action == "verify":
+        results = commands.verify(cfg, args.cache_dir, args.key, repair=args.repair)
+        if not results:
+            print(f"no embedding cache under {commands.embeddings_root(cfg, args.cache_dir)}")
+        bad = False
+        for found, after in results:
+            print(commands.format_report(found))
+            if after is not None:
+                print(f"  after repair: {'OK' if after.ok else 'still BAD'} (entries {after.entries}, shards {after.shards})")
+            bad |= not (after or found).ok
+        return 1 if bad else 0
+    if action == "clear":
+        if not (args.key or args.all):
+            print("error: give --key PREFIX (see `feda2v cache info`) or --all", file=sys.stderr)
+            return 2
+        removed = commands.clear(cfg, args.cache_dir, "" if args.all else args.key)
+        for path in removed:
+            print(f"removed {path}")
+        if not removed:
+            print("nothing to remove")
+        return 0
+    raise AssertionError(action)
 
 
 def _parse_value(text: str):
@@ -150,6 +204,35 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--clip-seconds", type=float, default=5.0)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=_cmd_synth)
+
+    cache = sub.add_parser("cache", help="the AST embedding cache (<cache-dir>/embeddings): build, info, verify, clear")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    helps = {
+        "build": "precompute embeddings of a dataset for a config (incremental: only missing clips are extracted)",
+        "info": "list caches: key fields, entries, shards, bytes",
+        "verify": "check index and per-row checksums; exit 1 and name bad shards/entries",
+        "clear": "delete one key's cache (--key) or all (--all)",
+    }
+    for name, text in helps.items():
+        p = cache_sub.add_parser(name, help=text, description=text)
+        p.add_argument("--config-file", default="", help="TOML config file (as the run's config-file)")
+        p.add_argument("--set", action="append", help="key=value config override (dotted key), repeatable")
+        p.add_argument("--cache-dir", default="", help="cache dir (default: config cache-dir, $FEDA2V_CACHE, user cache)")
+        if name == "build":
+            p.add_argument("--num-nodes", type=int, default=None,
+                           help="only the clips that N nodes use (their train/val/test splits); default: every clip")
+            p.add_argument("--all-classes", action="store_true", help="every class of the dataset, not just the configured ones")
+            p.add_argument("--data-root", default="", help="dataset folder on this host (overrides data.root)")
+        if name in ("info", "verify", "clear"):
+            p.add_argument("--key", default="", help="only the key whose hash starts with this prefix")
+        if name == "info":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "verify":
+            p.add_argument("--repair", action="store_true",
+                           help="drop bad entries/shards, adopt orphan shards, delete shards without live rows")
+        if name == "clear":
+            p.add_argument("--all", action="store_true", help="every key of every dataset")
+        p.set_defaults(func=_cmd_cache)
 
     cfg = sub.add_parser("config", help="configuration: JSON schema, key reference, resolved values")
     cfg.add_argument("action", choices=["schema", "reference", "show"])

@@ -126,6 +126,16 @@ class AudioEncoderConfig(_Strict):
     )
     batch_size: int = Field(32, ge=1, description="Clips per AST forward pass.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="AST compute dtype.")
+    cache: bool = Field(
+        True,
+        description="Keep embeddings in the persistent cache <cache-dir>/embeddings (shared by runs and the "
+        "nodes of a host; keyed by model, sample rate, clip length, reduction and dtypes).",
+    )
+    cache_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16",
+        description="Storage dtype of embeddings. Nodes train on these rounded values whether a clip was a "
+        "cache hit or freshly extracted, so results do not depend on the cache.",
+    )
 
 
 class TextEncoderConfig(_Strict):
@@ -183,7 +193,9 @@ class FedA2VConfig(_Strict):
     seed: int = Field(42, description="Seed for splits, model init and training.")
     output_dir: str = Field("outputs", description="Where runs write summary.json and checkpoints.")
     run_name: str = Field("", description="Sub-directory of output-dir for this run. Empty: a timestamp.")
-    cache_dir: str = Field("", description="Cache for datasets and text targets. Empty: the user cache dir.")
+    cache_dir: str = Field(
+        "", description="Cache for datasets, text targets and AST embeddings. Empty: $FEDA2V_CACHE, else the user cache dir."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when available.")
     num_rounds: int = Field(5, ge=1, description="Federated rounds.")
     aggregation: Literal["fedavg", "none"] = Field(

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from common.config import ConfigError, FedA2VConfig
-from common.data.esc50 import DatasetError, list_categories
+from common.data.esc50 import Clip, DatasetError, list_categories
+from common.data.partition import NodeSplit, partition_nodes
 from common.data.synth import SYNTH_CLASSES, ensure_synthetic_dataset
 from common.models.adapters import AdapterConfig, Adapters
 from common.models.text_encoders import FLUX_CLIP_DIM, FLUX_T5_DIM
@@ -91,6 +92,21 @@ def resolve_classes(cfg: FedA2VConfig, root: Path | None = None) -> list[str]:
         )
     categories = list_categories(root)
     return categories[: cfg.data.num_classes]
+
+
+def node_splits(cfg: FedA2VConfig, clips: list[Clip], class_names: list[str], num_nodes: int) -> list[NodeSplit]:
+    """Every node's train/val/test clips, as each node derives them from the shared config."""
+    return partition_nodes(
+        clips,
+        class_names,
+        num_nodes=num_nodes,
+        mode=cfg.data.partition,
+        seed=cfg.seed,
+        val_fraction=cfg.data.val_fraction,
+        test_fraction=cfg.data.test_fraction,
+        node_classes=cfg.node_classes(num_nodes),
+        node_samples_per_class=cfg.node_samples_per_class(num_nodes),
+    )
 
 
 def embedding_shape(cfg: FedA2VConfig) -> tuple[int, int]:

@@ -93,7 +93,7 @@ def test_tiny_ast_deterministic_by_seed():
     assert a.identity() != c.identity()
     json.dumps(a.identity())  # JSON-able
     ident = a.identity()
-    for key in ("model", "weights_sha256", "sample_rate", "clip_seconds", "max_length", "reduction", "tokens", "dtype"):
+    for key in ("model", "seed", "tiny_config", "sample_rate", "clip_seconds", "max_length", "reduction", "tokens", "dtype"):
         assert key in ident
     assert AudioEncoder.build("tiny", 5.0, reduction="cls").identity() != ident
 
@@ -109,6 +109,7 @@ def test_save_pretrained_roundtrip(tmp_path):
     assert torch.equal(enc.encode(w), again.encode(w, progress=True))
     assert again.weights_sha256() == enc.weights_sha256()
     assert again.identity()["model"] == str(tmp_path / "ast")
+    assert "files_sha256" in again.identity() and "seed" not in again.identity()
 
 
 def test_pretrained_1024_is_cropped_along_time(tmp_path):

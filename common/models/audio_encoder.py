@@ -24,6 +24,7 @@ Reductions (``reduction``):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -36,13 +37,17 @@ import torch
 import torch.nn.functional as F
 from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
 
+from common.models.fingerprint import files_fingerprint
+
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "EXTRACTION_VERSION",
     "TINY_AST",
     "AudioEncoder",
     "ModelLoadError",
     "ast_frames",
+    "audio_encoder_identity",
     "build_tiny_ast",
     "hf_offline",
     "identity_key",
@@ -63,6 +68,10 @@ TINY_AST: dict[str, Any] = dict(
     time_stride=10,
     num_mel_bins=128,
 )
+
+# Bump when code that shapes an embedding changes without any identity field changing (audio decoding
+# or resampling, fbank settings, the reduction): every embedding cache is then invalidated.
+EXTRACTION_VERSION = 1
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -299,29 +308,21 @@ class AudioEncoder:
         return self._weights_sha256
 
     def identity(self) -> dict[str, Any]:
-        """JSON-able description of everything that changes the embedding (embedding-cache key)."""
-        fe = self.feature_extractor
-        ident: dict[str, Any] = {
-            "encoder": "ast",
-            "model": self.model_id,
-            "weights_sha256": self.weights_sha256(),
-            "sample_rate": self.sample_rate,
-            "clip_seconds": self.clip_seconds,
-            "max_length": self.max_length,
-            "reduction": self.reduction,
-            "tokens": self.num_tokens,
-            "dtype": self.dtype,
-            "feature_extractor": {
-                "num_mel_bins": int(fe.num_mel_bins),
-                "do_normalize": bool(fe.do_normalize),
-                "mean": float(fe.mean),
-                "std": float(fe.std),
-            },
-        }
-        if self.model_id == "tiny":
-            ident["tiny_config"] = dict(TINY_AST)
-            ident["seed"] = self.seed
-        return ident
+        """JSON-able description of everything that changes the embedding (embedding-cache key fields).
+
+        Equal to :func:`audio_encoder_identity` with this encoder's settings, so a cache can be keyed
+        before any encoder exists. (:meth:`weights_sha256` hashes the loaded tensors instead, when an
+        exact check of the weights in memory is wanted.)
+        """
+        return audio_encoder_identity(
+            self.model_id,
+            self.clip_seconds,
+            self.sample_rate,
+            self.reduction,
+            self.tokens,
+            self.dtype,
+            self.seed if self.seed is not None else 0,
+        )
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Save model (safetensors, at its adapted max_length) and feature extractor into ``path``."""
@@ -366,6 +367,95 @@ def _load_pretrained(model: str) -> tuple[ASTModel, ASTFeatureExtractor]:
             log.warning("no feature-extractor config for %s (%s); using ASTFeatureExtractor defaults", model, err)
             fe = ASTFeatureExtractor()
     return ast, fe
+
+
+# Files of an AST checkpoint that from_pretrained reads: configs and weights (not READMEs, .gitattributes).
+_MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin")
+
+
+def _resolve_ast_folder(model: str) -> Path:
+    """Local folder of an AST checkpoint: the path itself, or its snapshot in the local HF cache.
+
+    Same resolution rules as :func:`_load_pretrained`, but nothing is loaded. The local cache is tried
+    first, so a cached hub id never touches the network; only when it is absent and the hub is allowed
+    (no HF_HUB_OFFLINE) are the config and weight files downloaded - from_pretrained would need them
+    anyway on the first cache miss.
+    """
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"'{model}' exists but has no config.json: not an AST model folder. " + _load_hint(model))
+        return path.resolve()
+    if not (_HUB_ID.match(model) and not model.startswith((".", "~"))):
+        raise ModelLoadError(f"audio encoder path '{model}' does not exist. " + _load_hint(model))
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors"]
+    try:
+        return Path(snapshot_download(model, allow_patterns=patterns, local_files_only=True))
+    except Exception as err:  # not in the local cache (the hub raises several error types)
+        if hf_offline():
+            raise ModelLoadError(f"{_load_hint(model)} ({type(err).__name__}: {err})") from err
+    try:
+        return Path(snapshot_download(model, allow_patterns=patterns))
+    except Exception as err:
+        raise ModelLoadError(f"{_load_hint(model)} ({type(err).__name__}: {err})") from err
+
+
+@functools.lru_cache(maxsize=1)
+def _feature_extractor_defaults() -> dict[str, Any]:
+    """The ASTFeatureExtractor defaults that shape fbanks, read from its signature (nothing is built)."""
+    import inspect
+
+    params = inspect.signature(ASTFeatureExtractor.__init__).parameters
+    return {k: params[k].default for k in ("num_mel_bins", "mean", "std", "do_normalize") if k in params}
+
+
+def audio_encoder_identity(
+    model: str,
+    clip_seconds: float,
+    sample_rate: int = 16000,
+    reduction: str = "pool",
+    tokens: int = 8,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Everything that determines an embedding, computed *without building the AST* (JSON-able).
+
+    Why without building: this is the embedding-cache key, and a fully cached node must not pay for
+    constructing (or even reading) the model. ``tiny``: its config and seed (the weights are a pure
+    function of both). A folder or a cached hub snapshot: the model string plus a fingerprint of its
+    config and weight files (see :mod:`common.models.fingerprint`); the seed plays no role there.
+    The feature-extractor defaults are included because a folder without ``preprocessor_config.json``
+    uses them. :meth:`AudioEncoder.identity` returns the same dict for a built encoder.
+    """
+    if reduction not in ("cls", "pool"):
+        raise ValueError(f"reduction must be 'cls' or 'pool', got {reduction!r}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    model = str(model)
+    ident: dict[str, Any] = {
+        "encoder": "ast",
+        "extraction_version": EXTRACTION_VERSION,
+        "model": model,
+        "sample_rate": int(sample_rate),
+        "clip_seconds": float(clip_seconds),
+        "max_length": ast_frames(clip_seconds, sample_rate),
+        "reduction": reduction,
+        "tokens": 1 if reduction == "cls" else int(tokens),
+        "dtype": dtype,
+        "feature_extractor_defaults": dict(_feature_extractor_defaults()),
+    }
+    if model == "tiny":
+        ident["tiny_config"] = dict(TINY_AST)
+        ident["seed"] = int(seed)
+    else:
+        root = _resolve_ast_folder(model)
+        files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in _MODEL_FILE_SUFFIXES)
+        if not any(p.suffix in (".safetensors", ".bin") for p in files):
+            raise ModelLoadError(f"'{model}' ({root}) holds no weight file (*.safetensors / *.bin). " + _load_hint(model))
+        ident["files_sha256"] = files_fingerprint(root, files)
+    return ident
 
 
 def identity_key(identity: dict[str, Any]) -> str:

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common.models.audio_encoder import ModelLoadError, hf_offline
+from common.models.fingerprint import file_fingerprint, files_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -159,18 +160,7 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _file_fingerprint(path: Path, full_limit: int = 16 << 20, chunk: int = 1 << 20) -> str:
-    """Full sha256 for small files (configs, tokenizers); size + first/last MiB for weight shards."""
-    size = path.stat().st_size
-    h = hashlib.sha256(f"{size}|".encode())
-    with open(path, "rb") as fh:
-        if size <= full_limit:
-            h.update(fh.read())
-        else:
-            h.update(fh.read(chunk))
-            fh.seek(size - chunk)
-            h.update(fh.read(chunk))
-    return h.hexdigest()
+_file_fingerprint = file_fingerprint  # shared with the AST identity (common.models.fingerprint)
 
 
 def _resolve_flux_folder(model: str) -> Path:
@@ -222,11 +212,9 @@ def text_encoder_identity(model: str, seed: int = 0, dtype: str | None = None) -
             "tokenizer_sha256": _sha256(_tiny_tokenizer_json().encode()),
         }
     root = _resolve_flux_folder(model)
-    h = hashlib.sha256()
-    for sub in FLUX_SUBFOLDERS:
-        for f in sorted(p for p in (root / sub).rglob("*") if p.is_file()):
-            h.update(f"{f.relative_to(root).as_posix()}|{_file_fingerprint(f)}\n".encode())
-    return {"model": str(model), "path": str(root.resolve()), "dtype": dtype or "auto", "files_sha256": h.hexdigest()}
+    files = [f for sub in FLUX_SUBFOLDERS for f in sorted(p for p in (root / sub).rglob("*") if p.is_file())]
+    return {"model": str(model), "path": str(root.resolve()), "dtype": dtype or "auto",
+            "files_sha256": files_fingerprint(root, files)}
 
 
 # ----------------------------------------------------------------------------------- encoders

@@ -1,0 +1,230 @@
+"""Clips -> AST embeddings through the cache: read hits, extract only misses, write them back.
+
+This is the one extraction path (ClientApp, ``feda2v cache build``, benches), so every dataset
+reader that yields :class:`~common.data.esc50.Clip` records gets the cache for free.
+
+Why the encoder is lazy: the point of a cache hit is to skip the AST entirely. The key is computed
+from settings alone (:func:`~common.models.audio_encoder.audio_encoder_identity`), hits are read
+from shards, and only when at least one miss has decoded into audio is the AST (and its feature
+extractor) built. A fully cached node therefore opens no audio file and constructs no model.
+
+Why embeddings are always rounded to the storage dtype: a clip served from the cache holds the
+stored (fp16 by default) values; rounding freshly extracted ones the same way makes a first run
+(misses) and a second run (hits) train on bit-identical inputs, with the cache on or off.
+
+Why every cache call is guarded: the cache is an optimisation. A cache that cannot be read or
+written (corrupt beyond the store's own recovery, disk full, read-only) costs a warning and an
+extraction, never a failed training round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.cache.key import cache_key_fields
+from common.cache.store import ClipId, EmbeddingStore
+from common.data.audio import load_clips
+from common.data.esc50 import Clip
+from common.models.audio_encoder import AudioEncoder, audio_encoder_identity
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EmbedResult", "EmbedStats", "ExtractionSettings", "LazyEncoder", "embed_clips", "open_store"]
+
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """Everything the extraction path needs; ``identity()`` is the part that changes an embedding."""
+
+    model: str = "tiny"
+    clip_seconds: float = 5.0
+    sample_rate: int = 16000
+    reduction: str = "pool"
+    tokens: int = 12
+    dtype: str = "float32"  # AST compute dtype
+    seed: int = 0
+    storage_dtype: str = "float16"
+    batch_size: int = 32
+    device: str = "cpu"
+
+    @classmethod
+    def from_config(cls, cfg: Any, device: str = "cpu") -> "ExtractionSettings":
+        """From a :class:`~common.config.FedA2VConfig` (the tiny AST's seed is the run seed)."""
+        ae = cfg.audio_encoder
+        return cls(
+            model=ae.model,
+            clip_seconds=cfg.data.clip_seconds,
+            sample_rate=cfg.data.sample_rate,
+            reduction=ae.reduction,
+            tokens=ae.tokens,
+            dtype=ae.dtype,
+            seed=cfg.seed,
+            storage_dtype=ae.cache_dtype,
+            batch_size=ae.batch_size,
+            device=device,
+        )
+
+    def identity(self) -> dict[str, Any]:
+        return audio_encoder_identity(
+            self.model, self.clip_seconds, self.sample_rate, self.reduction, self.tokens, self.dtype, self.seed
+        )
+
+    def key_fields(self) -> dict[str, Any]:
+        return cache_key_fields(self.identity(), self.storage_dtype)
+
+    def build_encoder(self) -> AudioEncoder:
+        return AudioEncoder.build(
+            self.model,
+            clip_seconds=self.clip_seconds,
+            sample_rate=self.sample_rate,
+            reduction=self.reduction,
+            tokens=self.tokens,
+            dtype=self.dtype,
+            device=self.device,
+            seed=self.seed,
+        )
+
+
+class LazyEncoder:
+    """Builds the AudioEncoder on first use only; shared by the splits of a node."""
+
+    def __init__(self, settings: ExtractionSettings) -> None:
+        self.settings = settings
+        self._encoder: AudioEncoder | None = None
+
+    @property
+    def built(self) -> bool:
+        return self._encoder is not None
+
+    def get(self) -> AudioEncoder:
+        if self._encoder is None:
+            t0 = time.perf_counter()
+            self._encoder = self.settings.build_encoder()
+            log.info("built %r in %.1fs", self._encoder, time.perf_counter() - t0)
+        return self._encoder
+
+
+@dataclass
+class EmbedStats:
+    """Cache accounting of one extraction call (or of a node: add them up)."""
+
+    hits: int = 0
+    misses: int = 0  # clips not served by the cache (bad audio files included)
+    extract_seconds: float = 0.0  # building the AST, decoding audio and AST forward passes
+    load_seconds: float = 0.0  # stat + index + mmap reads + checksums
+    store_seconds: float = 0.0  # writing shards and index updates
+
+    def __iadd__(self, other: "EmbedStats") -> "EmbedStats":
+        self.hits += other.hits
+        self.misses += other.misses
+        self.extract_seconds += other.extract_seconds
+        self.load_seconds += other.load_seconds
+        self.store_seconds += other.store_seconds
+        return self
+
+
+@dataclass
+class EmbedResult:
+    """``embeddings[i]`` (float32 ``[N, L, H]``) belongs to ``clips[i]``; bad files are in ``skipped``."""
+
+    embeddings: torch.Tensor
+    clips: list[Clip]
+    skipped: list[tuple[Clip, str]] = field(default_factory=list)
+    stats: EmbedStats = field(default_factory=EmbedStats)
+
+
+def open_store(cache_root: Path, dataset_root: Path, settings: ExtractionSettings) -> EmbeddingStore | None:
+    """The store for these settings under ``<cache_root>/embeddings``; ``None`` (with a warning) on failure."""
+    try:
+        return EmbeddingStore.open(Path(cache_root) / "embeddings", dataset_root, settings.key_fields())
+    except Exception as err:  # e.g. a model folder that vanished: extraction will report the real error
+        log.warning("embedding cache disabled for this run: cannot compute its key (%s: %s)", type(err).__name__, err)
+        return None
+
+
+def _round(emb: torch.Tensor, storage_dtype: str) -> torch.Tensor:
+    stored = emb.to(_TORCH_DTYPES[storage_dtype])
+    if not torch.isfinite(stored).all():
+        log.warning("embeddings overflow %s (max |x| = %.3g); set audio-encoder.cache-dtype to bfloat16 or float32",
+                    storage_dtype, float(emb.abs().max()))
+    return stored
+
+
+def embed_clips(
+    clips: list[Clip],
+    settings: ExtractionSettings,
+    store: EmbeddingStore | None,
+    encoder: LazyEncoder | None = None,
+    progress: bool = False,
+    chunk: int | None = None,
+) -> EmbedResult:
+    """Embeddings of ``clips`` in their order (bad files skipped): cache hits first, misses extracted.
+
+    Misses are decoded and encoded ``chunk`` clips at a time (default 4 AST batches) and each chunk
+    is written as one shard right away, so RAM holds one chunk of audio and an interrupted run
+    (e.g. ``feda2v cache build``) resumes where it stopped.
+    """
+    encoder = encoder or LazyEncoder(settings)
+    stats = EmbedStats()
+    rows: list[torch.Tensor | None] = [None] * len(clips)
+    ids: list[ClipId | None] = [None] * len(clips)
+
+    t0 = time.perf_counter()
+    if store is not None:
+        ids = [ClipId.of(c.path, c.rel_path) for c in clips]
+        try:
+            rows = store.lookup(ids)
+        except Exception as err:
+            log.warning("embedding cache %s unreadable (%s: %s); extracting every clip", store.dir, type(err).__name__, err)
+            rows = [None] * len(clips)
+    stats.load_seconds = time.perf_counter() - t0
+    missing = [i for i, r in enumerate(rows) if r is None]
+    stats.hits, stats.misses = len(clips) - len(missing), len(missing)
+
+    skipped: list[tuple[Clip, str]] = []
+    bar = None
+    if progress and missing:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(missing), desc="AST embeddings", unit="clip")
+    step = chunk or max(settings.batch_size * 4, 1)
+    for start in range(0, len(missing), step):
+        idx = missing[start : start + step]
+        t1 = time.perf_counter()
+        loaded = load_clips([clips[i] for i in idx], settings.sample_rate, settings.clip_seconds)
+        skipped.extend(loaded.skipped)
+        ok = {c.rel_path for c in loaded.clips}
+        kept = [i for i in idx if clips[i].rel_path in ok]
+        if kept:
+            emb = encoder.get().encode(loaded.waveforms, batch_size=settings.batch_size)
+            stored = _round(emb, settings.storage_dtype)
+            for j, i in enumerate(kept):
+                rows[i] = stored[j]
+        stats.extract_seconds += time.perf_counter() - t1
+        if kept and store is not None:
+            t2 = time.perf_counter()
+            good = [(ids[i], stored[j]) for j, i in enumerate(kept) if ids[i] is not None]
+            if good:
+                try:
+                    store.put([g[0] for g in good], torch.stack([g[1] for g in good]))  # type: ignore[misc]
+                except Exception as err:
+                    log.warning("embedding cache %s: write failed (%s: %s); continuing without caching these clips",
+                                store.dir, type(err).__name__, err)
+            stats.store_seconds += time.perf_counter() - t2
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+
+    kept_clips = [c for c, r in zip(clips, rows) if r is not None]
+    present = [r for r in rows if r is not None]
+    embeddings = torch.stack(present).float() if present else torch.empty(0, 1, 1)
+    return EmbedResult(embeddings, kept_clips, skipped, stats)
