@@ -18,6 +18,7 @@ _EXPORTS = {
     "ModelLoadError": "audio_encoder",
     "TINY_AST": "audio_encoder",
     "ast_frames": "audio_encoder",
+    "audio_encoder_identity": "audio_encoder",
     "ClassTargets": "text_encoders",
     "TextEncoders": "text_encoders",
     "compute_class_targets": "text_encoders",
