@@ -18,6 +18,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_app.generators import train_node_generators
 from client_app.node_data import NodeData, load_node_data
 from common.config import FedA2VConfig, NodeRuntimeConfig, load_config
 from common.logs import setup_logging
@@ -27,6 +28,8 @@ from common.records import (
     ARRAYS,
     CLASS_MEANS,
     CLASS_MEANS_META,
+    GENERATORS,
+    GENERATORS_META,
     METRICS,
     TARGETS,
     TARGETS_META,
@@ -75,8 +78,15 @@ def train(msg: Message, context: Context) -> Message:
     adapters = _adapters(cfg, msg, context, targets)
     split = data.splits["train"]
     settings = TrainSettings.from_config(cfg.train, seed=cfg.seed * 1000 + server_round * 31 + node.partition_id)
+    gen_metrics: dict[str, float] = {}
+    bank = None
+    if cfg.generator.mode != "off":
+        bank, gen_metrics = train_node_generators(cfg, node, data, context.state, server_round)
     t0 = time.perf_counter()
-    losses = train_adapters(adapters, split.embeddings, split.labels, targets.clip, targets.t5, settings, device)
+    if cfg.generator.mode == "generator-only":  # adapters untouched: FedAvg of identical weights is a no-op
+        losses = evaluate_adapters(adapters, split.embeddings, split.labels, targets.clip, targets.t5, settings, device=device)
+    else:
+        losses = train_adapters(adapters, split.embeddings, split.labels, targets.clip, targets.t5, settings, device)
     train_seconds = time.perf_counter() - t0
     clip_means, t5_means, counts = class_mean_outputs(adapters, split.embeddings, split.labels, len(data.class_names), device)
     weights = module_to_arrays(adapters)
@@ -96,6 +106,7 @@ def train(msg: Message, context: Context) -> Message:
         "cache_misses": data.stats.misses,
         "skipped_files": data.skipped_files,
         "partition_id": node.partition_id,
+        **gen_metrics,
     }
     log.info(
         "node %d round %d: trained on %d clips in %.1fs, loss %.4f (clip %.4f, t5 %.4f)",
@@ -103,6 +114,9 @@ def train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict({ARRAYS: weights, METRICS: MetricRecord(metrics)})
     means.to_records(content, CLASS_MEANS, CLASS_MEANS_META)
+    if bank is not None:  # the server must hold every node's generators
+        for name in (GENERATORS, GENERATORS_META):
+            content[name] = context.state[name]
     return Message(content=content, reply_to=msg)
 
 

@@ -110,6 +110,61 @@ class NodeSpec(_Strict):
     _split_classes = field_validator("classes", mode="before")(_split_list)
 
 
+def _split_groups(value: Any) -> Any:
+    """``"animals=dog,rooster;nature=rain"`` (run config) -> {"animals": ["dog", "rooster"], ...}."""
+    if isinstance(value, str):
+        groups: dict[str, list[str]] = {}
+        for part in filter(None, (p.strip() for p in value.split(";"))):
+            name, sep, members = part.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"group entry '{part}' must look like 'name=class1,class2'")
+            groups[name.strip()] = _split_list(members)
+        return groups
+    return value
+
+
+class GeneratorConfig(_Strict):
+    """Node generators of audio embeddings (VAE / GAN) and the two-run workflow."""
+
+    mode: Literal["off", "generator-training", "generator-only"] = Field(
+        "off",
+        description="'generator-training': nodes train adapters and generators; 'generator-only': generators "
+        "only (adapters are sent back unchanged); 'off': no generators.",
+    )
+    kind: Literal["vae", "gan"] = Field("vae", description="Generator family (VAE measured best on the default data).")
+    granularity: Literal["unified", "per_class", "per_group"] = Field(
+        "unified", description="One conditional model for all classes, one per class, or one per class group."
+    )
+    class_groups: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Semantic groups for 'per_group' (a [generator.class-groups] table in a config file); a "
+        "class in no group goes to 'other'.",
+    )
+    checkpoint_dir: str = Field(
+        "", description="Where nodes write generator checkpoints. Empty: <cache-dir>/generators. Node-config "
+        "'checkpoint-dir' wins on that node.",
+    )
+    checkpoint_base: str = Field("generator", description="File-name base: {base}_node{id}[_class_{c}|_group_{g}].")
+    checkpoint_frequency: int = Field(5, ge=1, description="Also keep a _round_{r} copy every k rounds.")
+    latent_dim: int = Field(32, ge=1, description="Latent size.")
+    hidden_dim: int = Field(128, ge=1, description="MLP width.")
+    num_layers: int = Field(2, ge=1, description="Hidden layers of every MLP.")
+    token_dim: int = Field(64, ge=0, description="Shared per-token projection H -> token-dim (0: flat MLP).")
+    epochs: int = Field(300, ge=1, description="Generator epochs per round on the node's training embeddings.")
+    batch_size: int = Field(32, ge=1, description="Generator mini-batch size.")
+    min_steps: int = Field(0, ge=0, description="At least this many optimiser steps per round (raises epochs).")
+    lr: float = Field(0.0, ge=0, description="Learning rate; 0: the measured per-kind default (VAE 3e-3, GAN 1e-3).")
+
+    _split_groups = field_validator("class_groups", mode="before")(_split_groups)
+
+    def train_settings(self, seed: int):
+        from common.models.generators import GeneratorTrainSettings
+
+        return GeneratorTrainSettings(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr or None, seed=seed, min_steps=self.min_steps
+        )
+
+
 class AudioEncoderConfig(_Strict):
     """The frozen AST that turns audio into embeddings."""
 
@@ -215,6 +270,7 @@ class FedA2VConfig(_Strict):
     text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
     adapter: AdapterConfigSection = Field(default_factory=AdapterConfigSection)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
 
     @field_validator("nodes")
     @classmethod
@@ -256,6 +312,7 @@ class NodeRuntimeConfig(_Strict):
     num_partitions: int = Field(..., ge=1, description="Number of nodes in the partitioning.")
     data_root: str = Field("", description="Dataset directory on this host (overrides data.root).")
     cache_dir: str = Field("", description="Cache directory on this host (overrides cache-dir).")
+    checkpoint_dir: str = Field("", description="Generator checkpoint directory on this host (overrides generator.checkpoint-dir).")
     num_threads: int = Field(
         0, ge=0, description="torch CPU threads of this node's ClientApp (0: torch's default). Set it when "
         "several SuperNodes share one host, or they oversubscribe the cores.",

@@ -8,6 +8,8 @@ Record names used in messages (one place, so both sides agree):
 * ``targets``          ArrayRecord ``clip [C, 768]`` and ``t5 [C, n, 4096]`` + ``targets-meta``
   ConfigRecord ``class-names``: the federation's class targets, computed once on the server so
   sites never need FLUX's text encoders (T5-XXL alone is ~9 GB)
+* ``generators``       ArrayRecord of a node's generator bank + ``generators-meta`` ConfigRecord
+  ``meta`` (JSON: granularity, units and their classes, spec, embedding shape, encoder key)
 * ``class-means``      ArrayRecord ``clip``, ``t5``, ``counts`` for the node's classes only +
   ``class-means-meta`` ConfigRecord ``class-names``: per-class **means**, never per-clip outputs
 
@@ -29,6 +31,8 @@ TARGETS = "targets"
 TARGETS_META = "targets-meta"
 CLASS_MEANS = "class-means"
 CLASS_MEANS_META = "class-means-meta"
+GENERATORS = "generators"  # ArrayRecord: a node's generator bank (all units' weights)
+GENERATORS_META = "generators-meta"  # ConfigRecord {"meta": JSON}: granularity, units, spec, encoder key
 
 
 class RecordError(ValueError):
@@ -96,3 +100,27 @@ def weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
     for arr, w in zip(arrays, weights):
         out += arr.astype(np.float64) * (w / total)
     return out.astype(arrays[0].dtype)
+
+
+def bank_to_records(bank, content: RecordDict, encoder_key: str, node_id: int | None, server_round: int) -> None:
+    """A generator bank -> ``generators`` + ``generators-meta`` records (weights only, no data)."""
+    import json
+
+    from common.generator_bank import bank_to_tensors
+
+    tensors, meta = bank_to_tensors(bank, encoder_key, node_id=node_id, round=server_round)
+    content[GENERATORS] = ArrayRecord({k: v.detach().cpu() for k, v in tensors.items()})
+    content[GENERATORS_META] = ConfigRecord({"meta": json.dumps(meta)})
+
+
+def bank_from_records(content, source: str, expected_shape: tuple[int, int] | None = None):
+    """The inverse of :func:`bank_to_records`; ``content`` is any mapping holding the two records."""
+    import json
+
+    from common.generator_bank import bank_from_tensors
+
+    if GENERATORS not in content or GENERATORS_META not in content:
+        raise RecordError(f"{source}: lacks the '{GENERATORS}' / '{GENERATORS_META}' records")
+    meta = json.loads(content[GENERATORS_META]["meta"])
+    tensors = content[GENERATORS].to_torch_state_dict()
+    return bank_from_tensors(tensors, meta, expected_shape=expected_shape, source=source), meta

@@ -91,6 +91,7 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=cfg.num_rounds,
         checkpoint_every=cfg.checkpoint_every,
         config_hash=config_hash(cfg),
+        generator_base=cfg.generator.checkpoint_base,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_nodes,

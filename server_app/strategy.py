@@ -32,13 +32,16 @@ from common.records import (
     ARRAYS,
     CLASS_MEANS,
     CLASS_MEANS_META,
+    GENERATORS,
     METRICS,
     TARGETS,
     TARGETS_META,
     ClassTensors,
     RecordError,
     arrays_to_module,
+    bank_from_records,
 )
+from common.generator_bank import save_bank
 from server_app.summary import RunSummary
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,7 @@ class FedA2VStrategy(FedAvg):
         num_rounds: int,
         checkpoint_every: int,
         config_hash: str,
+        generator_base: str = "generator",
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(evaluate_metrics_aggr_fn=aggregate_metrics, train_metrics_aggr_fn=aggregate_metrics, **fedavg_kwargs)
@@ -97,6 +101,7 @@ class FedA2VStrategy(FedAvg):
         self.num_rounds = num_rounds
         self.checkpoint_every = checkpoint_every
         self.config_hash = config_hash
+        self.generator_base = generator_base
         # latest round only: round -> count-weighted global means / partition id -> the node's means
         self.class_means: dict[int, ClassTensors] = {}
         self.node_class_means: dict[int, dict[int, ClassTensors]] = {}
@@ -152,6 +157,7 @@ class FedA2VStrategy(FedAvg):
         if self.class_means.get(server_round) is not None:
             means = self.class_means[server_round]
             self.run_summary.set(server_round, "class_counts", dict(zip(means.class_names, means.counts.tolist())))
+        self._store_generators(server_round, round_extras)
         if self.aggregation == "none":
             self._checkpoint_nodes(server_round, replies)
             return None, metrics
@@ -251,6 +257,21 @@ class FedA2VStrategy(FedAvg):
                     self.run_dir / "checkpoints" / f"{name}.safetensors", adapters, self.adapter_config,
                     self.targets.class_names, server_round, self.config_hash, {"aggregation": "none", "node": pid},
                 )
+
+    def _store_generators(self, server_round: int, round_extras: dict[int, dict[str, Any]]) -> None:
+        """Keep every node's uploaded generators under ``<run>/generators`` (same names as on the node)."""
+        for pid, extras in round_extras.items():
+            if GENERATORS not in extras:
+                continue
+            try:
+                bank, meta = bank_from_records(extras, source=f"reply of node {pid}")
+            except (RecordError, ValueError) as err:
+                log.warning("round %d: generators of node %s not stored: %s", server_round, pid, err)
+                continue
+            save_bank(
+                bank, self.run_dir / "generators", self.generator_base, pid, server_round,
+                self.checkpoint_every, str(meta.get("encoder-key", "")),
+            )
 
     def save_class_means(self) -> Path | None:
         if not self.class_means:

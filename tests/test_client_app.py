@@ -148,3 +148,56 @@ def test_target_class_mismatch_is_a_clear_error(data_root, tmp_path):
                   run_config=run_config(data_root, tmp_path))
     with pytest.raises(ValueError, match="same data.classes"):
         train(make_message(content), ctx)
+
+
+def test_generator_training_mode_checkpoints_on_node_and_ships_bank_to_server(data_root, tmp_path):
+    from common.generator_bank import load_bank
+    from common.records import GENERATORS, GENERATORS_META, bank_from_records
+    from server_app.strategy import FedA2VStrategy
+    from server_app.summary import RunSummary
+
+    ckpt = tmp_path / "node-ckpt"
+    rc = run_config(data_root, tmp_path, **{
+        "generator.mode": "generator-training", "generator.granularity": "per_class", "generator.epochs": 3,
+        "generator.checkpoint-frequency": 1,
+    })
+    cfg = load_config(rc)
+    ctx = Context(run_id=1, node_id=7, state=RecordDict(), run_config=rc,
+                  node_config={"partition-id": 0, "num-partitions": 2, "checkpoint-dir": str(ckpt)})
+    reply = train(make_message(server_content(cfg, 1)), ctx)
+    names = sorted(p.name for p in ckpt.glob("*.safetensors"))
+    for cls in CLASSES:
+        assert f"generator_node0_class_{cls}.safetensors" in names
+        assert f"generator_node0_class_{cls}_round_1.safetensors" in names
+    assert GENERATORS in reply.content and GENERATORS_META in reply.content
+    assert "gen_train_seconds" in reply.content["metrics"]
+    bank, meta = bank_from_records(reply.content, source="reply")
+    assert sorted(bank.classes) == sorted(CLASSES) and meta["granularity"] == "per_class"
+    # round 2 continues from the node state and the latest file is replaced
+    train(make_message(server_content(cfg, 2)), ctx)
+    loaded = load_bank(ckpt, "generator", 0, "per_class", CLASSES, expected_shape=tuple(bank.shape),
+                       expected_encoder_key=meta["encoder-key"])
+    assert sorted(loaded.classes) == sorted(CLASSES)
+    # the server stores every node's generators under its run directory
+    targets = class_targets(cfg, CLASSES)
+    acfg = adapter_config(cfg, 768, 4096)
+    strategy = FedA2VStrategy(
+        targets=targets, aggregation="fedavg", template=build_adapters(cfg, acfg), adapter_config=acfg.to_dict(),
+        run_dir=tmp_path / "run", summary=RunSummary(tmp_path / "run" / "summary.json", {}), num_rounds=1,
+        checkpoint_every=1, config_hash="h",
+    )
+    strategy.aggregate_train(1, [reply])
+    stored = sorted(p.name for p in (tmp_path / "run" / "generators").glob("*.safetensors"))
+    assert "generator_node0_class_dog.safetensors" in stored
+
+
+def test_generator_only_mode_leaves_adapters_untouched(data_root, tmp_path):
+    rc = run_config(data_root, tmp_path, **{"generator.mode": "generator-only", "generator.epochs": 2})
+    cfg = load_config(rc)
+    ctx = Context(run_id=1, node_id=7, state=RecordDict(), run_config=rc,
+                  node_config={"partition-id": 1, "num-partitions": 2, "checkpoint-dir": str(tmp_path / "c")})
+    msg = make_message(server_content(cfg, 1))
+    sent = msg.content["arrays"].to_torch_state_dict()
+    back = train(msg, ctx).content["arrays"].to_torch_state_dict()
+    assert all(torch.equal(sent[k], back[k]) for k in sent)
+    assert (tmp_path / "c" / "generator_node1.safetensors").is_file()

@@ -1,0 +1,92 @@
+"""A node's embedding generators: train them on the node's embeddings, checkpoint them, report them.
+
+Run 1 of the seeds' two-run workflow (``generator.mode = "generator-training"`` or
+``"generator-only"``): every round the node continues training its generator bank (kept in the
+node's Context state between messages), writes checkpoints to its own checkpoint directory
+(``{base}_node{id}...``, the latest plus ``_round_{r}`` copies), logs per-class quality against its
+held-out clips, and returns the bank in the train reply so the server holds every node's
+generators. The pretrained-generator mode of run 2 builds on the same checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import RecordDict
+
+from client_app.node_data import NodeData, node_cache_dir
+from common.cache.embed import ExtractionSettings
+from common.cache.key import cache_key
+from common.config import FedA2VConfig, NodeRuntimeConfig
+from common.generator_bank import GeneratorBank, save_bank
+from common.models.generators import GeneratorSpec
+from common.records import GENERATORS, bank_from_records, bank_to_records
+
+log = logging.getLogger(__name__)
+
+
+
+def encoder_key(cfg: FedA2VConfig) -> str:
+    """The embedding cache key: generators are only valid for embeddings of exactly this encoder."""
+    return cache_key(ExtractionSettings.from_config(cfg).key_fields())
+
+
+def checkpoint_dir(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> Path:
+    if node.checkpoint_dir:
+        return Path(node.checkpoint_dir).expanduser()
+    if cfg.generator.checkpoint_dir:
+        return Path(cfg.generator.checkpoint_dir).expanduser()
+    return node_cache_dir(cfg, node) / "generators"
+
+
+def train_node_generators(
+    cfg: FedA2VConfig, node: NodeRuntimeConfig, data: NodeData, state: RecordDict, server_round: int
+) -> tuple[GeneratorBank, dict[str, Any]]:
+    """One round of generator training on the node's training embeddings (continuing across rounds)."""
+    gcfg = cfg.generator
+    train = data.splits["train"]
+    tokens, dim = int(train.embeddings.shape[1]), int(train.embeddings.shape[2])
+    present = sorted({data.class_names[i] for i in train.labels.tolist()}, key=data.class_names.index)
+    if GENERATORS in state:
+        bank, _ = bank_from_records(state, source=f"node {node.partition_id} state", expected_shape=(tokens, dim))
+    else:
+        spec = GeneratorSpec(
+            kind=gcfg.kind, tokens=tokens, dim=dim, latent_dim=gcfg.latent_dim, hidden_dim=gcfg.hidden_dim,
+            num_layers=gcfg.num_layers, token_dim=gcfg.token_dim,
+        )
+        bank = GeneratorBank.create(
+            spec, gcfg.granularity, present, gcfg.class_groups or None, known_classes=data.class_names,
+            seed=cfg.seed + node.partition_id,
+        )
+    t0 = time.perf_counter()
+    bank.train(train.embeddings, train.labels, data.class_names, gcfg.train_settings(seed=cfg.seed + server_round))
+    seconds = time.perf_counter() - t0
+    key = encoder_key(cfg)
+    paths = save_bank(
+        bank, checkpoint_dir(cfg, node), gcfg.checkpoint_base, node.partition_id, server_round,
+        gcfg.checkpoint_frequency, key,
+    )
+    bank_to_records(bank, state, key, node.partition_id, server_round)  # continue from here next round
+    heldout = data.splits["test"] if len(data.splits["test"]) else data.splits["val"]
+    quality = bank.evaluate(heldout.embeddings, heldout.labels, data.class_names, train.embeddings, train.labels,
+                            seed=cfg.seed) if len(heldout) else {}
+    for name, q in quality.items():
+        log.info(
+            "node %d round %d generator[%s] fd_ratio %.2f precision %.2f recall %.2f coverage %.2f",
+            node.partition_id, server_round, name, q.get("fd_ratio", float("nan")), q.get("precision", float("nan")),
+            q.get("recall", float("nan")), q.get("coverage", float("nan")),
+        )
+    pooled = quality.get("all", {})
+    metrics = {
+        "gen_train_seconds": seconds,
+        "gen_checkpoints": len(paths),
+        **{f"gen_{k}": float(pooled[k]) for k in ("fd_ratio", "precision", "recall", "density", "coverage")
+           if k in pooled and math.isfinite(float(pooled[k]))},
+    }
+    log.info("node %d round %d: generators (%s, %s) trained in %.1fs, saved %s",
+             node.partition_id, server_round, gcfg.kind, gcfg.granularity, seconds, [p.name for p in paths])
+    return bank, metrics
