@@ -6,6 +6,10 @@ server, reply with adapter weights, metrics and per-class mean adapter outputs. 
 what obtaining the node's embeddings cost in this message: ``cache_hits``, ``cache_misses``,
 ``extract_seconds`` (AST extraction of misses, 0 when all hit) and ``load_seconds`` (cache reads);
 all four are 0 when the process already held the data from an earlier round (simulation).
+With generators (``generator.mode``) the node also trains its generator bank
+(:mod:`client_app.generators`) or, in ``use-pretrained-generators``, trains on embeddings sampled
+from its pretrained bank without building the AST (:mod:`client_app.pretrained`); either way the
+bank goes back to the server in the reply.
 ``evaluate``: retrieval accuracy and losses on the node's validation and test clips.
 """
 
@@ -19,7 +23,8 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.generators import train_node_generators
-from client_app.node_data import NodeData, load_node_data
+from client_app.node_data import load_node_data
+from client_app.pretrained import synthetic_train_set
 from common.config import FedA2VConfig, NodeRuntimeConfig, load_config
 from common.logs import setup_logging
 from common.factory import adapter_config, build_adapters, resolve_device
@@ -46,20 +51,27 @@ app = ClientApp()
 LOCAL_ADAPTERS = "local-adapters"  # Context.state key for aggregation="none"
 
 
-def _setup(msg: Message, context: Context) -> tuple[FedA2VConfig, NodeRuntimeConfig, NodeData, ClassTensors]:
+def _setup(msg: Message, context: Context) -> tuple[FedA2VConfig, NodeRuntimeConfig, ClassTensors]:
     setup_logging()
     cfg = load_config(context.run_config)
     node = NodeRuntimeConfig.from_node_config(context.node_config)
     if node.num_threads:
         torch.set_num_threads(node.num_threads)
-    data = load_node_data(cfg, node)
     targets = ClassTensors.from_records(msg.content, TARGETS, TARGETS_META)
-    if targets.class_names != data.class_names:
+    return cfg, node, targets
+
+
+def _check_classes(targets: ClassTensors, class_names: list[str], node: NodeRuntimeConfig) -> None:
+    if targets.class_names != class_names:
         raise RecordError(
             f"node {node.partition_id}: server targets are for classes {targets.class_names} but this node's "
-            f"configuration gives {data.class_names}; both sides must use the same data.classes"
+            f"configuration gives {class_names}; both sides must use the same data.classes"
         )
-    return cfg, node, data, targets
+
+
+def _cache_only(cfg: FedA2VConfig) -> bool:
+    """Pretrained mode without real clips: held-out embeddings come from the cache alone (no AST)."""
+    return cfg.generator.mode == "use-pretrained-generators" and cfg.generator.real_mix_ratio == 0
 
 
 def _adapters(cfg: FedA2VConfig, msg: Message, context: Context, targets: ClassTensors) -> Adapters:
@@ -70,51 +82,68 @@ def _adapters(cfg: FedA2VConfig, msg: Message, context: Context, targets: ClassT
     return arrays_to_module(msg.content[ARRAYS], adapters)  # type: ignore[arg-type]
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    cfg, node, data, targets = _setup(msg, context)
-    server_round = int(msg.content["config"].get("server-round", 0))  # type: ignore[union-attr]
-    device = resolve_device(cfg)
-    adapters = _adapters(cfg, msg, context, targets)
-    split = data.splits["train"]
-    settings = TrainSettings.from_config(cfg.train, seed=cfg.seed * 1000 + server_round * 31 + node.partition_id)
+def _training_set(
+    cfg: FedA2VConfig, node: NodeRuntimeConfig, context: Context, server_round: int
+) -> tuple[list[str], torch.Tensor, torch.Tensor, dict[str, float], bool]:
+    """(class names, embeddings, labels, data metrics, has generators) for this round's training."""
     gen_metrics: dict[str, float] = {}
-    bank = None
+    if cfg.generator.mode == "use-pretrained-generators":
+        synth, _ = synthetic_train_set(cfg, node, context.state, server_round)
+        metrics = {"synthetic_samples": synth.synthetic, "real_samples": synth.real,
+                   "extract_seconds": 0.0, "load_seconds": 0.0, "cache_hits": 0, "cache_misses": 0, "skipped_files": 0}
+        return synth.class_names, synth.embeddings, synth.labels, metrics, True
+    data = load_node_data(cfg, node)
+    split = data.splits["train"]
     if cfg.generator.mode != "off":
-        bank, gen_metrics = train_node_generators(cfg, node, data, context.state, server_round)
-    t0 = time.perf_counter()
-    if cfg.generator.mode == "generator-only":  # adapters untouched: FedAvg of identical weights is a no-op
-        losses = evaluate_adapters(adapters, split.embeddings, split.labels, targets.clip, targets.t5, settings, device=device)
-    else:
-        losses = train_adapters(adapters, split.embeddings, split.labels, targets.clip, targets.t5, settings, device)
-    train_seconds = time.perf_counter() - t0
-    clip_means, t5_means, counts = class_mean_outputs(adapters, split.embeddings, split.labels, len(data.class_names), device)
-    weights = module_to_arrays(adapters)
-    if cfg.aggregation == "none":
-        context.state[LOCAL_ADAPTERS] = weights
-    present = [i for i, c in enumerate(counts.tolist()) if c > 0]
-    means = ClassTensors([data.class_names[i] for i in present], clip_means[present], t5_means[present], counts[present])
+        _, gen_metrics = train_node_generators(cfg, node, data, context.state, server_round)
     metrics = {
-        "num-examples": len(split),
-        "train_loss": losses["loss"],
-        "train_loss_clip": losses["loss_clip"],
-        "train_loss_t5": losses["loss_t5"],
-        "train_seconds": train_seconds,
         "extract_seconds": data.stats.extract_seconds,
         "load_seconds": data.stats.load_seconds,
         "cache_hits": data.stats.hits,
         "cache_misses": data.stats.misses,
         "skipped_files": data.skipped_files,
-        "partition_id": node.partition_id,
         **gen_metrics,
     }
+    return data.class_names, split.embeddings, split.labels, metrics, cfg.generator.mode != "off"
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, node, targets = _setup(msg, context)
+    server_round = int(msg.content["config"].get("server-round", 0))  # type: ignore[union-attr]
+    device = resolve_device(cfg)
+    class_names, embeddings, labels, data_metrics, has_bank = _training_set(cfg, node, context, server_round)
+    _check_classes(targets, class_names, node)
+    adapters = _adapters(cfg, msg, context, targets)
+    settings = TrainSettings.from_config(cfg.train, seed=cfg.seed * 1000 + server_round * 31 + node.partition_id)
+    t0 = time.perf_counter()
+    if cfg.generator.mode == "generator-only":  # adapters untouched: FedAvg of identical weights is a no-op
+        losses = evaluate_adapters(adapters, embeddings, labels, targets.clip, targets.t5, settings, device=device)
+    else:
+        losses = train_adapters(adapters, embeddings, labels, targets.clip, targets.t5, settings, device)
+    train_seconds = time.perf_counter() - t0
+    clip_means, t5_means, counts = class_mean_outputs(adapters, embeddings, labels, len(class_names), device)
+    weights = module_to_arrays(adapters)
+    if cfg.aggregation == "none":
+        context.state[LOCAL_ADAPTERS] = weights
+    present = [i for i, c in enumerate(counts.tolist()) if c > 0]
+    means = ClassTensors([class_names[i] for i in present], clip_means[present], t5_means[present], counts[present])
+    metrics = {
+        "num-examples": int(labels.numel()),
+        "train_loss": losses["loss"],
+        "train_loss_clip": losses["loss_clip"],
+        "train_loss_t5": losses["loss_t5"],
+        "train_seconds": train_seconds,
+        "partition_id": node.partition_id,
+        **data_metrics,
+    }
     log.info(
-        "node %d round %d: trained on %d clips in %.1fs, loss %.4f (clip %.4f, t5 %.4f)",
-        node.partition_id, server_round, len(split), train_seconds, losses["loss"], losses["loss_clip"], losses["loss_t5"],
+        "node %d round %d: trained on %d embeddings in %.1fs, loss %.4f (clip %.4f, t5 %.4f)",
+        node.partition_id, server_round, labels.numel(), train_seconds, losses["loss"], losses["loss_clip"], losses["loss_t5"],
     )
     content = RecordDict({ARRAYS: weights, METRICS: MetricRecord(metrics)})
     means.to_records(content, CLASS_MEANS, CLASS_MEANS_META)
-    if bank is not None:  # the server must hold every node's generators
+    if has_bank:  # the server must hold every node's generators
         for name in (GENERATORS, GENERATORS_META):
             content[name] = context.state[name]
     return Message(content=content, reply_to=msg)
@@ -122,7 +151,9 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, node, data, targets = _setup(msg, context)
+    cfg, node, targets = _setup(msg, context)
+    data = load_node_data(cfg, node, cache_only=_cache_only(cfg))
+    _check_classes(targets, data.class_names, node)
     device = resolve_device(cfg)
     adapters = _adapters(cfg, msg, context, targets)
     metrics: dict[str, float | int] = {
@@ -133,6 +164,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     settings = TrainSettings.from_config(cfg.train, seed=cfg.seed)
     for name in ("val", "test"):
         split = data.splits[name]
+        if not len(split):  # e.g. cache-only lookup in pretrained mode with no cached clips
+            log.warning("node %d: no %s embeddings to evaluate on", node.partition_id, name)
+            continue
         result = evaluate_adapters(adapters, split.embeddings, split.labels, targets.clip, targets.t5, settings, device=device)
         metrics.update({f"{name}_{k}": v for k, v in result.items()})
     log.info(

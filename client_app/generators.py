@@ -5,23 +5,26 @@ Run 1 of the seeds' two-run workflow (``generator.mode = "generator-training"`` 
 node's Context state between messages), writes checkpoints to its own checkpoint directory
 (``{base}_node{id}...``, the latest plus ``_round_{r}`` copies), logs per-class quality against its
 held-out clips, and returns the bank in the train reply so the server holds every node's
-generators. The pretrained-generator mode of run 2 builds on the same checkpoints.
+generators. Run 2 (``use-pretrained-generators``) loads the same checkpoints: see
+:mod:`client_app.pretrained`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import RecordDict
 
 from client_app.node_data import NodeData, node_cache_dir
 from common.cache.embed import ExtractionSettings
 from common.cache.key import cache_key
-from common.config import FedA2VConfig, NodeRuntimeConfig
+from common.config import ConfigError, FedA2VConfig, NodeRuntimeConfig
 from common.generator_bank import GeneratorBank, save_bank
 from common.models.generators import GeneratorSpec
 from common.records import GENERATORS, bank_from_records, bank_to_records
@@ -43,6 +46,31 @@ def checkpoint_dir(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> Path:
     return node_cache_dir(cfg, node) / "generators"
 
 
+def generator_classes(cfg: FedA2VConfig, node: NodeRuntimeConfig, held: list[str], class_names: list[str]) -> tuple[str, list[str]]:
+    """This node's generator granularity and the classes it trains / loads generators for.
+
+    ``held``: the classes the node has training clips of. A node-level ``generator-classes`` list
+    narrows that; a listed class unknown to the federation is an error, one the node holds no
+    clips of is skipped with a warning (a generator cannot be trained on nothing).
+    """
+    granularity, selected = cfg.node_generator_plan(node.partition_id)
+    if selected is None:
+        return granularity, list(held)
+    unknown = [c for c in selected if c not in class_names]
+    if unknown:
+        raise ConfigError(
+            f"nodes.{node.partition_id}.generator-classes: unknown class(es) {unknown}; the federation's classes are {class_names}"
+        )
+    absent = [c for c in selected if c not in held]
+    if absent:
+        log.warning("node %d: nodes.%d.generator-classes lists %s, of which this node holds no training clips: skipped",
+                    node.partition_id, node.partition_id, absent)
+    chosen = [c for c in held if c in selected]
+    if not chosen:
+        raise ConfigError(f"nodes.{node.partition_id}.generator-classes: none of {selected} is held by node {node.partition_id} (it holds {held})")
+    return granularity, chosen
+
+
 def train_node_generators(
     cfg: FedA2VConfig, node: NodeRuntimeConfig, data: NodeData, state: RecordDict, server_round: int
 ) -> tuple[GeneratorBank, dict[str, Any]]:
@@ -50,7 +78,12 @@ def train_node_generators(
     gcfg = cfg.generator
     train = data.splits["train"]
     tokens, dim = int(train.embeddings.shape[1]), int(train.embeddings.shape[2])
-    present = sorted({data.class_names[i] for i in train.labels.tolist()}, key=data.class_names.index)
+    held = sorted({data.class_names[i] for i in train.labels.tolist()}, key=data.class_names.index)
+    granularity, present = generator_classes(cfg, node, held, data.class_names)
+    if len(present) < len(held):  # train only on the selected classes
+        keep = torch.isin(train.labels, torch.tensor([data.class_names.index(c) for c in present]))
+        train = dataclasses.replace(train, embeddings=train.embeddings[keep], labels=train.labels[keep],
+                                    clip_ids=[i for i, k in zip(train.clip_ids, keep.tolist()) if k])
     if GENERATORS in state:
         bank, _ = bank_from_records(state, source=f"node {node.partition_id} state", expected_shape=(tokens, dim))
     else:
@@ -59,7 +92,7 @@ def train_node_generators(
             num_layers=gcfg.num_layers, token_dim=gcfg.token_dim,
         )
         bank = GeneratorBank.create(
-            spec, gcfg.granularity, present, gcfg.class_groups or None, known_classes=data.class_names,
+            spec, granularity, present, gcfg.class_groups or None, known_classes=data.class_names,
             seed=cfg.seed + node.partition_id,
         )
     t0 = time.perf_counter()
@@ -88,5 +121,5 @@ def train_node_generators(
            if k in pooled and math.isfinite(float(pooled[k]))},
     }
     log.info("node %d round %d: generators (%s, %s) trained in %.1fs, saved %s",
-             node.partition_id, server_round, gcfg.kind, gcfg.granularity, seconds, [p.name for p in paths])
+             node.partition_id, server_round, gcfg.kind, granularity, seconds, [p.name for p in paths])
     return bank, metrics

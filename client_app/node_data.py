@@ -29,6 +29,7 @@ import torch
 from common.cache import EmbeddingStore, EmbedStats, ExtractionSettings, LazyEncoder, embed_clips, open_store
 from common.config import FedA2VConfig, NodeRuntimeConfig
 from common.data.esc50 import Clip, read_esc50
+from common.data.partition import NodeSplit
 from common.factory import dataset_root, node_splits, prepare_dataset, resolve_classes, resolve_device
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,10 @@ def _embed_split(
     store: EmbeddingStore | None,
     encoder: LazyEncoder,
     name: str,
+    extract: bool = True,
 ) -> tuple[EmbeddedSplit, list[tuple[Clip, str]], EmbedStats]:
     """Cache hits first, then extraction of the misses only (written back to the cache)."""
-    res = embed_clips(clips, settings, store, encoder)
+    res = embed_clips(clips, settings, store, encoder, extract=extract)
     s = res.stats
     log.info(
         "%s: %d clips embedded (%d skipped) -> %s; cache %d hits, %d misses; extract %.1fs, load %.2fs",
@@ -100,33 +102,71 @@ def _embed_split(
     return EmbeddedSplit(res.embeddings, labels, [c.rel_path for c in res.clips]), res.skipped, s
 
 
-def load_node_data(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> NodeData:
-    """The node's train/val/test embeddings (memoised per process, persisted in the embedding cache)."""
-    key = _memo_key(cfg, node)
-    if key in _MEMO:
-        return dataclasses.replace(_MEMO[key], stats=EmbedStats(), from_memo=True)
+@dataclass
+class NodeIndex:
+    """What a node knows without opening any audio: the dataset root, classes and its clip lists."""
+
+    root: Path
+    cache_dir: Path
+    class_names: list[str]
+    split: NodeSplit
+
+    def train_counts(self) -> dict[str, int]:
+        """Real training clips per class this node holds (the 'auto' synthetic sample count)."""
+        counts: dict[str, int] = {}
+        for clip in self.split.train:
+            name = self.class_names[clip.label]
+            counts[name] = counts.get(name, 0) + 1
+        return {c: counts[c] for c in self.class_names if c in counts}
+
+
+def node_index(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> NodeIndex:
+    """The node's share of the dataset from its metadata alone (csv + directory listing)."""
     cache_dir = node_cache_dir(cfg, node)
     root = prepare_dataset(cfg, dataset_root(cfg, node.data_root, cache_dir))
     class_names = resolve_classes(cfg, root)
     clips, class_names = read_esc50(root, class_names)
     mine = node_splits(cfg, clips, class_names, node.num_partitions)[node.partition_id]
+    return NodeIndex(root, cache_dir, list(class_names), mine)
+
+
+def load_node_data(cfg: FedA2VConfig, node: NodeRuntimeConfig, cache_only: bool = False) -> NodeData:
+    """The node's train/val/test embeddings (memoised per process, persisted in the embedding cache).
+
+    ``cache_only``: serve what the embedding cache holds and skip (count, log) the rest, so that
+    neither the AST nor any audio file is touched (the pretrained-generator mode's evaluation).
+    """
+    key = _memo_key(cfg, node) + (":cache-only" if cache_only else "")
+    if key in _MEMO:
+        return dataclasses.replace(_MEMO[key], stats=EmbedStats(), from_memo=True)
+    index = node_index(cfg, node)
+    mine = index.split
     log.info(
         "node %d/%d: %d train, %d val, %d test clips of %d classes from %s",
-        node.partition_id, node.num_partitions, len(mine.train), len(mine.val), len(mine.test), len(mine.classes), root,
+        node.partition_id, node.num_partitions, len(mine.train), len(mine.val), len(mine.test), len(mine.classes),
+        index.root,
     )
     settings = ExtractionSettings.from_config(cfg, device=str(resolve_device(cfg)))
-    store = open_store(cache_dir, root, settings) if cfg.audio_encoder.cache else None
+    store = open_store(index.cache_dir, index.root, settings) if cfg.audio_encoder.cache else None
     encoder = LazyEncoder(settings)  # built only if some clip misses the cache
     embedded: dict[str, EmbeddedSplit] = {}
     skipped: list[tuple[Clip, str]] = []
     stats = EmbedStats()
     for name, split_clips in (("train", mine.train), ("val", mine.val), ("test", mine.test)):
-        embedded[name], bad, split_stats = _embed_split(split_clips, settings, store, encoder, name)
+        embedded[name], bad, split_stats = _embed_split(
+            split_clips, settings, store, encoder, name, extract=not cache_only
+        )
         skipped.extend(bad)
         stats += split_stats
+    if cache_only and skipped:
+        log.warning(
+            "node %d: cache-only lookup: %d clip(s) not in the embedding cache were left out (no AST, no audio "
+            "in this mode); build the cache with 'feda2v cache build' to evaluate on them",
+            node.partition_id, len(skipped),
+        )
     del encoder
     data = NodeData(
-        class_names=list(class_names),
+        class_names=index.class_names,
         node_classes=list(mine.classes),
         splits=embedded,
         skipped_files=len(skipped),

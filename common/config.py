@@ -106,8 +106,15 @@ class NodeSpec(_Strict):
 
     classes: list[str] = Field(default_factory=list, description="Class names this node owns.")
     samples_per_class: int = Field(0, ge=0, description="Cap on training clips per class (0 = all of its share).")
+    generator_granularity: Literal["", "unified", "per_class", "per_group"] = Field(
+        "", description="This node's generator granularity ('' = generator.granularity)."
+    )
+    generator_classes: list[str] = Field(
+        default_factory=list,
+        description="Classes this node trains / loads generators for (empty = every class it holds).",
+    )
 
-    _split_classes = field_validator("classes", mode="before")(_split_list)
+    _split_classes = field_validator("classes", "generator_classes", mode="before")(_split_list)
 
 
 def _split_groups(value: Any) -> Any:
@@ -126,10 +133,12 @@ def _split_groups(value: Any) -> Any:
 class GeneratorConfig(_Strict):
     """Node generators of audio embeddings (VAE / GAN) and the two-run workflow."""
 
-    mode: Literal["off", "generator-training", "generator-only"] = Field(
+    mode: Literal["off", "generator-training", "generator-only", "use-pretrained-generators"] = Field(
         "off",
         description="'generator-training': nodes train adapters and generators; 'generator-only': generators "
-        "only (adapters are sent back unchanged); 'off': no generators.",
+        "only (adapters are sent back unchanged); 'use-pretrained-generators': nodes load their generator "
+        "checkpoints and train adapters on sampled embeddings (no AST, no audio unless real-mix-ratio > 0); "
+        "'off': no generators.",
     )
     kind: Literal["vae", "gan"] = Field("vae", description="Generator family (VAE measured best on the default data).")
     granularity: Literal["unified", "per_class", "per_group"] = Field(
@@ -154,6 +163,19 @@ class GeneratorConfig(_Strict):
     batch_size: int = Field(32, ge=1, description="Generator mini-batch size.")
     min_steps: int = Field(0, ge=0, description="At least this many optimiser steps per round (raises epochs).")
     lr: float = Field(0.0, ge=0, description="Learning rate; 0: the measured per-kind default (VAE 3e-3, GAN 1e-3).")
+    synthetic_samples_per_class: int | Literal["auto"] = Field(
+        "auto",
+        description="use-pretrained-generators: embeddings sampled per class and round ('auto' = the node's "
+        "real training count of that class).",
+    )
+    real_mix_ratio: float = Field(
+        0.0, ge=0, le=1,
+        description="use-pretrained-generators: fraction of the node's real training clips mixed in with the "
+        "samples (0 = samples only; > 0 reads real embeddings from the cache, else the AST).",
+    )
+    pretrained_round: int = Field(
+        0, ge=0, description="use-pretrained-generators: load the _round_{r} checkpoints (0 = the latest files)."
+    )
 
     _split_groups = field_validator("class_groups", mode="before")(_split_groups)
 
@@ -303,6 +325,12 @@ class FedA2VConfig(_Strict):
         if self.data.partition != "explicit":
             return None
         return [self.nodes[str(i)].samples_per_class or None for i in range(num_nodes)]
+
+    def node_generator_plan(self, partition_id: int) -> tuple[str, list[str] | None]:
+        """This node's generator granularity and class selection (``None`` = all it holds)."""
+        spec = self.nodes.get(str(partition_id))
+        granularity = (spec.generator_granularity if spec else "") or self.generator.granularity
+        return granularity, (list(spec.generator_classes) if spec and spec.generator_classes else None)
 
 
 class NodeRuntimeConfig(_Strict):
@@ -483,6 +511,11 @@ def _walk_fields(model: type[BaseModel], prefix: str = ""):
 
 
 def _type_text(ann: Any) -> str:
+    import types
+    import typing
+
+    if isinstance(ann, types.UnionType) or typing.get_origin(ann) is typing.Union:
+        return " \\| ".join(_type_text(a) for a in typing.get_args(ann))
     text = str(ann) if getattr(ann, "__origin__", None) is list else (getattr(ann, "__name__", None) or str(ann))
     if str(ann).startswith("typing.Literal"):
         text = " \\| ".join(repr(a) for a in ann.__args__)

@@ -70,7 +70,8 @@ def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> Metric
                 continue
             sums[key] = sums.get(key, 0.0) + w * float(value)
             weights[key] = weights.get(key, 0.0) + w
-    return MetricRecord({k: (sums[k] / weights[k] if weights[k] else 0.0) for k in sums})
+    # A metric no node had data for (weight 0) is left out rather than reported as 0.
+    return MetricRecord({k: sums[k] / weights[k] for k in sums if weights[k]})
 
 
 class FedA2VStrategy(FedAvg):

@@ -165,8 +165,12 @@ def embed_clips(
     encoder: LazyEncoder | None = None,
     progress: bool = False,
     chunk: int | None = None,
+    extract: bool = True,
 ) -> EmbedResult:
     """Embeddings of ``clips`` in their order (bad files skipped): cache hits first, misses extracted.
+
+    ``extract=False`` is the cache-only lookup of the pretrained-generator mode: misses are not
+    extracted (no audio opened, no AST built) but returned in ``skipped`` with the reason.
 
     Misses are decoded and encoded ``chunk`` clips at a time (default 4 AST batches) and each chunk
     is written as one shard right away, so RAM holds one chunk of audio and an interrupted run
@@ -190,6 +194,9 @@ def embed_clips(
     stats.hits, stats.misses = len(clips) - len(missing), len(missing)
 
     skipped: list[tuple[Clip, str]] = []
+    if not extract:
+        skipped = [(clips[i], "not in the embedding cache (cache-only lookup)") for i in missing]
+        missing = []
     bar = None
     if progress and missing:
         from tqdm.auto import tqdm

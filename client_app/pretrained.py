@@ -1,0 +1,119 @@
+"""Run 2 of the two-run workflow: train adapters on embeddings sampled from pretrained generators.
+
+``generator.mode = "use-pretrained-generators"``: the node loads the generator checkpoints that run 1
+wrote to its checkpoint directory (validated against this run's config: granularity, classes,
+embedding shape, encoder cache key) and samples ``synthetic-samples-per-class`` embeddings per class
+(``auto`` = its real training count, read from the dataset's metadata, not its audio).
+
+Why the AST is never built here: that is the point of the mode (the earlier system saved ~2 GB of
+GPU memory and 10-20 s per node). With ``real-mix-ratio = 0`` the node's training set is purely
+synthetic, so this module touches only the dataset's csv/listing and the generator files; the AST
+and its feature extractor are not constructed and no audio file is opened (a test enforces it).
+Evaluation reads held-out embeddings from the embedding cache only (see
+:func:`client_app.node_data.load_node_data` ``cache_only``). With ``real-mix-ratio > 0`` the real
+share comes through the normal path (cache first, AST for misses).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from flwr.app import RecordDict
+
+from client_app.generators import checkpoint_dir, encoder_key, generator_classes
+from client_app.node_data import NodeIndex, load_node_data, node_index
+from common.config import FedA2VConfig, NodeRuntimeConfig
+from common.factory import embedding_shape
+from common.generator_bank import GeneratorBank, load_bank
+from common.records import GENERATORS, bank_from_records, bank_to_records
+
+log = logging.getLogger(__name__)
+
+_LOGGED_NO_AST: set[int] = set()  # say "no AST in this mode" once per node and process
+
+
+@dataclass
+class SyntheticTrainSet:
+    """The adapters' training set in pretrained mode and where its rows came from."""
+
+    embeddings: torch.Tensor  # [N, L, H]
+    labels: torch.Tensor  # [N], indices into class_names
+    class_names: list[str]
+    synthetic: int
+    real: int
+    counts: dict[str, int]  # synthetic samples per class
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+
+def load_node_bank(cfg: FedA2VConfig, node: NodeRuntimeConfig, index: NodeIndex, state: RecordDict) -> GeneratorBank:
+    """The node's pretrained bank: from Context state after the first message, else its checkpoints."""
+    shape = embedding_shape(cfg)
+    if GENERATORS in state:
+        bank, _ = bank_from_records(state, source=f"node {node.partition_id} state", expected_shape=shape)
+        return bank
+    held = list(index.train_counts())
+    granularity, classes = generator_classes(cfg, node, held, index.class_names)
+    gcfg = cfg.generator
+    directory = checkpoint_dir(cfg, node)
+    key = encoder_key(cfg)
+    bank = load_bank(
+        directory, gcfg.checkpoint_base, node.partition_id, granularity, classes, shape, key,
+        class_groups=gcfg.class_groups or None, expected_kind=gcfg.kind, round=gcfg.pretrained_round or None,
+    )
+    log.info(
+        "node %d: loaded %s generators (%s, %d unit(s), classes %s) from %s%s",
+        node.partition_id, bank.kind, granularity, len(bank.units), bank.classes, directory,
+        f" (round {gcfg.pretrained_round})" if gcfg.pretrained_round else "",
+    )
+    bank_to_records(bank, state, key, node.partition_id, gcfg.pretrained_round)  # later messages skip the disk
+    return bank
+
+
+def sample_counts(cfg: FedA2VConfig, index: NodeIndex, bank: GeneratorBank) -> dict[str, int]:
+    """Synthetic samples per class: a fixed number, or ``auto`` = the node's real training count."""
+    per_class = cfg.generator.synthetic_samples_per_class
+    real = index.train_counts()
+    if per_class == "auto":
+        return {c: real.get(c) or bank.class_counts.get(c, 0) for c in bank.classes}
+    return {c: int(per_class) for c in bank.classes}
+
+
+def synthetic_train_set(
+    cfg: FedA2VConfig, node: NodeRuntimeConfig, state: RecordDict, server_round: int
+) -> tuple[SyntheticTrainSet, GeneratorBank]:
+    """Sample this round's synthetic training set (plus the configured share of real embeddings)."""
+    index = node_index(cfg, node)
+    bank = load_node_bank(cfg, node, index, state)
+    counts = sample_counts(cfg, index, bank)
+    seed = cfg.seed * 1000 + server_round * 31 + node.partition_id  # fresh samples every round
+    x, y = bank.sample_dataset(counts, index.class_names, seed)
+    synthetic = len(y)
+    real = 0
+    ratio = cfg.generator.real_mix_ratio
+    if ratio > 0:
+        train = load_node_data(cfg, node).splits["train"]
+        keep = _real_subset(train.labels, ratio, seed)
+        x, y = torch.cat([x, train.embeddings[keep]]), torch.cat([y, train.labels[keep]])
+        real = int(keep.numel())
+    elif node.partition_id not in _LOGGED_NO_AST:
+        _LOGGED_NO_AST.add(node.partition_id)
+        log.info("node %d: use-pretrained-generators with real-mix-ratio 0: the AST is not loaded and no audio "
+                 "file is read on this node", node.partition_id)
+    log.info("node %d round %d: %d synthetic + %d real embeddings for adapter training", node.partition_id,
+             server_round, synthetic, real)
+    return SyntheticTrainSet(x, y, index.class_names, synthetic, real, counts), bank
+
+
+def _real_subset(labels: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
+    """A per-class ``ratio`` share (at least one clip per class) of the real rows, seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    picks = []
+    for cls in labels.unique().tolist():
+        rows = (labels == cls).nonzero().flatten()
+        n = max(1, round(ratio * len(rows)))
+        picks.append(rows[torch.randperm(len(rows), generator=gen)[:n]])
+    return torch.cat(picks).sort().values if picks else torch.empty(0, dtype=torch.long)
