@@ -26,7 +26,6 @@ from common.cache.embed import ExtractionSettings
 from common.cache.key import cache_key
 from common.config import ConfigError, FedA2VConfig, NodeRuntimeConfig
 from common.generator_bank import GeneratorBank, save_bank
-from common.models.generators import GeneratorSpec
 from common.records import GENERATORS, bank_from_records, bank_to_records
 
 log = logging.getLogger(__name__)
@@ -87,12 +86,8 @@ def train_node_generators(
     if GENERATORS in state:
         bank, _ = bank_from_records(state, source=f"node {node.partition_id} state", expected_shape=(tokens, dim))
     else:
-        spec = GeneratorSpec(
-            kind=gcfg.kind, tokens=tokens, dim=dim, latent_dim=gcfg.latent_dim, hidden_dim=gcfg.hidden_dim,
-            num_layers=gcfg.num_layers, token_dim=gcfg.token_dim,
-        )
         bank = GeneratorBank.create(
-            spec, granularity, present, gcfg.class_groups or None, known_classes=data.class_names,
+            gcfg.spec(tokens, dim), granularity, present, gcfg.class_groups or None, known_classes=data.class_names,
             seed=cfg.seed + node.partition_id,
         )
     t0 = time.perf_counter()

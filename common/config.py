@@ -179,6 +179,13 @@ class GeneratorConfig(_Strict):
 
     _split_groups = field_validator("class_groups", mode="before")(_split_groups)
 
+    def spec(self, tokens: int, dim: int):
+        """The architecture of a generator over ``(tokens, dim)`` embeddings from these settings."""
+        from common.models.generators import GeneratorSpec
+
+        return GeneratorSpec(kind=self.kind, tokens=tokens, dim=dim, latent_dim=self.latent_dim,
+                             hidden_dim=self.hidden_dim, num_layers=self.num_layers, token_dim=self.token_dim)
+
     def train_settings(self, seed: int):
         from common.models.generators import GeneratorTrainSettings
 

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 import client_app.node_data as node_data
 from client_app.app import evaluate, train
 from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config
 from common.data.synth import synthesize_dataset
+from common.local_run import server_content as local_server_content
+from common.local_run import server_message
 from common.factory import adapter_config, build_adapters
 from common.records import CLASS_MEANS, CLASS_MEANS_META, ClassTensors, module_to_arrays
 from server_app.app import class_targets
@@ -39,17 +40,13 @@ def run_config(root: Path, cache: Path, **extra) -> dict:
 
 
 def make_message(content: RecordDict, message_type: str = MessageType.TRAIN) -> Message:
-    meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="1",
-                    created_at=time.time(), ttl=3600, message_type=message_type)
-    return Message(content=content, metadata=meta)
+    return server_message(content, message_type)
 
 
 def server_content(cfg, server_round: int = 1) -> RecordDict:
     targets = class_targets(cfg, CLASSES)
     adapters = build_adapters(cfg, adapter_config(cfg, targets.clip.shape[1], targets.t5.shape[2]))
-    content = RecordDict({"arrays": module_to_arrays(adapters), "config": ConfigRecord({"server-round": server_round})})
-    targets.to_records(content, "targets", "targets-meta")
-    return content
+    return local_server_content(targets, module_to_arrays(adapters), server_round)
 
 
 def test_node_partitions_are_disjoint_and_test_clips_never_trained(data_root, tmp_path):

@@ -142,3 +142,31 @@ def test_aggregation_none_keeps_per_node_adapters(e2e: E2EEnv) -> None:
         _, meta = load_adapters(path)
         assert (meta["round"], meta["node"], meta["aggregation"]) == (1, pid, "none")
         assert meta["class-names"] == classes
+
+
+def test_two_run_workflow_generators_then_pretrained(e2e: E2EEnv) -> None:
+    """Run 1 trains per-class generators on every node; run 2 trains adapters from them alone."""
+    gen = {"num-rounds": 1, "generator.granularity": "per_class", "generator.epochs": 20,
+           "generator.checkpoint-dir": str(e2e.out / "node-generators")}
+    run1 = e2e.flwr_run(run_config(e2e, "run1", **gen, **{"generator.mode": "generator-only"}),
+                        federation_config=FEDERATION, timeout=RUN_TIMEOUT_S)
+    e2e.assert_run_completed(run1)
+    classes = list(SYNTH_CLASSES[:NUM_CLASSES])
+    node_files = sorted(p.name for p in (e2e.out / "node-generators").glob("*.safetensors"))
+    server_files = sorted(p.name for p in (e2e.out / "run1" / "generators").glob("*.safetensors"))
+    for pid in range(NUM_NODES):
+        mine = [n for n in node_files if n.startswith(f"generator_node{pid}_class_") and "_round_" not in n]
+        assert mine and all(n.removeprefix(f"generator_node{pid}_class_").removesuffix(".safetensors") in classes for n in mine)
+        assert set(mine) <= set(server_files), f"server lacks node {pid}'s generators: {server_files}"
+
+    run2 = e2e.flwr_run(run_config(e2e, "run2", **gen, **{"generator.mode": "use-pretrained-generators"}),
+                        federation_config=FEDERATION, timeout=RUN_TIMEOUT_S)
+    e2e.assert_run_completed(run2)
+    summary1, summary2 = load_summary(e2e.out / "run1"), load_summary(e2e.out / "run2")
+    real = summary1["rounds"][0]["train"]["nodes"]
+    for pid, metrics in summary2["rounds"][0]["train"]["nodes"].items():
+        assert metrics["real_samples"] == 0 and metrics["cache_misses"] == 0
+        assert metrics["synthetic_samples"] == metrics["num-examples"] == real[pid]["num-examples"]  # 'auto'
+    final = summary2["final"]
+    assert 0.0 <= final["test_retrieval_acc"] <= 1.0
+    assert final["num-examples"] == summary1["final"]["num-examples"]  # every test clip served by the cache

@@ -1,0 +1,211 @@
+"""Generator quality and the two-run workflow's payoff, on the default synthetic data.
+
+For every generator kind (VAE, GAN) x granularity (unified, per_class, per_group) this trains a
+bank with the configured generator settings on the training embeddings of the whole default
+dataset (one site holding every class), then reports:
+
+* ``fd_ratio`` = FD(generated, held-out real) / FD(real half, real half) pooled over classes
+  (goal <= 3), ``fd_ratio_median_class`` (per-class), ``precision``, ``recall``, ``coverage``;
+* ``pretrained_vs_real_acc`` = test retrieval accuracy of adapters trained only on generated
+  embeddings (as many per class as real ones) / that of adapters trained on the real ones, same
+  epochs (rounds x local epochs), same real test clips (goal >= 0.80).
+
+Then peak RSS of one ClientApp ``train`` + ``evaluate`` of node 0 of 3, each in a fresh process:
+``rss_mb_ast`` (no embedding cache: the AST is built and audio decoded), ``rss_mb_cached`` (cache
+hit: no AST), ``rss_mb_pretrained`` (``use-pretrained-generators`` on run-1 checkpoints), and
+``rss_delta_mb_*``, the growth over the process's peak before ``train`` (imports, weights, targets).
+With the tiny AST preset (~3 M parameters) the AST's share is small; a real AST-base adds its 86 M
+parameters (~350 MB fp32) and the feature extraction on top.
+
+Usage:  python bench/generators.py [--kinds vae,gan] [--granularities unified,per_class,per_group]
+                                   [--run-config 'k=v ...'] [--skip-rss]
+Last line of output: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.fed_vs_central import parse_overrides  # noqa: E402
+from client_app.node_data import load_node_data  # noqa: E402
+from common.checkpoints import load_tensors, save_tensors  # noqa: E402
+from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config  # noqa: E402
+from common.factory import (  # noqa: E402
+    adapter_config, build_adapters, dataset_root, prepare_dataset, resolve_classes, resolve_device,
+)
+from common.generator_bank import GeneratorBank  # noqa: E402
+from common.logs import setup_logging  # noqa: E402
+from common.records import ClassTensors  # noqa: E402
+from common.training import TrainSettings, evaluate_adapters, train_adapters  # noqa: E402
+
+log = logging.getLogger("bench.generators")
+
+GROUPS_FILE = ROOT / "configs" / "generators_per_group.toml"
+RSS_NODES = 3
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def adapter_acc(cfg: FedA2VConfig, targets: ClassTensors, x: torch.Tensor, y: torch.Tensor, test) -> float:
+    """Test retrieval accuracy of adapters trained on ``(x, y)`` for rounds x local epochs."""
+    adapters = build_adapters(cfg, adapter_config(cfg, targets.clip.shape[1], targets.t5.shape[2]))
+    settings = TrainSettings.from_config(cfg.train, seed=cfg.seed)
+    settings.epochs = cfg.num_rounds * cfg.train.local_epochs
+    device = resolve_device(cfg)
+    train_adapters(adapters, x, y, targets.clip, targets.t5, settings, device)
+    return float(evaluate_adapters(adapters, test.embeddings, test.labels, targets.clip, targets.t5, settings,
+                                   device=device)["retrieval_acc"])
+
+
+def quality_sweep(cfg: FedA2VConfig, kinds: list[str], granularities: list[str]) -> dict:
+    from server_app.app import class_targets
+
+    data = load_node_data(cfg, NodeRuntimeConfig(partition_id=0, num_partitions=1))
+    train, test = data.splits["train"], data.splits["test"]
+    names = data.class_names
+    targets = class_targets(cfg, names)
+    groups = tomllib.loads(GROUPS_FILE.read_text())["generator"]["class-groups"]
+    counts = {c: int((train.labels == i).sum()) for i, c in enumerate(names)}
+    t0 = time.perf_counter()
+    real_acc = adapter_acc(cfg, targets, train.embeddings, train.labels, test)
+    log.info("adapters on real embeddings: test acc %.4f (%.0fs)", real_acc, time.perf_counter() - t0)
+    results: dict[str, dict] = {}
+    for kind in kinds:
+        for granularity in granularities:
+            gcfg = cfg.generator.model_copy(update={"kind": kind})
+            bank = GeneratorBank.create(gcfg.spec(*train.embeddings.shape[1:]), granularity, names, groups,
+                                        seed=cfg.seed)
+            t0 = time.perf_counter()
+            bank.train(train.embeddings, train.labels, names, gcfg.train_settings(seed=cfg.seed))
+            gen_seconds = time.perf_counter() - t0
+            quality = bank.evaluate(test.embeddings, test.labels, names, train.embeddings, train.labels, seed=cfg.seed)
+            pooled = quality["all"]
+            per_class = sorted(q["fd_ratio"] for c, q in quality.items() if c != "all")
+            x, y = bank.sample_dataset(counts, names, seed=cfg.seed + 1)
+            acc = adapter_acc(cfg, targets, x, y, test)
+            name = f"{kind}_{granularity}"
+            results[name] = {
+                "fd_ratio": round(pooled["fd_ratio"], 3),
+                "fd_ratio_median_class": round(per_class[len(per_class) // 2], 3),
+                "fd_ratio_reference": round(pooled.get("fd_ratio_reference", float("nan")), 3),
+                "precision": round(pooled["precision"], 3),
+                "recall": round(pooled["recall"], 3),
+                "coverage": round(pooled["coverage"], 3),
+                "units": len(bank.units),
+                "gen_train_seconds": round(gen_seconds, 1),
+                "synthetic_test_acc": round(acc, 4),
+                "pretrained_vs_real_acc": round(acc / real_acc, 4) if real_acc else None,
+            }
+            log.info("%s: %s", name, results[name])
+    return {"real_test_acc": round(real_acc, 4), "train_clips": len(train), "test_clips": len(test), "configs": results}
+
+
+# ------------------------------------------------------------------------------ node RSS (child processes)
+def node_child(workdir: Path, mode: str) -> None:
+    """One node's train + evaluate in this fresh process; prints its peak RSS as JSON."""
+    from client_app.app import evaluate, train
+    from common.local_run import node_context, server_content, server_message
+    from flwr.app import ArrayRecord, MessageType
+
+    run_config = json.loads((workdir / f"run_config_{mode}.json").read_text())
+    tensors, meta = load_tensors(workdir / "targets.safetensors")
+    targets = ClassTensors(list(meta["class-names"]), tensors["clip"], tensors["t5"])
+    arrays, _ = load_tensors(workdir / "adapters.safetensors")
+    context = node_context(run_config, {"partition-id": 0, "num-partitions": RSS_NODES,
+                                        "checkpoint-dir": str(workdir / "ckpt"), "num-threads": 2})
+    t0 = time.perf_counter()
+    rss0 = _rss_mb()
+    train(server_message(server_content(targets, ArrayRecord(arrays), 1)), context)
+    evaluate(server_message(server_content(targets, ArrayRecord(arrays), 1), MessageType.EVALUATE), context)
+    print(json.dumps({"mode": mode, "rss_mb": round(_rss_mb(), 1), "rss_mb_before": round(rss0, 1),
+                      "seconds": round(time.perf_counter() - t0, 2)}))
+
+
+def rss_comparison(run: dict, workdir: Path) -> dict:
+    from server_app.app import class_targets
+
+    base = dict(run, **{"cache-dir": str(workdir / "cache")})
+    cfg = load_config(base)
+    prepare_dataset(cfg, dataset_root(cfg))  # the children only read it
+    targets = class_targets(cfg, resolve_classes(cfg))
+    save_tensors(workdir / "targets.safetensors", {"clip": targets.clip, "t5": targets.t5},
+                 {"class-names": targets.class_names})
+    adapters = build_adapters(cfg, adapter_config(cfg, targets.clip.shape[1], targets.t5.shape[2]))
+    save_tensors(workdir / "adapters.safetensors", {k: v.detach() for k, v in adapters.state_dict().items()}, {})
+    modes = {
+        "ast": {"audio-encoder.cache": False},
+        "run1": {"generator.mode": "generator-only"},  # writes the checkpoints (and fills the cache)
+        "cached": {},
+        "pretrained": {"generator.mode": "use-pretrained-generators"},
+    }
+    out = {}
+    for mode, extra in modes.items():
+        (workdir / f"run_config_{mode}.json").write_text(json.dumps(dict(base, **extra)))
+        proc = subprocess.run([sys.executable, __file__, "--node-child", mode, "--workdir", str(workdir)],
+                              capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"node child '{mode}' failed:\n{proc.stderr[-3000:]}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        log.info("node child %s: %s", mode, result)
+        out[mode] = result
+    return {
+        # peak RSS of the whole process, and its growth during train + evaluate (imports, the two
+        # messages' adapter weights and targets are the same in every mode and sit in the baseline)
+        **{f"rss_delta_mb_{m}": round(out[m]["rss_mb"] - out[m]["rss_mb_before"], 1) for m in ("ast", "cached", "pretrained")},
+        "rss_mb_ast": out["ast"]["rss_mb"],
+        "rss_mb_cached": out["cached"]["rss_mb"],
+        "rss_mb_pretrained": out["pretrained"]["rss_mb"],
+        "node_seconds_ast": out["ast"]["seconds"],
+        "node_seconds_cached": out["cached"]["seconds"],
+        "node_seconds_pretrained": out["pretrained"]["seconds"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kinds", default="vae,gan")
+    parser.add_argument("--granularities", default="unified,per_class,per_group")
+    parser.add_argument("--run-config", default="", help="run-config overrides ('k=v k2=v2')")
+    parser.add_argument("--skip-rss", action="store_true", help="skip the node peak-RSS comparison")
+    parser.add_argument("--node-child", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    setup_logging()
+    if args.node_child:
+        node_child(Path(args.workdir), args.node_child)
+        return
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    run = flatten(FedA2VConfig().model_dump(by_alias=True))
+    run.update(parse_overrides(args.run_config))
+    cfg = load_config(run)
+    t0 = time.perf_counter()
+    result = quality_sweep(cfg, args.kinds.split(","), args.granularities.split(","))
+    configs = result["configs"]
+    result["goal_fd_ratio_le_3"] = sorted(k for k, v in configs.items() if v["fd_ratio"] <= 3)
+    result["goal_acc_ratio_ge_0.8"] = sorted(k for k, v in configs.items() if (v["pretrained_vs_real_acc"] or 0) >= 0.8)
+    result["sweep_seconds"] = round(time.perf_counter() - t0, 1)
+    if not args.skip_rss:
+        with tempfile.TemporaryDirectory(prefix="feda2v-bench-gen-") as tmp:
+            result.update(rss_comparison(run, Path(tmp)))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
