@@ -51,20 +51,20 @@ def parse_overrides(text: str) -> dict:
     return out
 
 
-def run_federated(overrides: str, num_nodes: int, workdir: Path) -> Path:
+def run_federated(overrides: str, num_nodes: int, workdir: Path, run_name: str = "fed") -> Path:
     """Run the app with `flwr run` in an isolated FLWR_HOME; return its summary.json."""
     env = dict(os.environ, FLWR_HOME=str(workdir / "flwr-home"), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                HF_HUB_OFFLINE="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     out = workdir / "outputs"
     cmd = ["flwr", "run", str(ROOT), "--federation-config",
            f"num-supernodes={num_nodes} client-resources-num-cpus=1",
-           "--run-config", f'output-dir="{out}" run-name="fed" {overrides}'.strip(), "--stream"]
+           "--run-config", f'output-dir="{out}" run-name="{run_name}" {overrides}'.strip(), "--stream"]
     log.info("federated run: %s", " ".join(cmd))
     try:
         subprocess.run(cmd, env=env, cwd=workdir, check=True, timeout=3600)
     finally:
         subprocess.run(["pkill", "-f", f"flower-superlink.*{workdir}"], check=False)
-    return out / "fed" / "summary.json"
+    return out / run_name / "summary.json"
 
 
 def central(cfg: FedA2VConfig, num_nodes: int) -> dict:

@@ -10,12 +10,13 @@ dataset (one site holding every class), then reports:
   embeddings (as many per class as real ones) / that of adapters trained on the real ones, same
   epochs (rounds x local epochs), same real test clips (goal >= 0.80).
 
-Then peak RSS of one ClientApp ``train`` + ``evaluate`` of node 0 of 3, each in a fresh process:
+Then peak RSS of one ClientApp ``train`` + ``evaluate`` of node 0 of 3, each in a fresh process,
+with the AST-base architecture (``--rss-tiny-ast``: the tiny preset):
 ``rss_mb_ast`` (no embedding cache: the AST is built and audio decoded), ``rss_mb_cached`` (cache
 hit: no AST), ``rss_mb_pretrained`` (``use-pretrained-generators`` on run-1 checkpoints), and
 ``rss_delta_mb_*``, the growth over the process's peak before ``train`` (imports, weights, targets).
-With the tiny AST preset (~3 M parameters) the AST's share is small; a real AST-base adds its 86 M
-parameters (~350 MB fp32) and the feature extraction on top.
+With the tiny AST preset the AST's share is small; AST-base adds 86 M parameters (~350 MB fp32)
+plus its activations.
 
 Usage:  python bench/generators.py [--kinds vae,gan] [--granularities unified,per_class,per_group]
                                    [--run-config 'k=v ...'] [--skip-rss]
@@ -138,10 +139,14 @@ def node_child(workdir: Path, mode: str) -> None:
                       "seconds": round(time.perf_counter() - t0, 2)}))
 
 
-def rss_comparison(run: dict, workdir: Path) -> dict:
+def rss_comparison(run: dict, workdir: Path, full_ast: bool) -> dict:
     from server_app.app import class_targets
 
     base = dict(run, **{"cache-dir": str(workdir / "cache")})
+    if full_ast:  # the real AST-base architecture (random weights): what the mode saves on a real site
+        from bench.cache import make_full_ast
+
+        base["audio-encoder.model"] = str(make_full_ast(workdir / "ast-full"))
     cfg = load_config(base)
     prepare_dataset(cfg, dataset_root(cfg))  # the children only read it
     targets = class_targets(cfg, resolve_classes(cfg))
@@ -184,6 +189,7 @@ def main() -> None:
     parser.add_argument("--granularities", default="unified,per_class,per_group")
     parser.add_argument("--run-config", default="", help="run-config overrides ('k=v k2=v2')")
     parser.add_argument("--skip-rss", action="store_true", help="skip the node peak-RSS comparison")
+    parser.add_argument("--rss-tiny-ast", action="store_true", help="RSS comparison with the tiny AST instead of AST-base")
     parser.add_argument("--node-child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -203,7 +209,8 @@ def main() -> None:
     result["sweep_seconds"] = round(time.perf_counter() - t0, 1)
     if not args.skip_rss:
         with tempfile.TemporaryDirectory(prefix="feda2v-bench-gen-") as tmp:
-            result.update(rss_comparison(run, Path(tmp)))
+            result.update(rss_comparison(run, Path(tmp), full_ast=not args.rss_tiny_ast))
+            result["rss_audio_encoder"] = "tiny preset" if args.rss_tiny_ast else "AST-base architecture (12 x 768, random weights)"
     print(json.dumps(result))
 
 

@@ -22,6 +22,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_app.augment import augment_from_server
 from client_app.generators import train_node_generators
 from client_app.node_data import load_node_data
 from client_app.pretrained import synthetic_train_set
@@ -116,12 +117,16 @@ def train(msg: Message, context: Context) -> Message:
     _check_classes(targets, class_names, node)
     adapters = _adapters(cfg, msg, context, targets)
     settings = TrainSettings.from_config(cfg.train, seed=cfg.seed * 1000 + server_round * 31 + node.partition_id)
+    train_x, train_y, augmented = augment_from_server(
+        msg.content, embeddings, labels, class_names, cfg.train.augment_to, settings.seed
+    )
     t0 = time.perf_counter()
     if cfg.generator.mode == "generator-only":  # adapters untouched: FedAvg of identical weights is a no-op
         losses = evaluate_adapters(adapters, embeddings, labels, targets.clip, targets.t5, settings, device=device)
     else:
-        losses = train_adapters(adapters, embeddings, labels, targets.clip, targets.t5, settings, device)
+        losses = train_adapters(adapters, train_x, train_y, targets.clip, targets.t5, settings, device)
     train_seconds = time.perf_counter() - t0
+    # means over the node's own embeddings only (never the server generator's samples)
     clip_means, t5_means, counts = class_mean_outputs(adapters, embeddings, labels, len(class_names), device)
     weights = module_to_arrays(adapters)
     if cfg.aggregation == "none":
@@ -130,6 +135,7 @@ def train(msg: Message, context: Context) -> Message:
     means = ClassTensors([class_names[i] for i in present], clip_means[present], t5_means[present], counts[present])
     metrics = {
         "num-examples": int(labels.numel()),
+        "augmented_samples": augmented,
         "train_loss": losses["loss"],
         "train_loss_clip": losses["loss_clip"],
         "train_loss_t5": losses["loss_t5"],

@@ -10,6 +10,8 @@ Record names used in messages (one place, so both sides agree):
   sites never need FLUX's text encoders (T5-XXL alone is ~9 GB)
 * ``generators``       ArrayRecord of a node's generator bank + ``generators-meta`` ConfigRecord
   ``meta`` (JSON: granularity, units and their classes, spec, embedding shape, encoder key)
+* ``server-generator`` the server generator, same format (+ ``server-generator-meta``), sent to
+  the nodes only with ``server-generator.send-to-nodes``
 * ``class-means``      ArrayRecord ``clip``, ``t5``, ``counts`` for the node's classes only +
   ``class-means-meta`` ConfigRecord ``class-names``: per-class **means**, never per-clip outputs
 
@@ -33,6 +35,8 @@ CLASS_MEANS = "class-means"
 CLASS_MEANS_META = "class-means-meta"
 GENERATORS = "generators"  # ArrayRecord: a node's generator bank (all units' weights)
 GENERATORS_META = "generators-meta"  # ConfigRecord {"meta": JSON}: granularity, units, spec, encoder key
+SERVER_GENERATOR = "server-generator"  # server -> nodes (server-generator.send-to-nodes): same format
+SERVER_GENERATOR_META = "server-generator-meta"
 
 
 class RecordError(ValueError):
@@ -102,25 +106,31 @@ def weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
     return out.astype(arrays[0].dtype)
 
 
-def bank_to_records(bank, content: RecordDict, encoder_key: str, node_id: int | None, server_round: int) -> None:
+def bank_to_records(
+    bank, content: RecordDict, encoder_key: str, node_id: int | None, server_round: int,
+    name: str = GENERATORS, meta_name: str = GENERATORS_META,
+) -> None:
     """A generator bank -> ``generators`` + ``generators-meta`` records (weights only, no data)."""
     import json
 
     from common.generator_bank import bank_to_tensors
 
     tensors, meta = bank_to_tensors(bank, encoder_key, node_id=node_id, round=server_round)
-    content[GENERATORS] = ArrayRecord({k: v.detach().cpu() for k, v in tensors.items()})
-    content[GENERATORS_META] = ConfigRecord({"meta": json.dumps(meta)})
+    content[name] = ArrayRecord({k: v.detach().cpu() for k, v in tensors.items()})
+    content[meta_name] = ConfigRecord({"meta": json.dumps(meta)})
 
 
-def bank_from_records(content, source: str, expected_shape: tuple[int, int] | None = None):
+def bank_from_records(
+    content, source: str, expected_shape: tuple[int, int] | None = None,
+    name: str = GENERATORS, meta_name: str = GENERATORS_META,
+):
     """The inverse of :func:`bank_to_records`; ``content`` is any mapping holding the two records."""
     import json
 
     from common.generator_bank import bank_from_tensors
 
-    if GENERATORS not in content or GENERATORS_META not in content:
-        raise RecordError(f"{source}: lacks the '{GENERATORS}' / '{GENERATORS_META}' records")
-    meta = json.loads(content[GENERATORS_META]["meta"])
-    tensors = content[GENERATORS].to_torch_state_dict()
+    if name not in content or meta_name not in content:
+        raise RecordError(f"{source}: lacks the '{name}' / '{meta_name}' records")
+    meta = json.loads(content[meta_name]["meta"])
+    tensors = content[name].to_torch_state_dict()
     return bank_from_tensors(tensors, meta, expected_shape=expected_shape, source=source), meta

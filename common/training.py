@@ -1,7 +1,8 @@
 """Adapter training, evaluation and class-mean outputs: one implementation for every caller.
 
-The ClientApp, the centralized baseline (``bench/fed_vs_central.py``) and later the server-side
-fine-tuning all train the same adapters with the same loss, so the loop lives here once.
+The ClientApp, the centralized baseline (``bench/fed_vs_central.py``), the server's knowledge
+distillation and its fine-tuning all train the same adapters, so the loop (:func:`fit_adapters`)
+and the losses live here once.
 
 Targets are **per sample**: a batch's targets are ``targets[labels]``, so a mixed-class batch trains
 every clip toward its own class (the earlier code base trained all clips of a batch toward the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +56,15 @@ class TrainSettings:
         )
 
 
+def match_loss(pred: Tensor, target: Tensor, cosine_weight: float) -> Tensor:
+    """MSE plus ``cosine_weight * (1 - cos)`` (cosine over the flattened output, as in retrieval)."""
+    loss = F.mse_loss(pred, target)
+    if cosine_weight:
+        cos = (F.normalize(pred.flatten(1), dim=1) * F.normalize(target.flatten(1), dim=1)).sum(1).mean()
+        loss = loss + cosine_weight * (1.0 - cos)
+    return loss
+
+
 def branch_loss(
     pred: Tensor,
     labels: Tensor,
@@ -74,13 +85,9 @@ def branch_loss(
     part that decides which picture FLUX draws. Contrasting against the other classes' targets,
     which every node receives anyway, puts the gradient on exactly that part.
     """
-    target = class_targets[labels]
-    loss = F.mse_loss(pred, target)
-    flat = F.normalize(pred.flatten(1), dim=1)
-    if cosine_weight:
-        own = (flat * F.normalize(target.flatten(1), dim=1)).sum(1).mean()
-        loss = loss + cosine_weight * (1.0 - own)
+    loss = match_loss(pred, class_targets[labels], cosine_weight)
     if contrastive_weight:
+        flat = F.normalize(pred.flatten(1), dim=1)
         logits = flat @ F.normalize(class_targets.flatten(1), dim=1).T / temperature
         loss = loss + contrastive_weight * F.cross_entropy(logits, labels)
     return loss
@@ -110,6 +117,54 @@ def make_optimizers(adapters: nn.Module, settings: TrainSettings) -> dict[str, t
     }
 
 
+BatchLoss = Callable[[Tensor], tuple[Tensor, Tensor]]  # batch row indices -> (loss_clip, loss_t5)
+
+
+def fit_adapters(
+    adapters: nn.Module,
+    n: int,
+    batch_loss: BatchLoss,
+    settings: TrainSettings,
+    device: torch.device | str = "cpu",
+    log_prefix: str = "",
+) -> dict[str, list[float]]:
+    """The one optimisation loop (local training, KD, fine-tuning): both branches, one AdamW each.
+
+    ``batch_loss(idx)`` returns the two branch losses of the rows ``idx`` of whatever the caller
+    trains on; the loop shuffles, batches, steps and records per-epoch mean losses
+    (``loss_clip``, ``loss_t5`` lists). With ``log_prefix`` every epoch is logged at INFO.
+    """
+    if n == 0:
+        raise ValueError("no training embeddings: the node has no usable training clips")
+    adapters.to(torch.device(device)).train()
+    optimizers = make_optimizers(adapters, settings)
+    generator = torch.Generator().manual_seed(settings.seed)
+    history: dict[str, list[float]] = {"loss_clip": [], "loss_t5": []}
+    for epoch in range(settings.epochs):
+        order = torch.randperm(n, generator=generator)
+        sums = {"loss_clip": 0.0, "loss_t5": 0.0}
+        for start in range(0, n, settings.batch_size):
+            idx = order[start : start + settings.batch_size]
+            loss_clip, loss_t5 = batch_loss(idx)
+            for opt in optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            (loss_clip + loss_t5).backward()
+            for opt in optimizers.values():
+                opt.step()
+            sums["loss_clip"] += loss_clip.item() * len(idx)
+            sums["loss_t5"] += loss_t5.item() * len(idx)
+        for key, value in sums.items():
+            history[key].append(value / n)
+        level = logging.INFO if log_prefix else logging.DEBUG
+        log.log(level, "%sepoch %d/%d: loss clip %.4f t5 %.4f", log_prefix, epoch + 1, settings.epochs,
+                history["loss_clip"][-1], history["loss_t5"][-1])
+    last = [h[-1] for h in history.values() if h]
+    if not all(math.isfinite(v) for v in last):
+        raise FloatingPointError(f"adapter training diverged: {dict(zip(history, last))}")
+    adapters.eval()
+    return history
+
+
 def train_adapters(
     adapters: nn.Module,
     embeddings: Tensor,
@@ -119,37 +174,17 @@ def train_adapters(
     settings: TrainSettings,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """Train both branches for ``settings.epochs`` epochs; returns last-epoch mean losses."""
-    if len(embeddings) == 0:
-        raise ValueError("no training embeddings: the node has no usable training clips")
+    """Train both branches toward the class text targets; returns last-epoch mean losses."""
     device = torch.device(device)
-    adapters.to(device).train()
-    optimizers = make_optimizers(adapters, settings)
     targets_clip, targets_t5 = targets_clip.to(device), targets_t5.to(device)
-    generator = torch.Generator().manual_seed(settings.seed)
-    n = len(embeddings)
-    sums: dict[str, float] = {}
-    for epoch in range(settings.epochs):
-        order = torch.randperm(n, generator=generator)
-        sums = {"loss_clip": 0.0, "loss_t5": 0.0}
-        for start in range(0, n, settings.batch_size):
-            idx = order[start : start + settings.batch_size]
-            x = embeddings[idx].to(device, non_blocking=True).float()
-            y = labels[idx].to(device)
-            out_clip, out_t5 = adapters(x)
-            loss_clip, loss_t5 = adapter_losses(out_clip, out_t5, y, targets_clip, targets_t5, settings)
-            for opt in optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            (loss_clip + loss_t5).backward()
-            for opt in optimizers.values():
-                opt.step()
-            sums["loss_clip"] += loss_clip.item() * len(idx)
-            sums["loss_t5"] += loss_t5.item() * len(idx)
-        log.debug("epoch %d/%d: clip %.4f t5 %.4f", epoch + 1, settings.epochs, sums["loss_clip"] / n, sums["loss_t5"] / n)
-    metrics = {k: v / n for k, v in sums.items()}
+
+    def batch_loss(idx: Tensor) -> tuple[Tensor, Tensor]:
+        out_clip, out_t5 = adapters(embeddings[idx].to(device, non_blocking=True).float())
+        return adapter_losses(out_clip, out_t5, labels[idx].to(device), targets_clip, targets_t5, settings)
+
+    history = fit_adapters(adapters, len(embeddings), batch_loss, settings, device)
+    metrics = {k: v[-1] for k, v in history.items()}
     metrics["loss"] = metrics["loss_clip"] + metrics["loss_t5"]
-    if not all(math.isfinite(v) for v in metrics.values()):
-        raise FloatingPointError(f"adapter training diverged: {metrics}")
     return metrics
 
 

@@ -20,6 +20,7 @@ from common.factory import adapter_config, build_adapters, resolve_classes
 from common.logs import setup_logging
 from common.models.text_encoders import compute_class_targets
 from common.records import ClassTensors, module_to_arrays
+from server_app.server_training import ServerTrainer
 from server_app.strategy import FedA2VStrategy
 from server_app.summary import RunSummary
 
@@ -77,6 +78,8 @@ def main(grid: Grid, context: Context) -> None:
             "classes": class_names,
             "num_rounds": cfg.num_rounds,
             "aggregation": cfg.aggregation,
+            "server_generator": cfg.server_generator.mode,
+            "finetune_epochs": cfg.finetune.epochs,
             "adapter_params": n_params,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
@@ -92,6 +95,8 @@ def main(grid: Grid, context: Context) -> None:
         checkpoint_every=cfg.checkpoint_every,
         config_hash=config_hash(cfg),
         generator_base=cfg.generator.checkpoint_base,
+        server_trainer=ServerTrainer(cfg, targets, build_adapters(cfg, acfg), run_dir) if ServerTrainer.needed(cfg) else None,
+        send_server_generator=cfg.server_generator.send_to_nodes,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_nodes,

@@ -8,6 +8,9 @@ What it adds to FedAvg, and why:
   *before* FedAvg's aggregation, which requires exactly one ArrayRecord and one MetricRecord per
   reply, and keeps count-weighted global class means per round for the server-side work to come
   (KD, server generator, image rendering).
+* ``aggregation = "kd"`` and the server's own training (server generator, fine-tuning) run after
+  FedAvg through :class:`~server_app.server_training.ServerTrainer`, whose result replaces the
+  round's global weights; the reply adapters are kept as this round's teachers.
 * ``aggregation = "none"``: nodes keep their own adapters; no global weights are produced and
   per-node adapters are checkpointed instead.
 * Per-node and global metrics go to ``summary.json``; global adapters are checkpointed every
@@ -38,10 +41,14 @@ from common.records import (
     TARGETS_META,
     ClassTensors,
     RecordError,
+    SERVER_GENERATOR,
+    SERVER_GENERATOR_META,
     arrays_to_module,
     bank_from_records,
+    bank_to_records,
 )
 from common.generator_bank import save_bank
+from server_app.server_training import RoundInputs, ServerTrainer
 from server_app.summary import RunSummary
 
 log = logging.getLogger(__name__)
@@ -88,11 +95,15 @@ class FedA2VStrategy(FedAvg):
         checkpoint_every: int,
         config_hash: str,
         generator_base: str = "generator",
+        server_trainer: ServerTrainer | None = None,
+        send_server_generator: bool = False,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(evaluate_metrics_aggr_fn=aggregate_metrics, train_metrics_aggr_fn=aggregate_metrics, **fedavg_kwargs)
-        if aggregation not in ("fedavg", "none"):
+        if aggregation not in ("fedavg", "none", "kd"):
             raise ValueError(f"aggregation '{aggregation}' is not supported by FedA2VStrategy")
+        if aggregation == "kd" and server_trainer is None:
+            raise ValueError("aggregation 'kd' needs a ServerTrainer")
         self.targets = targets
         self.aggregation = aggregation
         self.template = template
@@ -103,6 +114,9 @@ class FedA2VStrategy(FedAvg):
         self.checkpoint_every = checkpoint_every
         self.config_hash = config_hash
         self.generator_base = generator_base
+        self.server_trainer = server_trainer
+        self.send_server_generator = send_server_generator
+        self.sent_arrays: ArrayRecord | None = None  # the global adapters of the round in progress
         # latest round only: round -> count-weighted global means / partition id -> the node's means
         self.class_means: dict[int, ClassTensors] = {}
         self.node_class_means: dict[int, dict[int, ClassTensors]] = {}
@@ -117,7 +131,13 @@ class FedA2VStrategy(FedAvg):
         return messages
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self._attach_targets(super().configure_train(server_round, arrays, config, grid))
+        self.sent_arrays = arrays
+        messages = self._attach_targets(super().configure_train(server_round, arrays, config, grid))
+        bank = self.server_trainer.server_bank if self.server_trainer is not None else None
+        if self.send_server_generator and bank is not None:
+            for message in messages:  # nodes fill thin classes with its samples (train.augment-to)
+                bank_to_records(bank, message.content, "", None, server_round - 1, SERVER_GENERATOR, SERVER_GENERATOR_META)
+        return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return self._attach_targets(super().configure_evaluate(server_round, arrays, config, grid))
@@ -129,11 +149,14 @@ class FedA2VStrategy(FedAvg):
         node_means: dict[int, ClassTensors] = {}
         node_metrics: dict[str, dict[str, Any]] = {}
         round_extras: dict[int, dict[str, Any]] = {}
+        node_arrays: dict[int, ArrayRecord] = {}
         for msg in replies:
             if msg.has_error():
                 continue
             content = msg.content
             pid = self._partition_id(msg)
+            if ARRAYS in content:
+                node_arrays[pid] = content[ARRAYS]  # type: ignore[assignment]
             try:
                 means = ClassTensors.from_records(content, CLASS_MEANS, CLASS_MEANS_META)
             except RecordError as err:
@@ -153,12 +176,21 @@ class FedA2VStrategy(FedAvg):
         self.node_class_means = {server_round: node_means}
         if node_means:
             self.class_means = {server_round: self._merge_class_means(node_means)}
+        banks, encoder_key = self._store_generators(server_round, round_extras)
         global_metrics = dict(metrics) if metrics is not None else {}
+        if self.server_trainer is not None and self.aggregation != "none" and node_arrays:
+            inputs = RoundInputs(
+                server_round, arrays, self.sent_arrays, node_arrays, node_means, banks,
+                self.class_means.get(server_round), encoder_key,
+            )
+            arrays, server_metrics = self.server_trainer.run(inputs)
+            global_metrics.update(server_metrics)
+            metrics = MetricRecord(global_metrics)
+            self.run_summary.set(server_round, "server_training", self.server_trainer.histories)
         self.run_summary.record(server_round, "train", global_metrics, node_metrics)
         if self.class_means.get(server_round) is not None:
             means = self.class_means[server_round]
             self.run_summary.set(server_round, "class_counts", dict(zip(means.class_names, means.counts.tolist())))
-        self._store_generators(server_round, round_extras)
         if self.aggregation == "none":
             self._checkpoint_nodes(server_round, replies)
             return None, metrics
@@ -259,8 +291,11 @@ class FedA2VStrategy(FedAvg):
                     self.targets.class_names, server_round, self.config_hash, {"aggregation": "none", "node": pid},
                 )
 
-    def _store_generators(self, server_round: int, round_extras: dict[int, dict[str, Any]]) -> None:
-        """Keep every node's uploaded generators under ``<run>/generators`` (same names as on the node)."""
+    def _store_generators(self, server_round: int, round_extras: dict[int, dict[str, Any]]) -> tuple[dict[int, Any], str]:
+        """Keep every node's uploaded generators under ``<run>/generators`` (same names as on the node);
+        returns the parsed banks and their encoder key (for the server generator's checkpoints)."""
+        banks: dict[int, Any] = {}
+        key = ""
         for pid, extras in round_extras.items():
             if GENERATORS not in extras:
                 continue
@@ -269,10 +304,12 @@ class FedA2VStrategy(FedAvg):
             except (RecordError, ValueError) as err:
                 log.warning("round %d: generators of node %s not stored: %s", server_round, pid, err)
                 continue
+            key = str(meta.get("encoder-key", ""))
             save_bank(
-                bank, self.run_dir / "generators", self.generator_base, pid, server_round,
-                self.checkpoint_every, str(meta.get("encoder-key", "")),
+                bank, self.run_dir / "generators", self.generator_base, pid, server_round, self.checkpoint_every, key,
             )
+            banks[pid] = bank
+        return banks, key
 
     def save_class_means(self) -> Path | None:
         if not self.class_means:
