@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.fed_vs_central import run_federated  # noqa: E402
+from bench.fed_vs_central import parse_overrides, run_federated  # noqa: E402
 from client_app.node_data import load_node_data  # noqa: E402
 from common.checkpoints import load_adapters  # noqa: E402
 from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config  # noqa: E402
@@ -41,6 +41,7 @@ from common.training import TrainSettings, evaluate_adapters, train_adapters  # 
 log = logging.getLogger("bench.aggregation")
 
 NUM_NODES = 5
+SHARED_SECTIONS = ("seed", "data", "audio-encoder", "text-encoder", "adapter", "train", "cache-dir", "device")
 SETTINGS = {
     "one_shot": {"num-rounds": 1, "train.local-epochs": 60, "generator.epochs": 300},
     "multi_round": {"num-rounds": 10, "train.local-epochs": 6, "generator.epochs": 30},
@@ -66,11 +67,15 @@ def partition(cfg: FedA2VConfig) -> dict[str, object]:
 def _toml(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    return f'"{value}"' if isinstance(value, str) else str(value)
+    return json.dumps(value) if isinstance(value, str) else str(value)
 
 
-def overrides_text(values: dict[str, object]) -> str:
-    return " ".join(f"{k}={_toml(v)}" for k, v in values.items())
+def write_config_file(path: Path, values: dict[str, object]) -> Path:
+    """A TOML config-file of dotted keys: Flower's run config only accepts keys declared in
+    pyproject.toml, so per-node tables (``nodes.<id>.classes``) must travel in a config-file."""
+    lines = [f"{key} = {_toml(value)}" for key, value in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def union(cfg: FedA2VConfig, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -106,21 +111,26 @@ def main() -> None:
     from server_app.app import class_targets
 
     result: dict[str, object] = {"nodes": NUM_NODES}
+    extra = parse_overrides(args.run_config)
     with tempfile.TemporaryDirectory(prefix="feda2v-bench-agg-") as tmp:
         for setting in args.settings.split(","):
             base = {**partition(FedA2VConfig()), **SETTINGS[setting]}
             flat = flatten(FedA2VConfig().model_dump(by_alias=True))
-            cfg = load_config({**flat, **base})
+            shared = {k: v for k, v in extra.items() if k.split(".")[0] in SHARED_SECTIONS}  # data / model keys
+            cfg = load_config({**flat, **base, **shared})
             x_test, y_test, names = union(cfg, "test")
             targets = class_targets(cfg, names)
             accs: dict[str, float] = {}
             seconds: dict[str, float] = {}
             for method in args.methods.split(","):
-                values = {**base, **METHODS[method]}
+                values = {**base, **METHODS[method], **extra}  # one value per key: flwr rejects duplicates
                 t0 = time.perf_counter()
-                summary_path = run_federated(f"{overrides_text(values)} {args.run_config}".strip(), NUM_NODES, Path(tmp),
+                config_file = write_config_file(Path(tmp) / f"{setting}-{method}.toml", values)
+                summary_path = run_federated(f'config-file="{config_file}"', NUM_NODES, Path(tmp),
                                              run_name=f"{setting}-{method}")
                 seconds[method] = round(time.perf_counter() - t0, 1)
+                if not summary_path.is_file():
+                    raise RuntimeError(f"{setting}/{method}: the run wrote no {summary_path}; see its log above")
                 summary = json.loads(summary_path.read_text())
                 if not summary.get("final"):
                     raise RuntimeError(f"{setting}/{method}: the run did not finish ({summary_path})")

@@ -10,7 +10,9 @@ With generators (``generator.mode``) the node also trains its generator bank
 (:mod:`client_app.generators`) or, in ``use-pretrained-generators``, trains on embeddings sampled
 from its pretrained bank without building the AST (:mod:`client_app.pretrained`); either way the
 bank goes back to the server in the reply.
-``evaluate``: retrieval accuracy and losses on the node's validation and test clips.
+``evaluate``: retrieval accuracy and losses on the node's validation and test clips; in the rounds
+``render.when`` selects, the node also renders images of its classes with the aggregated adapters
+(:mod:`client_app.render`); they stay on the node.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from client_app.augment import augment_from_server
 from client_app.generators import train_node_generators
 from client_app.node_data import load_node_data
 from client_app.pretrained import synthetic_train_set
+from client_app.render import render_node_images
 from common.config import FedA2VConfig, NodeRuntimeConfig, load_config
 from common.logs import setup_logging
 from common.factory import adapter_config, build_adapters, resolve_device
@@ -180,4 +183,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         node.partition_id, metrics.get("test_retrieval_acc", float("nan")), metrics.get("test_retrieval_acc_clip", float("nan")),
         metrics.get("test_retrieval_acc_t5", float("nan")), metrics["num-examples"],
     )
+    server_round = int(msg.content["config"].get("server-round", 0))  # type: ignore[union-attr]
+    if cfg.render.due(server_round, cfg.num_rounds):  # the aggregated adapters of this round draw the images
+        run_dir = str(msg.content["config"].get("run-dir", ""))  # type: ignore[union-attr]
+        metrics.update(render_node_images(cfg, node, adapters, targets, context.state, run_dir, server_round,
+                                          str(device), cache_only=_cache_only(cfg)))
     return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -1,4 +1,5 @@
-"""``feda2v`` command line: run the federation, make data, manage the embedding cache, inspect the configuration.
+"""``feda2v`` command line: run the federation, make data, manage the embedding cache, render images from
+checkpoints (``generate``), inspect the configuration.
 
 ``feda2v run`` is a thin wrapper around ``flwr run`` that sets what a local simulation needs on
 this kind of machine (no run-time dependency installation, 1 CPU per simulated node, log
@@ -233,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "clear":
             p.add_argument("--all", action="store_true", help="every key of every dataset")
         p.set_defaults(func=_cmd_cache)
+
+    from common.render.generate import add_parser as add_generate
+
+    add_generate(sub)
 
     cfg = sub.add_parser("config", help="configuration: JSON schema, key reference, resolved values")
     cfg.add_argument("action", choices=["schema", "reference", "show"])

@@ -253,6 +253,46 @@ class FinetuneConfig(_Strict):
     )
 
 
+class RenderConfig(_Strict):
+    """Images from sound: FLUX.1 renders adapter outputs (nodes: their classes; server: global)."""
+
+    when: Literal["off", "final", "every"] = Field(
+        "final", description="Render in the final round only, every render.every rounds, or never."
+    )
+    every: int = Field(1, ge=1, description="With when='every': render every k rounds (and the final one).")
+    backend: Literal["flux"] = Field("flux", description="Image backend (FLUX.1 via diffusers).")
+    model: str = Field("tiny", description="'tiny' (offline preset, real conditioning dims) or a local FLUX.1 folder.")
+    resolution: int = Field(64, ge=16, description="Image width and height in pixels (FLUX.1: multiples of 16).")
+    steps: int = Field(4, ge=1, description="Denoising steps.")
+    guidance: float = Field(3.5, ge=0, description="Guidance scale (FLUX.1-dev's embedded guidance).")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Pipeline dtype (bfloat16 on GPUs).")
+    batch_size: int = Field(4, ge=1, description="Images per pipeline call.")
+    seed: int = Field(0, ge=0, description="Base seed of the per-image seeds (0: the run seed).")
+    offload: bool = Field(False, description="Model CPU offload (needs accelerate) for low-memory GPUs.")
+    vae_tiling: bool = Field(False, description="VAE tiling + slicing for large images on small GPUs.")
+    images_per_class: int = Field(2, ge=1, description="Images per class and owner (node or server).")
+    classes: list[str] = Field(default_factory=list, description="Classes to render (empty: every class the owner has).")
+    source: Literal["clips", "generator"] = Field(
+        "clips", description="Nodes: adapters on held-out clips, or on samples of the node's generators."
+    )
+    oracle: Literal["none", "clip", "t5", "both"] = Field(
+        "none", description="Replace this branch's adapter output by the class text embedding (a baseline)."
+    )
+    server: bool = Field(True, description="The server also renders global images (global adapters).")
+    output_dir: str = Field("", description="Where images go. Empty: <run dir>/images (node-config 'image-dir' wins).")
+    clip_metric_model: str = Field(
+        "", description="Local CLIP folder for the zero-shot image metric (accuracy, balanced accuracy, macro-F1); "
+        "empty: skipped.",
+    )
+
+    _split_classes = field_validator("classes", mode="before")(_split_list)
+
+    def due(self, server_round: int, num_rounds: int) -> bool:
+        if self.when == "off":
+            return False
+        return server_round == num_rounds or (self.when == "every" and server_round % self.every == 0)
+
+
 class AudioEncoderConfig(_Strict):
     """The frozen AST that turns audio into embeddings."""
 
@@ -367,6 +407,7 @@ class FedA2VConfig(_Strict):
     kd: KDConfig = Field(default_factory=KDConfig)
     server_generator: ServerGeneratorConfig = Field(default_factory=ServerGeneratorConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    render: RenderConfig = Field(default_factory=RenderConfig)
 
     @field_validator("nodes")
     @classmethod
@@ -441,6 +482,7 @@ class NodeRuntimeConfig(_Strict):
     data_root: str = Field("", description="Dataset directory on this host (overrides data.root).")
     cache_dir: str = Field("", description="Cache directory on this host (overrides cache-dir).")
     checkpoint_dir: str = Field("", description="Generator checkpoint directory on this host (overrides generator.checkpoint-dir).")
+    image_dir: str = Field("", description="Where this node writes its images (overrides render.output-dir).")
     num_threads: int = Field(
         0, ge=0, description="torch CPU threads of this node's ClientApp (0: torch's default). Set it when "
         "several SuperNodes share one host, or they oversubscribe the cores.",

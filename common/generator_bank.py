@@ -581,3 +581,41 @@ def bank_from_tensors(
     bank = GeneratorBank(str(metadata["granularity"]), units, models)
     bank.class_counts = {str(k): int(v) for u in metadata["units"] for k, v in (u.get("class-counts") or {}).items()}
     return bank
+
+
+def discover_bank(
+    directory: str | Path,
+    base: str,
+    node_id: int | None,
+    classes: list[str] | None = None,
+    expected_shape: tuple[int, int] | None = None,
+    round: int | None = None,
+) -> GeneratorBank:
+    """Load whatever bank ``{base}_{node{id}|server}*`` holds in ``directory`` (granularity and
+    classes read from the files' metadata), e.g. for generation from checkpoints without a config.
+    ``classes`` restricts (and requires) the classes; errors name the directory and what is missing."""
+    directory = Path(directory)
+    prefix = f"{base}_{_owner(node_id)}"
+    wanted = f"_round_{int(round)}{SUFFIX}" if round is not None else None
+    files = sorted(
+        p for p in directory.glob(f"{prefix}*{SUFFIX}")
+        if (p.name.endswith(wanted) if wanted else not _ROUND.search(p.name))
+        and (p.name[len(prefix):].startswith(("_class_", "_group_", SUFFIX, "_round_")))
+    )
+    if not files:
+        raise GeneratorCheckpointError(f"no generator checkpoint '{prefix}*{SUFFIX}' in '{directory}'")
+    metas = [(p, _read_metadata(p)) for p in files]
+    granularities = {str(m.get("granularity")) for _, m in metas}
+    if len(granularities) != 1:
+        raise GeneratorCheckpointError(f"generator checkpoints '{prefix}*' in '{directory}' mix granularities {sorted(granularities)}")
+    available = [str(c) for _, m in metas for c in m.get("classes") or []]
+    if classes:
+        missing = [c for c in classes if c not in available]
+        if missing:
+            raise GeneratorCheckpointError(f"missing generator for class(es) {missing} in '{directory}' ({prefix}*: {available})")
+    granularity = granularities.pop()
+    groups = None
+    if granularity == "per_group":
+        groups = {str(m["unit-name"]): [str(c) for c in m.get("classes") or []] for _, m in metas if m.get("unit-name") != "other"}
+    return load_bank(directory, base, node_id, granularity, list(classes or available), expected_shape, None,
+                     class_groups=groups, round=round)

@@ -16,10 +16,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.checkpoints import atomic_write_json, save_tensors
 from common.config import FedA2VConfig, config_hash, load_config
-from common.factory import adapter_config, build_adapters, resolve_classes
+from common.factory import adapter_config, build_adapters, resolve_classes, resolve_device
 from common.logs import setup_logging
 from common.models.text_encoders import compute_class_targets
 from common.records import ClassTensors, module_to_arrays
+from server_app.render import GlobalRenderer
 from server_app.server_training import ServerTrainer
 from server_app.strategy import FedA2VStrategy
 from server_app.summary import RunSummary
@@ -97,6 +98,7 @@ def main(grid: Grid, context: Context) -> None:
         generator_base=cfg.generator.checkpoint_base,
         server_trainer=ServerTrainer(cfg, targets, build_adapters(cfg, acfg), run_dir) if ServerTrainer.needed(cfg) else None,
         send_server_generator=cfg.server_generator.send_to_nodes,
+        renderer=GlobalRenderer(cfg, targets, build_adapters(cfg, acfg), run_dir, str(resolve_device(cfg))),
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_nodes,
@@ -107,8 +109,8 @@ def main(grid: Grid, context: Context) -> None:
         grid=grid,
         initial_arrays=module_to_arrays(adapters),
         num_rounds=cfg.num_rounds,
-        train_config=ConfigRecord({"aggregation": cfg.aggregation}),
-        evaluate_config=ConfigRecord({"aggregation": cfg.aggregation}),
+        train_config=ConfigRecord({"aggregation": cfg.aggregation, "run-dir": str(run_dir)}),
+        evaluate_config=ConfigRecord({"aggregation": cfg.aggregation, "run-dir": str(run_dir)}),
     )
     strategy.save_class_means()
     last = max(strategy.history) if strategy.history else None

@@ -48,12 +48,14 @@ from common.records import (
     bank_to_records,
 )
 from common.generator_bank import save_bank
+from server_app.render import GlobalRenderer
 from server_app.server_training import RoundInputs, ServerTrainer
 from server_app.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
 ID_KEYS = ("partition_id",)
+SUMMED = ("num_val", "skipped_files", "images_rendered", "images_skipped")  # counts: summed over nodes
 
 
 def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -71,7 +73,7 @@ def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> Metric
                 continue
             weight_key = "num_val" if key.startswith("val_") and "num_val" in metrics else weighted_by_key
             w = float(metrics.get(weight_key, 0))
-            if key in (weighted_by_key, "num_val", "skipped_files"):
+            if key in (weighted_by_key, *SUMMED):
                 sums[key] = sums.get(key, 0.0) + float(value)  # counts are summed, not averaged
                 weights[key] = 1.0
                 continue
@@ -97,6 +99,7 @@ class FedA2VStrategy(FedAvg):
         generator_base: str = "generator",
         server_trainer: ServerTrainer | None = None,
         send_server_generator: bool = False,
+        renderer: GlobalRenderer | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(evaluate_metrics_aggr_fn=aggregate_metrics, train_metrics_aggr_fn=aggregate_metrics, **fedavg_kwargs)
@@ -116,6 +119,7 @@ class FedA2VStrategy(FedAvg):
         self.generator_base = generator_base
         self.server_trainer = server_trainer
         self.send_server_generator = send_server_generator
+        self.renderer = renderer
         self.sent_arrays: ArrayRecord | None = None  # the global adapters of the round in progress
         # latest round only: round -> count-weighted global means / partition id -> the node's means
         self.class_means: dict[int, ClassTensors] = {}
@@ -187,6 +191,10 @@ class FedA2VStrategy(FedAvg):
             global_metrics.update(server_metrics)
             metrics = MetricRecord(global_metrics)
             self.run_summary.set(server_round, "server_training", self.server_trainer.histories)
+        if self.renderer is not None and self.renderer.due(server_round) and self.aggregation != "none":
+            bank = self.server_trainer.server_bank if self.server_trainer is not None else None
+            global_metrics.update(self.renderer(server_round, arrays, self.class_means.get(server_round), bank))
+            metrics = MetricRecord(global_metrics)
         self.run_summary.record(server_round, "train", global_metrics, node_metrics)
         if self.class_means.get(server_round) is not None:
             means = self.class_means[server_round]

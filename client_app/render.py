@@ -1,0 +1,67 @@
+"""A node renders images of its own classes from its adapters; the images stay on the node.
+
+Source ``clips``: the node's held-out test clips (cache-only in the pretrained-generator mode, so
+still no AST there); ``generator``: samples of the node's generator bank (trained this run or
+pretrained). The first ``render.images-per-class`` of each class are rendered into
+``{image dir}/node_{id}/{class}_{0001}.png`` with a manifest and a contact sheet.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flwr.app import RecordDict
+
+from client_app.node_data import load_node_data
+from common.config import FedA2VConfig, NodeRuntimeConfig
+from common.models.adapters import Adapters
+from common.records import GENERATORS, ClassTensors, bank_from_records
+from common.render.conditioning import adapter_conditioning
+from common.render.images import owner_name
+from common.render.jobs import images_dir, labels_to_classes, render_job, score_owner
+
+log = logging.getLogger(__name__)
+
+
+def render_node_images(
+    cfg: FedA2VConfig,
+    node: NodeRuntimeConfig,
+    adapters: Adapters,
+    targets: ClassTensors,
+    state: RecordDict,
+    run_dir: str,
+    server_round: int,
+    device: str,
+    cache_only: bool = False,
+) -> dict[str, Any]:
+    """Render this node's images; returns metrics (``images_rendered``, ``render_seconds``)."""
+    r = cfg.render
+    if r.source == "generator":
+        if GENERATORS not in state:
+            log.warning("node %d: render.source='generator' but this node has no generators (generator.mode='off'); "
+                        "no images rendered", node.partition_id)
+            return {"images_rendered": 0}
+        bank, _ = bank_from_records(state, source=f"node {node.partition_id} state")
+        counts = {c: r.images_per_class for c in bank.classes if not r.classes or c in r.classes}
+        x, y = bank.sample_dataset(counts, targets.class_names, seed=cfg.seed * 31 + node.partition_id)
+        row_classes = labels_to_classes(y, targets.class_names)
+        per_class: dict[str, int] = {}
+        sources = []
+        for c in row_classes:
+            per_class[c] = per_class.get(c, 0) + 1
+            sources.append(f"generator:node{node.partition_id}#{per_class[c]}")
+    else:
+        test = load_node_data(cfg, node, cache_only=cache_only).splits["test"]
+        x, y = test.embeddings, test.labels
+        row_classes = labels_to_classes(y, targets.class_names)
+        sources = [f"clip:{cid}" for cid in test.clip_ids]
+    if not len(row_classes):
+        log.warning("node %d: no embeddings to render from (source %s)", node.partition_id, r.source)
+        return {"images_rendered": 0}
+    cond = adapter_conditioning(adapters, x, device=device)
+    out = images_dir(cfg, run_dir, node.image_dir)
+    report = render_job(cfg, node.partition_id, cond, row_classes, sources, out, server_round, targets, device)
+    scores = score_owner(cfg, out, owner_name(node.partition_id), targets.class_names, device)
+    return {"images_rendered": report.written, "images_skipped": report.skipped,
+            "render_seconds": report.seconds, "render_images_per_s": report.images_per_s, **scores}

@@ -1,0 +1,1 @@
+"""Images from sound: render backends (FLUX.1), conditioning sources, image sets on disk."""

@@ -1,0 +1,46 @@
+"""Where an image's conditioning comes from.
+
+* **adapters on embeddings**: real held-out clips (audio -> AST -> adapters) or generator samples
+  (pretrained mode) go through the adapters; the CLIP branch gives ``clip_pooled``, the T5 branch
+  ``t5_sequence``.
+* **class text embeddings** (oracle): per branch, the class's own text target replaces the adapter
+  output — the baseline that shows what FLUX draws from the true prompt (the seeds'
+  ``generate_from_clip_text_embeddings`` / ``generate_from_t5_text_embeddings``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from common.records import ClassTensors
+from common.render.backend import Conditioning
+from common.training import predict
+
+ORACLES = ("none", "clip", "t5", "both")
+
+
+def adapter_conditioning(adapters: nn.Module, embeddings: Tensor, device: torch.device | str = "cpu") -> Conditioning:
+    clip, t5 = predict(adapters, embeddings, device=device)
+    return Conditioning({"clip_pooled": clip, "t5_sequence": t5})
+
+
+def outputs_conditioning(clip: Tensor, t5: Tensor) -> Conditioning:
+    """Conditioning from adapter outputs computed elsewhere (e.g. class-mean outputs)."""
+    return Conditioning({"clip_pooled": clip.float(), "t5_sequence": t5.float()})
+
+
+def with_oracle(cond: Conditioning, targets: ClassTensors, class_names: list[str], oracle: str) -> Conditioning:
+    """Replace the CLIP and/or T5 conditioning of each row by its class's text target."""
+    if oracle not in ORACLES:
+        raise ValueError(f"oracle must be one of {ORACLES}, got {oracle!r}")
+    if oracle == "none":
+        return cond
+    rows = torch.tensor([targets.class_names.index(c) for c in class_names])
+    out = dict(cond.tensors)
+    if oracle in ("clip", "both"):
+        out["clip_pooled"] = targets.clip[rows].float()
+    if oracle in ("t5", "both"):
+        t5 = targets.t5[rows].float()
+        out["t5_sequence"] = t5
+    return Conditioning(out)

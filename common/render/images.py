@@ -1,0 +1,201 @@
+"""Image sets on disk: names, seeds, batched resumable rendering, manifest, contact sheets.
+
+Layout under an output directory::
+
+    {out}/node_{id}/{class}_{0001}.png     (the server's: {out}/server/...)
+    {out}/node_{id}/contact_sheet.png      rows = classes, columns = image index
+    {out}/manifest.jsonl                   one line per image: owner, class, index, source, seed,
+                                           round, backend settings, path
+
+Why per-image seeds from (base seed, owner, class, index): the same request always gives the same
+image, whatever else is rendered in the same batch or run (tested), and a resumed run skips the
+files that exist and renders exactly the missing ones. PNGs and the manifest are written
+atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from common.render.backend import Conditioning, RenderBackend, RenderSettings
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.jsonl"
+CONTACT_SHEET = "contact_sheet.png"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+@dataclass
+class ImageRequest:
+    """One picture to make; ``row`` indexes the conditioning passed alongside."""
+
+    owner: str  # "node_3" or "server"
+    class_name: str
+    index: int  # 1-based within (owner, class)
+    source: str  # e.g. "clip:1-100038-A-14.wav", "generator:node3#5", "class-mean", "+oracle-clip"
+    row: int
+    round: int | None = None
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RenderReport:
+    written: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    paths: list[Path] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+def owner_name(node_id: int | None) -> str:
+    return "server" if node_id is None else f"node_{int(node_id)}"
+
+
+def safe_name(name: str) -> str:
+    return _UNSAFE.sub("_", name).strip("_") or "class"
+
+
+def image_seed(base_seed: int, owner: str, class_name: str, index: int) -> int:
+    """A stable 31-bit seed per (base seed, owner, class, index)."""
+    return (int(base_seed) * 1_000_003 + zlib.crc32(f"{owner}/{class_name}/{index}".encode())) % (2**31 - 1)
+
+
+def image_path(out: Path, owner: str, class_name: str, index: int) -> Path:
+    return Path(out) / owner / f"{safe_name(class_name)}_{index:04d}.png"
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_manifest(out: Path) -> list[dict[str, Any]]:
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        return []
+    entries = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s line %d is not JSON: skipped", path, line_no)
+    return entries
+
+
+def _write_manifest(out: Path, entries: list[dict[str, Any]]) -> Path:
+    path = Path(out) / MANIFEST
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        for entry in entries:
+            fh.write(json.dumps(entry, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def render_images(
+    backend: RenderBackend,
+    settings: RenderSettings,
+    requests: list[ImageRequest],
+    cond: Conditioning,
+    out: Path,
+    progress: bool = True,
+) -> RenderReport:
+    """Render the requests whose file is missing (batched), then update manifest and contact sheets."""
+    out = Path(out)
+    report = RenderReport()
+    for req in requests:
+        req.seed = image_seed(settings.seed, req.owner, req.class_name, req.index)
+    todo = [r for r in requests if not image_path(out, r.owner, r.class_name, r.index).is_file()]
+    report.skipped = len(requests) - len(todo)
+    if report.skipped:
+        log.info("%d image(s) already on disk under %s: skipped (resume)", report.skipped, out)
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="rendering", unit="img")
+    t0 = time.perf_counter()
+    for start in range(0, len(todo), max(1, settings.batch_size)):
+        batch = todo[start : start + settings.batch_size]
+        images = backend.render(cond.rows([r.row for r in batch]), [r.seed for r in batch])
+        for req, image in zip(batch, images):
+            path = image_path(out, req.owner, req.class_name, req.index)
+            _save_png(image, path)
+            report.paths.append(path)
+        report.written += len(batch)
+        if bar is not None:
+            bar.update(len(batch))
+            bar.set_postfix(img_per_s=f"{report.written / max(time.perf_counter() - t0, 1e-9):.2f}")
+    report.seconds = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    _update_manifest(out, requests, settings, backend.name)
+    for owner in sorted({r.owner for r in requests}):
+        contact_sheet(out, owner)
+    if report.written:
+        log.info("rendered %d image(s) in %.1fs (%.2f img/s) under %s", report.written, report.seconds,
+                 report.images_per_s, out)
+    return report
+
+
+def _update_manifest(out: Path, requests: list[ImageRequest], settings: RenderSettings, backend: str) -> None:
+    entries = {e.get("path"): e for e in read_manifest(out)}
+    for req in requests:
+        path = image_path(out, req.owner, req.class_name, req.index)
+        rel = str(path.relative_to(out))
+        entry = {k: v for k, v in asdict(req).items() if k not in ("row", "extra")}
+        entry.update(req.extra)
+        entry.update({"path": rel, "backend": backend, **{f"render_{k}": v for k, v in settings.manifest_fields().items()}})
+        if rel in entries and entries[rel].get("seed") == entry["seed"]:
+            continue  # resumed: keep the original record of an image that was not re-rendered
+        entries[rel] = entry
+    _write_manifest(out, sorted(entries.values(), key=lambda e: e["path"]))
+
+
+def contact_sheet(out: Path, owner: str, cell: int = 96) -> Path | None:
+    """``{out}/{owner}/contact_sheet.png``: one row per class, images in index order."""
+    folder = Path(out) / owner
+    rows: dict[str, list[Path]] = {}
+    for path in sorted(folder.glob("*_[0-9][0-9][0-9][0-9].png")):
+        rows.setdefault(path.stem.rsplit("_", 1)[0], []).append(path)
+    if not rows:
+        return None
+    from PIL import ImageDraw
+
+    cols = max(len(v) for v in rows.values())
+    label = 120  # left strip with the class name
+    sheet = Image.new("RGB", (label + cols * cell, len(rows) * cell), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, name in enumerate(sorted(rows)):
+        draw.text((4, r * cell + cell // 2 - 6), name[:18], fill="black")
+        for c, path in enumerate(rows[name]):
+            with Image.open(path) as im:
+                sheet.paste(im.convert("RGB").resize((cell, cell)), (label + c * cell, r * cell))
+    target = folder / CONTACT_SHEET
+    _save_png(sheet, target)
+    return target

@@ -1,0 +1,64 @@
+"""The server's global images: what the federation as a whole draws for each class.
+
+With a server generator, the global adapters map its samples of each class to conditioning (source
+``server-generator#i``); otherwise each class is drawn from the count-weighted mean adapter output
+the nodes reported for it (source ``class-mean``; ``images-per-class`` seeds of the same
+conditioning). Images go to ``{image dir}/server/`` with the same manifest and contact sheet as the
+nodes'.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+
+from common.config import FedA2VConfig
+from common.generator_bank import GeneratorBank
+from common.models.adapters import Adapters
+from common.records import ClassTensors, arrays_to_module
+from common.render.conditioning import adapter_conditioning, outputs_conditioning
+from common.render.jobs import images_dir, labels_to_classes, render_job, score_owner
+
+log = logging.getLogger(__name__)
+
+
+class GlobalRenderer:
+    def __init__(self, cfg: FedA2VConfig, targets: ClassTensors, template: Adapters, run_dir: Path, device: str) -> None:
+        self.cfg = cfg
+        self.targets = targets
+        self.template = template
+        self.run_dir = Path(run_dir)
+        self.device = device
+
+    def due(self, server_round: int) -> bool:
+        return self.cfg.render.server and self.cfg.render.due(server_round, self.cfg.num_rounds)
+
+    def __call__(
+        self, server_round: int, arrays: ArrayRecord | None, class_means: ClassTensors | None, bank: GeneratorBank | None
+    ) -> dict[str, Any]:
+        per_class = self.cfg.render.images_per_class
+        names = self.targets.class_names
+        if bank is not None and arrays is not None:
+            adapters = arrays_to_module(arrays, copy.deepcopy(self.template))
+            x, y = bank.sample_dataset({c: per_class for c in bank.classes}, names, seed=self.cfg.seed * 17 + server_round)
+            cond = adapter_conditioning(adapters, x, device=self.device)
+            row_classes = labels_to_classes(y, names)
+            sources = [f"server-generator#{i + 1}" for i in range(len(row_classes))]
+        elif class_means is not None and len(class_means.class_names):
+            reps = torch.arange(len(class_means.class_names)).repeat_interleave(per_class)
+            cond = outputs_conditioning(class_means.clip[reps], class_means.t5[reps])
+            row_classes = [class_means.class_names[i] for i in reps.tolist()]
+            sources = ["class-mean"] * len(row_classes)
+        else:
+            log.warning("round %d: no class means and no server generator: no global images", server_round)
+            return {}
+        out = images_dir(self.cfg, self.run_dir)
+        report = render_job(self.cfg, None, cond, row_classes, sources, out, server_round, self.targets, self.device)
+        scores = score_owner(self.cfg, out, "server", names, self.device)
+        return {"server_images_rendered": float(report.written), "server_render_seconds": report.seconds,
+                **{f"server_{k}": v for k, v in scores.items()}}
