@@ -208,3 +208,24 @@ def test_zero_shot_metric_plumbing_and_skip_without_weights(tmp_path, caplog):
     scores = score_owner(cfg_with(**{"render.clip-metric-model": str(folder)}), tmp_path / "img", "node_1", CLASSES)
     assert set(scores) == {"image_zs_acc", "image_zs_balanced_acc", "image_zs_macro_f1"}
     assert all(0.0 <= v <= 1.0 for v in scores.values())
+
+
+def test_server_renders_global_images_from_its_generator_or_the_class_means(tmp_path):
+    from common.records import module_to_arrays
+    from server_app.render import GlobalRenderer
+
+    cfg = cfg_with(**{"num-rounds": 3, "render.images-per-class": 1})
+    acfg = adapter_config(cfg, 768, 4096)
+    targets = ClassTensors(CLASSES, torch.randn(3, 768), torch.randn(3, 4, 4096))
+    renderer = GlobalRenderer(cfg, targets, build_adapters(cfg, acfg), tmp_path, "cpu")
+    assert not renderer.due(2) and renderer.due(3)
+    means = ClassTensors(["dog", "siren"], torch.randn(2, 768), torch.randn(2, 4, 4096), torch.tensor([3, 3]))
+    metrics = renderer(3, None, means, None)
+    assert metrics["server_images_rendered"] == 2
+    assert {e["source"] for e in read_manifest(tmp_path / "images")} == {"class-mean"}
+    bank = GeneratorBank.create(cfg.generator.spec(acfg.in_tokens, acfg.in_dim), "unified", CLASSES)
+    renderer.run_dir = tmp_path / "with-bank"
+    renderer(3, module_to_arrays(build_adapters(cfg, acfg)), means, bank)
+    entries = read_manifest(tmp_path / "with-bank" / "images")
+    assert sorted(e["class_name"] for e in entries) == CLASSES
+    assert all(e["source"].startswith("server-generator#") and e["owner"] == "server" for e in entries)

@@ -283,3 +283,17 @@ def test_kd_without_a_sample_source_is_a_config_error(data_root, tmp_path):  # n
         load_config(run_config(data_root, tmp_path, **{"server-generator.mode": "merge"}))
     cfg = load_config(run_config(data_root, tmp_path, aggregation="kd", **{"server-generator.mode": "data-free"}))
     assert cfg.sample_source() == "server-generator"
+
+
+def test_data_free_kd_round_needs_no_uploaded_generators(data_root, tmp_path):  # noqa: F811
+    extra = {"generator.mode": "off", "aggregation": "kd", "server-generator.mode": "data-free", "server-generator.kind": "gan",
+             "server-generator.steps": 20, "server-generator.checkpoint-frequency": 1, "kd.epochs": 2,
+             "kd.samples-per-class": 4}
+    cfg, replies = _node_replies(data_root, tmp_path, extra)
+    assert all(GENERATORS not in r.content for r in replies)
+    strategy = _strategy(cfg, tmp_path)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics["kd_samples"] == 4 * 3
+    assert "server_gen_match" in metrics and 0.0 <= metrics["server_gen_teacher_acc"] <= 1.0
+    assert (tmp_path / "run" / "generators" / "generator_server_round_1.safetensors").is_file()
+    assert strategy.server_trainer.server_bank.classes == CLASSES

@@ -9,6 +9,7 @@ e2e_utils); the synthetic dataset and text targets are generated once per sessio
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -114,6 +115,19 @@ def test_two_round_simulation(e2e: E2EEnv) -> None:
     targets, targets_meta = load_tensors(run_dir / "targets.safetensors")
     assert targets_meta["class-names"] == classes and targets["clip"].shape == (len(classes), 768)
     assert (run_dir / "config.json").is_file()
+
+    # the demo ends with images: per node and for the server, a contact sheet each, one manifest
+    images = run_dir / "images"
+    manifest = [json.loads(line) for line in (images / "manifest.jsonl").read_text().splitlines()]
+    owners = {e["owner"] for e in manifest}
+    assert owners == {f"node_{i}" for i in range(NUM_NODES)} | {"server"}, owners
+    for owner in owners:
+        assert (images / owner / "contact_sheet.png").is_file(), owner
+    for entry in manifest:
+        assert (images / entry["path"]).is_file() and entry["round"] == 2
+        assert entry["source"].startswith("clip:") if entry["owner"] != "server" else entry["source"] == "class-mean"
+    final_eval = rounds[-1]["evaluate"]["global"]
+    assert final_eval["images_rendered"] == sum(1 for e in manifest if e["owner"] != "server")
 
 
 def test_aggregation_none_keeps_per_node_adapters(e2e: E2EEnv) -> None:

@@ -10,7 +10,8 @@ Layout under an output directory::
 Why per-image seeds from (base seed, owner, class, index): the same request always gives the same
 image, whatever else is rendered in the same batch or run (tested), and a resumed run skips the
 files that exist and renders exactly the missing ones. PNGs and the manifest are written
-atomically (temp file + rename).
+atomically (temp file + rename); the manifest is merged under a file lock, since several nodes of a
+host (simulation) render into one directory at the same time.
 """
 
 from __future__ import annotations
@@ -164,6 +165,15 @@ def render_images(
 
 
 def _update_manifest(out: Path, requests: list[ImageRequest], settings: RenderSettings, backend: str) -> None:
+    """Read-merge-write under a file lock: nodes of one host render into one image dir at once."""
+    from filelock import FileLock
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with FileLock(str(Path(out) / f".{MANIFEST}.lock")):
+        _merge_manifest(out, requests, settings, backend)
+
+
+def _merge_manifest(out: Path, requests: list[ImageRequest], settings: RenderSettings, backend: str) -> None:
     entries = {e.get("path"): e for e in read_manifest(out)}
     for req in requests:
         path = image_path(out, req.owner, req.class_name, req.index)
