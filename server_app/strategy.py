@@ -6,8 +6,8 @@ What it adds to FedAvg, and why:
   server) to every message, so sites never load FLUX's text encoders.
 * ``aggregate_train`` pops each reply's extra records (per-class mean adapter outputs and counts)
   *before* FedAvg's aggregation, which requires exactly one ArrayRecord and one MetricRecord per
-  reply, and keeps count-weighted global class means per round for the server-side work to come
-  (KD, server generator, image rendering).
+  reply, and keeps count-weighted global class means per round (teacher ownership, fine-tuning anchors,
+  global images).
 * ``aggregation = "kd"`` and the server's own training (server generator, fine-tuning) run after
   FedAvg through :class:`~server_app.server_training.ServerTrainer`, whose result replaces the
   round's global weights; the reply adapters are kept as this round's teachers.
