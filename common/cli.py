@@ -103,7 +103,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
         print(config_mod.markdown_reference())
     elif args.action == "show":
         try:
-            cfg = _config_from_args(args)
+            cfg = config_from_args(args)
         except config_mod.ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -111,7 +111,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace):
     """Defaults + ``--config-file`` + ``--set key=value`` overrides, validated like a run config."""
     from common import config as config_mod
 
@@ -129,7 +129,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from common.config import ConfigError
 
     try:
-        cfg = _config_from_args(args)
+        cfg = config_from_args(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -166,9 +166,9 @@ class ServerTrainer:
                                         diversity_weight=sg.diversity_weight, cosine_weight=self.cfg.train.cosine_weight,
                                         seed=seed)
             metrics = train_data_free(self.server_bank, teachers, settings, self.device)
-        self.server_bank.to("cpu")
+        self.server_bank.to("cpu")  # samples are drawn on CPU; the teachers stay on the training device
         metrics["server_gen_teacher_acc"] = teacher_agreement(
-            self.server_bank, teachers.to("cpu"), self.targets.clip, self.targets.t5, 16, seed
+            self.server_bank, teachers, self.targets.clip, self.targets.t5, 16, seed
         )
         paths = save_bank(self.server_bank, self.run_dir / "generators", self.cfg.generator.checkpoint_base, None,
                           inp.server_round, sg.checkpoint_frequency, inp.encoder_key)

@@ -20,31 +20,13 @@ from pathlib import Path
 import torch
 
 from common.checkpoints import CheckpointError, load_adapters, load_tensors
-from common.config import ConfigError, FedA2VConfig, load_config, unflatten
+from common.config import ConfigError
 from common.generator_bank import discover_bank
 from common.records import ClassTensors
 from common.render.conditioning import adapter_conditioning, outputs_conditioning
 from common.render.jobs import labels_to_classes, render_job
 
 log = logging.getLogger(__name__)
-
-
-def _config(args: argparse.Namespace) -> FedA2VConfig:
-    flat: dict[str, object] = {}
-    if args.config_file:
-        flat["config-file"] = args.config_file
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set '{item}' must look like key=value")
-        import tomllib
-
-        try:
-            flat[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            flat[key.strip()] = value
-    unflatten(flat)  # early, clear error for a key used both as a value and a table
-    return load_config(flat)
 
 
 def _targets(path: Path) -> ClassTensors:
@@ -55,7 +37,9 @@ def _targets(path: Path) -> ClassTensors:
 
 
 def generate(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    from common.cli import config_from_args  # the one --config-file / --set parser
+
+    cfg = config_from_args(args)
     if args.n:
         cfg.render.images_per_class = args.n
     if args.oracle:
