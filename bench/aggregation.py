@@ -20,23 +20,20 @@ import argparse
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from fed_vs_central import run_federated  # the sibling script (bench/ is this script's sys.path[0])
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.fed_vs_central import parse_overrides, run_federated  # noqa: E402
-from client_app.node_data import load_node_data  # noqa: E402
-from common.checkpoints import load_adapters  # noqa: E402
-from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config  # noqa: E402
-from common.factory import adapter_config, build_adapters, resolve_device, synth_classes  # noqa: E402
-from common.logs import setup_logging  # noqa: E402
-from common.training import TrainSettings, evaluate_adapters, train_adapters  # noqa: E402
+from client_app.node_data import load_node_data
+from common.checkpoints import load_adapters
+from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config
+from common.config_overrides import parse_overrides
+from common.factory import adapter_config, build_adapters, resolve_device, synth_classes
+from common.logs import setup_logging
+from common.training import TrainSettings, evaluate_adapters, train_adapters
 
 log = logging.getLogger("bench.aggregation")
 

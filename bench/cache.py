@@ -35,13 +35,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from common.cache import ExtractionSettings, LazyEncoder, embed_clips, open_store  # noqa: E402
-from common.data.esc50 import read_esc50  # noqa: E402
-from common.logs import setup_logging  # noqa: E402
+from common.cache import ExtractionSettings, LazyEncoder, embed_clips, open_store
+from common.data.esc50 import read_esc50
+from common.logs import setup_logging
 
 log = logging.getLogger("bench.cache")
 

@@ -17,53 +17,39 @@ import json
 import logging
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from client_app.node_data import load_node_data  # noqa: E402
-from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config  # noqa: E402
-from common.factory import adapter_config, build_adapters, resolve_device  # noqa: E402
-from common.logs import setup_logging  # noqa: E402
-from common.training import TrainSettings, evaluate_adapters, train_adapters  # noqa: E402
-from server_app.app import class_targets  # noqa: E402
+from client_app.node_data import load_node_data
+from common import launcher
+from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config
+from common.config_overrides import parse_overrides
+from common.factory import adapter_config, build_adapters, resolve_device
+from common.logs import setup_logging
+from common.training import TrainSettings, evaluate_adapters, train_adapters
+from server_app.app import class_targets
 
 log = logging.getLogger("bench.fed_vs_central")
 
 
-def parse_overrides(text: str) -> dict:
-    import tomllib
-
-    out = {}
-    for item in text.split():
-        key, _, value = item.partition("=")
-        try:
-            out[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key] = value
-    return out
-
-
 def run_federated(overrides: str, num_nodes: int, workdir: Path, run_name: str = "fed") -> Path:
-    """Run the app with `flwr run` in an isolated FLWR_HOME; return its summary.json."""
-    env = dict(os.environ, FLWR_HOME=str(workdir / "flwr-home"), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               HF_HUB_OFFLINE="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    """Run the app with `flwr run` in an isolated FLWR_HOME; return its summary.json.
+
+    The local SuperLink that the run starts is stopped afterwards (by the launcher's run tag, so
+    only this run's processes); a run the SuperLink does not call completed raises RuntimeError.
+    """
     out = workdir / "outputs"
-    cmd = ["flwr", "run", str(ROOT), "--federation-config",
-           f"num-supernodes={num_nodes} client-resources-num-cpus=1",
-           "--run-config", f'output-dir="{out}" run-name="{run_name}" {overrides}'.strip(), "--stream"]
+    cmd = launcher.flwr_run_command(
+        launcher.APP_DIR, federation_config=launcher.federation_config(num_nodes, 1),
+        run_config=[f'output-dir="{out}" run-name="{run_name}" {overrides}'.strip()],
+    )
     log.info("federated run: %s", " ".join(cmd))
-    try:
-        subprocess.run(cmd, env=env, cwd=workdir, check=True, timeout=3600)
-    finally:
-        subprocess.run(["pkill", "-f", f"flower-superlink.*{workdir}"], check=False)
+    result = launcher.launch(cmd, extra_env={"FLWR_HOME": str(workdir / "flwr-home")}, cwd=workdir, timeout=3600)
+    if not result.ok:
+        raise RuntimeError(f"federated run {run_name!r}: {result.problem}")
     return out / run_name / "summary.json"
 
 

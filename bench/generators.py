@@ -39,22 +39,21 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.fed_vs_central import parse_overrides  # noqa: E402
-from client_app.node_data import load_node_data  # noqa: E402
-from common.checkpoints import load_tensors, save_tensors  # noqa: E402
-from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config  # noqa: E402
-from common.factory import (  # noqa: E402
+from client_app.node_data import load_node_data
+from common.checkpoints import load_tensors, save_tensors
+from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config
+from common.config_overrides import parse_overrides
+from common.factory import (
     adapter_config, build_adapters, dataset_root, prepare_dataset, resolve_classes, resolve_device,
 )
-from common.generator_bank import GeneratorBank  # noqa: E402
-from common.logs import setup_logging  # noqa: E402
-from common.records import ClassTensors  # noqa: E402
-from common.training import TrainSettings, evaluate_adapters, train_adapters  # noqa: E402
+from common.generator_bank import GeneratorBank
+from common.logs import setup_logging
+from common.records import ClassTensors
+from common.training import TrainSettings, evaluate_adapters, train_adapters
 
 log = logging.getLogger("bench.generators")
+
+ROOT = Path(__file__).resolve().parent.parent
 
 GROUPS_FILE = ROOT / "configs" / "generators_per_group.toml"
 RSS_NODES = 3

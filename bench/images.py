@@ -14,21 +14,17 @@ import argparse
 import json
 import os
 import resource
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.fed_vs_central import parse_overrides  # noqa: E402
-from common.config import FedA2VConfig, flatten, load_config  # noqa: E402
-from common.factory import resolve_device  # noqa: E402
-from common.logs import setup_logging  # noqa: E402
-from common.render.backend import Conditioning  # noqa: E402
-from common.render.jobs import render_job  # noqa: E402
+from common.config import FedA2VConfig, flatten, load_config
+from common.config_overrides import parse_overrides
+from common.factory import resolve_device
+from common.logs import setup_logging
+from common.render.backend import Conditioning
+from common.render.jobs import render_job
 
 
 def run(cfg: FedA2VConfig, n: int, out: Path) -> float:

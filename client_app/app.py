@@ -12,23 +12,31 @@ from its pretrained bank without building the AST (:mod:`client_app.pretrained`)
 bank goes back to the server in the reply.
 ``evaluate``: retrieval accuracy and losses on the node's validation and test clips; in the rounds
 ``render.when`` selects, the node also renders images of its classes with the aggregated adapters
-(:mod:`client_app.render`); they stay on the node.
+(:mod:`client_app.render`); they stay on the node. The server sends its run's name (``run-name``
+in the message config), never a path of its own host: the node's image directory is node-config
+``image-dir`` > ``render.output-dir`` > ``<output-dir>/<run-name>/images`` resolved on the node
+(in simulation that is the server's run directory).
+
+The app owns the process's node-data memo (:data:`NODE_DATA`, bounded) and passes it down;
+nothing else in the client keeps module-level state.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.augment import augment_from_server
 from client_app.generators import train_node_generators
-from client_app.node_data import load_node_data
+from client_app.node_data import NodeDataMemo, load_node_data
 from client_app.pretrained import synthetic_train_set
 from client_app.render import render_node_images
+from common import seeds
 from common.config import FedA2VConfig, NodeRuntimeConfig, load_config
 from common.logs import setup_logging
 from common.factory import adapter_config, build_adapters, resolve_device
@@ -51,6 +59,7 @@ from common.training import TrainSettings, class_mean_outputs, evaluate_adapters
 
 log = logging.getLogger(__name__)
 app = ClientApp()
+NODE_DATA = NodeDataMemo(max_entries=8)  # this process's node embeddings (see client_app.node_data)
 
 LOCAL_ADAPTERS = "local-adapters"  # Context.state key for aggregation="none"
 
@@ -86,17 +95,24 @@ def _adapters(cfg: FedA2VConfig, msg: Message, context: Context, targets: ClassT
     return arrays_to_module(msg.content[ARRAYS], adapters)  # type: ignore[arg-type]
 
 
+def node_run_dir(cfg: FedA2VConfig, run_name: str) -> Path | None:
+    """``<output-dir>/<run-name>`` resolved on this node (``None`` without a run name)."""
+    if not run_name:
+        return None
+    return (Path(cfg.output_dir).expanduser() / run_name).resolve()
+
+
 def _training_set(
     cfg: FedA2VConfig, node: NodeRuntimeConfig, context: Context, server_round: int
 ) -> tuple[list[str], torch.Tensor, torch.Tensor, dict[str, float], bool]:
     """(class names, embeddings, labels, data metrics, has generators) for this round's training."""
     gen_metrics: dict[str, float] = {}
     if cfg.generator.mode == "use-pretrained-generators":
-        synth, _ = synthetic_train_set(cfg, node, context.state, server_round)
+        synth, _ = synthetic_train_set(cfg, node, context.state, server_round, memo=NODE_DATA)
         metrics = {"synthetic_samples": synth.synthetic, "real_samples": synth.real,
                    "extract_seconds": 0.0, "load_seconds": 0.0, "cache_hits": 0, "cache_misses": 0, "skipped_files": 0}
         return synth.class_names, synth.embeddings, synth.labels, metrics, True
-    data = load_node_data(cfg, node)
+    data = load_node_data(cfg, node, memo=NODE_DATA)
     split = data.splits["train"]
     if cfg.generator.mode != "off":
         _, gen_metrics = train_node_generators(cfg, node, data, context.state, server_round)
@@ -119,7 +135,7 @@ def train(msg: Message, context: Context) -> Message:
     class_names, embeddings, labels, data_metrics, has_bank = _training_set(cfg, node, context, server_round)
     _check_classes(targets, class_names, node)
     adapters = _adapters(cfg, msg, context, targets)
-    settings = TrainSettings.from_config(cfg.train, seed=cfg.seed * 1000 + server_round * 31 + node.partition_id)
+    settings = TrainSettings.from_config(cfg.train, seed=seeds.node_train(cfg.seed, server_round, node.partition_id))
     train_x, train_y, augmented = augment_from_server(
         msg.content, embeddings, labels, class_names, cfg.train.augment_to, settings.seed
     )
@@ -161,7 +177,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, node, targets = _setup(msg, context)
-    data = load_node_data(cfg, node, cache_only=_cache_only(cfg))
+    data = load_node_data(cfg, node, cache_only=_cache_only(cfg), memo=NODE_DATA)
     _check_classes(targets, data.class_names, node)
     device = resolve_device(cfg)
     adapters = _adapters(cfg, msg, context, targets)
@@ -185,7 +201,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     )
     server_round = int(msg.content["config"].get("server-round", 0))  # type: ignore[union-attr]
     if cfg.render.due(server_round, cfg.num_rounds):  # the aggregated adapters of this round draw the images
-        run_dir = str(msg.content["config"].get("run-dir", ""))  # type: ignore[union-attr]
-        metrics.update(render_node_images(cfg, node, adapters, targets, context.state, run_dir, server_round,
-                                          str(device), cache_only=_cache_only(cfg)))
+        run_name = str(msg.content["config"].get("run-name", ""))  # type: ignore[union-attr]
+        run_dir = node_run_dir(cfg, run_name)
+        metrics.update(render_node_images(cfg, node, adapters, targets, context.state, str(run_dir or ""), server_round,
+                                          str(device), cache_only=_cache_only(cfg), memo=NODE_DATA))
     return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -22,14 +22,15 @@ import torch
 from flwr.app import RecordDict
 
 from client_app.node_data import NodeData, node_cache_dir
+from common import seeds
 from common.cache.embed import ExtractionSettings
 from common.cache.key import cache_key
 from common.config import ConfigError, FedA2VConfig, NodeRuntimeConfig
 from common.generator_bank import GeneratorBank, save_bank
+from common.models.generators import GeneratorSpec, GeneratorTrainSettings
 from common.records import GENERATORS, bank_from_records, bank_to_records
 
 log = logging.getLogger(__name__)
-
 
 
 def encoder_key(cfg: FedA2VConfig) -> str:
@@ -87,11 +88,12 @@ def train_node_generators(
         bank, _ = bank_from_records(state, source=f"node {node.partition_id} state", expected_shape=(tokens, dim))
     else:
         bank = GeneratorBank.create(
-            gcfg.spec(tokens, dim), granularity, present, gcfg.class_groups or None, known_classes=data.class_names,
-            seed=cfg.seed + node.partition_id,
+            GeneratorSpec.from_config(gcfg, tokens, dim), granularity, present, gcfg.class_groups or None,
+            known_classes=data.class_names, seed=seeds.node_bank_init(cfg.seed, node.partition_id),
         )
     t0 = time.perf_counter()
-    bank.train(train.embeddings, train.labels, data.class_names, gcfg.train_settings(seed=cfg.seed + server_round))
+    settings = GeneratorTrainSettings.from_config(gcfg, seed=seeds.node_generator_train(cfg.seed, server_round))
+    bank.train(train.embeddings, train.labels, data.class_names, settings)
     seconds = time.perf_counter() - t0
     key = encoder_key(cfg)
     paths = save_bank(

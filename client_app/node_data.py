@@ -6,10 +6,12 @@ Two layers of reuse:
   messages, runs and all nodes of a host that read the same dataset folder. ``_embed_split`` asks it
   first and extracts only misses; the AST is built only if there is a miss, so a fully cached node
   opens no audio file and never constructs the model.
-* a per-process memo. Flower calls the ClientApp function once per message. In simulation the
-  process (a Ray actor) lives across rounds, so later rounds reuse the tensors without touching
-  the disk. In deployment, Flower 1.41 starts a fresh ClientApp process per message, so every
-  message reads the cache (fast: memory-mapped shards) instead of re-extracting.
+* an explicit, bounded memo (:class:`NodeDataMemo`) that the ClientApp owns and passes in.
+  Flower calls the ClientApp function once per message. In simulation the process (a Ray actor)
+  lives across rounds, so later rounds reuse the tensors without touching the disk. In
+  deployment, Flower 1.41 starts a fresh ClientApp process per message, so every message reads
+  the cache (fast: memory-mapped shards) instead of re-extracting. Without a memo
+  (``memo=None``) every call reads the cache.
 
 ``NodeData.stats`` describes what *this* call cost (cache hits/misses, extraction and load
 seconds); a memo hit reports zeros, so per-round metrics show where time was actually spent.
@@ -21,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,7 +65,39 @@ class NodeData:
         return self.stats.extract_seconds
 
 
-_MEMO: dict[str, NodeData] = {}
+class NodeDataMemo:
+    """The last ``max_entries`` :class:`NodeData` a process loaded, least recently used dropped first.
+
+    Why bounded: a simulation actor may serve several nodes over a long run; the memo must not
+    grow with them. Two entries hold one node's full data and its cache-only view (pretrained
+    mode). A hit returns the data with zero ``stats`` and ``from_memo=True``.
+    """
+
+    def __init__(self, max_entries: int = 2) -> None:
+        if max_entries < 1:
+            raise ValueError(f"NodeDataMemo needs max_entries >= 1, got {max_entries}")
+        self.max_entries = int(max_entries)
+        self._entries: OrderedDict[str, NodeData] = OrderedDict()
+
+    def get(self, key: str) -> NodeData | None:
+        data = self._entries.get(key)
+        if data is None:
+            return None
+        self._entries.move_to_end(key)
+        return dataclasses.replace(data, stats=EmbedStats(), from_memo=True)
+
+    def put(self, key: str, data: NodeData) -> None:
+        self._entries[key] = data
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget everything (what a new process would start with)."""
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def _memo_key(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> str:
@@ -130,15 +165,20 @@ def node_index(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> NodeIndex:
     return NodeIndex(root, cache_dir, list(class_names), mine)
 
 
-def load_node_data(cfg: FedA2VConfig, node: NodeRuntimeConfig, cache_only: bool = False) -> NodeData:
-    """The node's train/val/test embeddings (memoised per process, persisted in the embedding cache).
+def load_node_data(
+    cfg: FedA2VConfig, node: NodeRuntimeConfig, cache_only: bool = False, memo: NodeDataMemo | None = None
+) -> NodeData:
+    """The node's train/val/test embeddings (persisted in the embedding cache, memoised in ``memo``).
 
     ``cache_only``: serve what the embedding cache holds and skip (count, log) the rest, so that
     neither the AST nor any audio file is touched (the pretrained-generator mode's evaluation).
+    ``memo``: the caller's memo (the ClientApp's); ``None`` loads without memoisation.
     """
     key = _memo_key(cfg, node) + (":cache-only" if cache_only else "")
-    if key in _MEMO:
-        return dataclasses.replace(_MEMO[key], stats=EmbedStats(), from_memo=True)
+    if memo is not None:
+        hit = memo.get(key)
+        if hit is not None:
+            return hit
     index = node_index(cfg, node)
     mine = index.split
     log.info(
@@ -173,5 +213,6 @@ def load_node_data(cfg: FedA2VConfig, node: NodeRuntimeConfig, cache_only: bool 
         skipped=[c.rel_path for c, _ in skipped],
         stats=stats,
     )
-    _MEMO[key] = data
+    if memo is not None:
+        memo.put(key, data)
     return data

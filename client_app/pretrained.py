@@ -20,10 +20,11 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from flwr.app import RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from client_app.generators import checkpoint_dir, encoder_key, generator_classes
-from client_app.node_data import NodeIndex, load_node_data, node_index
+from client_app.node_data import NodeDataMemo, NodeIndex, load_node_data, node_index
+from common import seeds
 from common.config import FedA2VConfig, NodeRuntimeConfig
 from common.factory import embedding_shape
 from common.generator_bank import GeneratorBank, load_bank
@@ -31,7 +32,7 @@ from common.records import GENERATORS, bank_from_records, bank_to_records
 
 log = logging.getLogger(__name__)
 
-_LOGGED_NO_AST: set[int] = set()  # say "no AST in this mode" once per node and process
+NO_AST_LOGGED = "pretrained-no-ast-logged"  # Context.state key: this node has said "no AST in this mode"
 
 
 @dataclass
@@ -83,24 +84,31 @@ def sample_counts(cfg: FedA2VConfig, index: NodeIndex, bank: GeneratorBank) -> d
 
 
 def synthetic_train_set(
-    cfg: FedA2VConfig, node: NodeRuntimeConfig, state: RecordDict, server_round: int
+    cfg: FedA2VConfig,
+    node: NodeRuntimeConfig,
+    state: RecordDict,
+    server_round: int,
+    memo: NodeDataMemo | None = None,
 ) -> tuple[SyntheticTrainSet, GeneratorBank]:
-    """Sample this round's synthetic training set (plus the configured share of real embeddings)."""
+    """Sample this round's synthetic training set (plus the configured share of real embeddings).
+
+    ``memo``: the ClientApp's node-data memo, used for the real share (``real-mix-ratio > 0``).
+    """
     index = node_index(cfg, node)
     bank = load_node_bank(cfg, node, index, state)
     counts = sample_counts(cfg, index, bank)
-    seed = cfg.seed * 1000 + server_round * 31 + node.partition_id  # fresh samples every round
+    seed = seeds.node_train(cfg.seed, server_round, node.partition_id)  # fresh samples every round
     x, y = bank.sample_dataset(counts, index.class_names, seed)
     synthetic = len(y)
     real = 0
     ratio = cfg.generator.real_mix_ratio
     if ratio > 0:
-        train = load_node_data(cfg, node).splits["train"]
+        train = load_node_data(cfg, node, memo=memo).splits["train"]
         keep = _real_subset(train.labels, ratio, seed)
         x, y = torch.cat([x, train.embeddings[keep]]), torch.cat([y, train.labels[keep]])
         real = int(keep.numel())
-    elif node.partition_id not in _LOGGED_NO_AST:
-        _LOGGED_NO_AST.add(node.partition_id)
+    elif NO_AST_LOGGED not in state:  # say it once per node: the flag lives in the node's Context state
+        state[NO_AST_LOGGED] = ConfigRecord({"logged": True})
         log.info("node %d: use-pretrained-generators with real-mix-ratio 0: the AST is not loaded and no audio "
                  "file is read on this node", node.partition_id)
     log.info("node %d round %d: %d synthetic + %d real embeddings for adapter training", node.partition_id,

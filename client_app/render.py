@@ -13,7 +13,8 @@ from typing import Any
 
 from flwr.app import RecordDict
 
-from client_app.node_data import load_node_data
+from client_app.node_data import NodeDataMemo, load_node_data
+from common import seeds
 from common.config import FedA2VConfig, NodeRuntimeConfig
 from common.models.adapters import Adapters
 from common.records import GENERATORS, ClassTensors, bank_from_records
@@ -34,8 +35,14 @@ def render_node_images(
     server_round: int,
     device: str,
     cache_only: bool = False,
+    memo: NodeDataMemo | None = None,
 ) -> dict[str, Any]:
-    """Render this node's images; returns metrics (``images_rendered``, ``render_seconds``)."""
+    """Render this node's images; returns metrics (``images_rendered``, ``render_seconds``).
+
+    ``run_dir``: the run directory as this node resolves it (see :func:`client_app.app.node_run_dir`);
+    images go to ``images_dir(cfg, run_dir, node.image_dir)``: node-config ``image-dir`` >
+    ``render.output-dir`` > ``<run_dir>/images``. ``memo``: the ClientApp's node-data memo.
+    """
     r = cfg.render
     if r.source == "generator":
         if GENERATORS not in state:
@@ -44,7 +51,7 @@ def render_node_images(
             return {"images_rendered": 0}
         bank, _ = bank_from_records(state, source=f"node {node.partition_id} state")
         counts = {c: r.images_per_class for c in bank.classes if not r.classes or c in r.classes}
-        x, y = bank.sample_dataset(counts, targets.class_names, seed=cfg.seed * 31 + node.partition_id)
+        x, y = bank.sample_dataset(counts, targets.class_names, seed=seeds.node_render_samples(cfg.seed, node.partition_id))
         row_classes = labels_to_classes(y, targets.class_names)
         per_class: dict[str, int] = {}
         sources = []
@@ -52,7 +59,7 @@ def render_node_images(
             per_class[c] = per_class.get(c, 0) + 1
             sources.append(f"generator:node{node.partition_id}#{per_class[c]}")
     else:
-        test = load_node_data(cfg, node, cache_only=cache_only).splits["test"]
+        test = load_node_data(cfg, node, cache_only=cache_only, memo=memo).splits["test"]
         x, y = test.embeddings, test.labels
         row_classes = labels_to_classes(y, targets.class_names)
         sources = [f"clip:{cid}" for cid in test.clip_ids]

@@ -1,15 +1,14 @@
-"""Atomic, self-describing checkpoints: safetensors tensors + JSON metadata, never pickles.
+"""Self-describing checkpoints: safetensors tensors + JSON metadata, never pickles, written atomically.
 
-Why atomic: a run killed mid-write (OOM, node dying, Ctrl-C) must leave either the previous file or
-the new one, never a truncated file that a resumed run would trip over. Every write goes to a
-temporary file in the same directory, is fsync'ed, then ``os.replace``-d into place.
+Every write goes through :mod:`common.atomic` (temp file, fsync, rename, directory fsync), so a run
+killed mid-write leaves either the previous file or the new one, never a truncated file that a
+resumed run would trip over. ``save_tensors`` / ``load_tensors`` are the one pair every artifact's
+own save/load is built on (adapters below, generator banks, class targets and means, cache shards).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,41 +17,24 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from common.atomic import atomic_path, atomic_write_bytes, atomic_write_json
+from common.errors import FedA2VError
+
+__all__ = [
+    "CheckpointError",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "load_adapters",
+    "load_tensors",
+    "save_adapters",
+    "save_tensors",
+]
+
 FORMAT_VERSION = "1"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # mkstemp creates 0600; outputs must be readable like any other file
-
-
-class CheckpointError(ValueError):
+class CheckpointError(FedA2VError, ValueError):
     """A checkpoint is missing, unreadable or does not match what the caller expects."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a same-directory temp file + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> Path:
@@ -60,18 +42,8 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapp
     path = Path(path)
     meta = {"format-version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     meta.update({k: json.dumps(v) for k, v in metadata.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     return path
 
 

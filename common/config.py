@@ -28,6 +28,8 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from common.errors import FedA2VError
+
 __all__ = [
     "ConfigError",
     "FedA2VConfig",
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(FedA2VError, ValueError):
     """A configuration problem; the message names the offending key (and file, if any)."""
 
 
@@ -181,23 +183,6 @@ class GeneratorConfig(_Strict):
     )
 
     _split_groups = field_validator("class_groups", mode="before")(_split_groups)
-
-    def spec(self, tokens: int, dim: int):
-        """The architecture of a generator over ``(tokens, dim)`` embeddings from these settings."""
-        from common.models.generators import GeneratorSpec
-
-        return GeneratorSpec(kind=self.kind, tokens=tokens, dim=dim, latent_dim=self.latent_dim,
-                             hidden_dim=self.hidden_dim, num_layers=self.num_layers, token_dim=self.token_dim)
-
-    def train_settings(self, seed: int):
-        from common.models.generators import GeneratorTrainSettings
-
-        return GeneratorTrainSettings(
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr or None, seed=seed, min_steps=self.min_steps
-        )
-
-
-SAMPLE_SOURCES = ("auto", "node-generators", "server-generator")
 
 
 class KDConfig(_Strict):

@@ -16,6 +16,7 @@ from common.data.esc50 import Clip, DatasetError, list_categories
 from common.data.partition import NodeSplit, partition_nodes
 from common.data.synth import SYNTH_CLASSES, ensure_synthetic_dataset
 from common.models.adapters import AdapterConfig, Adapters
+from common.models.rng import seeded
 from common.models.text_encoders import FLUX_CLIP_DIM, FLUX_T5_DIM
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,12 @@ def embedding_shape(cfg: FedA2VConfig) -> tuple[int, int]:
 
 
 def adapter_config(cfg: FedA2VConfig, clip_dim: int = FLUX_CLIP_DIM, t5_dim: int = FLUX_T5_DIM) -> AdapterConfig:
-    """Adapter dims: input from the audio encoder, outputs from the text targets' spaces."""
+    """The one place an :class:`AdapterConfig` is built from the config.
+
+    Input dims from the audio encoder, output dims from the text targets' spaces (FLUX.1's by
+    default), ``t5_tokens`` from ``text-encoder.t5-tokens`` and width, heads and dropout from
+    ``adapter.*``.
+    """
     tokens, hidden = embedding_shape(cfg)
     return AdapterConfig(
         in_dim=hidden,
@@ -144,6 +150,10 @@ def adapter_config(cfg: FedA2VConfig, clip_dim: int = FLUX_CLIP_DIM, t5_dim: int
 
 
 def build_adapters(cfg: FedA2VConfig, acfg: AdapterConfig | None = None) -> Adapters:
-    """Adapters with a seeded init, so every node and the server start from the same weights."""
-    torch.manual_seed(cfg.seed)
-    return Adapters(acfg or adapter_config(cfg))
+    """Adapters with a seeded init, so every node and the server start from the same weights.
+
+    The init is seeded with ``seed`` in a fork of the global RNG: the caller's RNG is left as it was.
+    """
+    acfg = acfg or adapter_config(cfg)
+    with seeded(cfg.seed):
+        return Adapters(acfg)

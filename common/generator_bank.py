@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from common.checkpoints import CheckpointError, load_tensors, save_tensors
+from common.errors import FedA2VError
 from common.models.generators import (
     ConditionalGAN,
     ConditionalVAE,
@@ -37,6 +38,8 @@ from common.models.generators import (
     build_generator,
     train_generator,
 )
+from common.names import safe_name
+from common.seeds import class_stream
 
 __all__ = [
     "GRANULARITIES",
@@ -60,11 +63,10 @@ OTHER_GROUP = "other"
 CHECKPOINT_FORMAT = "feda2v-generator/1"
 SUFFIX = ".safetensors"
 _UNIT_KIND = {"unified": "unified", "per_class": "class", "per_group": "group"}
-_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 _ROUND = re.compile(r"_round_\d+\.safetensors$")
 
 
-class GeneratorCheckpointError(CheckpointError):
+class GeneratorCheckpointError(CheckpointError, FedA2VError):
     """A generator checkpoint is missing or does not match the configuration (a ``ValueError``)."""
 
 
@@ -84,11 +86,6 @@ class Unit:
         if self.kind == "unified":
             return ""
         return f"_{self.kind}_{safe_name(self.name)}"
-
-
-def safe_name(name: str) -> str:
-    """A class or group name as it appears in a file name (runs of other characters -> '_')."""
-    return _SAFE.sub("_", name.strip()) or "_"
 
 
 def plan_units(
@@ -263,14 +260,14 @@ class GeneratorBank:
 
     def sample_dataset(self, counts: Mapping[str, int], class_names: list[str], seed: int) -> tuple[Tensor, Tensor]:
         """Synthetic ``(embeddings [N, L, H], labels [N])`` with ``counts[c]`` clips of each class;
-        labels index ``class_names``; class ``c`` uses seed ``seed * 1_000_003 + class_names.index(c)``
-        so adding a class does not change the others' samples."""
+        labels index ``class_names``; class ``c`` uses seed ``class_stream(seed, class_names.index(c))``
+        (:mod:`common.seeds`) so adding a class does not change the others' samples."""
         xs, ys = [], []
         for cls, n in counts.items():
             if n <= 0:
                 continue
             j = class_names.index(cls)
-            xs.append(self.sample(cls, n, seed * 1_000_003 + j))
+            xs.append(self.sample(cls, n, class_stream(seed, j)))
             ys.append(torch.full((n,), j, dtype=torch.long))
         if not xs:
             return torch.empty(0, *self.shape), torch.empty(0, dtype=torch.long)
@@ -306,7 +303,7 @@ class GeneratorBank:
             if len(real) == 0 or n == 0:
                 continue
             counts[cls] = n
-            fake = self.sample(cls, n, seed * 1_000_003 + j)
+            fake = self.sample(cls, n, class_stream(seed, j))
             fakes.append(fake)
             fake_labels.append(torch.full((n,), j))
             out[cls] = embedding_quality(real, fake, ref if ref is not None and len(ref) else None, k=k, seed=seed)
@@ -322,7 +319,7 @@ class GeneratorBank:
 def checkpoint_name(base: str, node_id: int | None, unit: Unit, round: int | None = None) -> str:
     """``{base}_node{id}[_class_{cls}|_group_{group}][_round_{r}].safetensors``; ``node_id=None``
     gives the server's ``{base}_server...``."""
-    if not base or _SAFE.search(base):
+    if not base or safe_name(base) != base:
         raise ValueError(f"generator checkpoint base name {base!r} must be non-empty and use only letters, digits, '_', '.', '-'")
     rnd = "" if round is None else f"_round_{int(round)}"
     return f"{base}_{_owner(node_id)}{unit.file_part}{rnd}{SUFFIX}"

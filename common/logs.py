@@ -9,6 +9,7 @@ handlers. Called once by each app entry point and the CLI.
 from __future__ import annotations
 
 import logging
+import sys
 
 PROJECT_LOGGERS = ("common", "client_app", "server_app", "bench")
 
@@ -27,3 +28,30 @@ def setup_logging(level: int = logging.INFO) -> None:
             if handler not in logger.handlers:
                 logger.addHandler(handler)
         logger.propagate = False
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (it may be redirected later)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _error_logger() -> logging.Logger:
+    logger = logging.getLogger("feda2v.errors")  # not a project logger: setup_logging leaves it alone
+    if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("error: %(message)s"))
+        logger.addHandler(handler)
+    return logger
+
+
+def report_error(message: object) -> None:
+    """``error: <message>`` on stderr, once. It is an ERROR record of the ``feda2v.errors`` logger, which
+    propagates, so whatever captures logging (a pytest ``caplog``, an embedding application) sees it too."""
+    _error_logger().error("%s", message)

@@ -21,10 +21,15 @@ Everything a node sends is either weights, per-class means with counts, or scala
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from common.checkpoints import CheckpointError, load_tensors, save_tensors
+from common.errors import FedA2VError
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -39,7 +44,7 @@ SERVER_GENERATOR = "server-generator"  # server -> nodes (server-generator.send-
 SERVER_GENERATOR_META = "server-generator-meta"
 
 
-class RecordError(ValueError):
+class RecordError(FedA2VError, ValueError):
     """A message is missing a record or carries one with the wrong content."""
 
 
@@ -65,18 +70,40 @@ def arrays_to_module(arrays: ArrayRecord, module: torch.nn.Module) -> torch.nn.M
 
 @dataclass
 class ClassTensors:
-    """Per-class tensors with their class names: targets, or a node's class means (+ counts)."""
+    """Per-class tensors with their class names: the class text targets, or class means (+ counts).
+
+    One artifact, one save/load pair per medium, both carrying the class names: ``save`` / ``load``
+    (a safetensors file whose metadata says ``type`` = ``class-targets`` or ``class-means``) and
+    ``to_records`` / ``from_records`` (an ArrayRecord plus a ConfigRecord in a Flower message).
+    """
 
     class_names: list[str]
     clip: torch.Tensor
     t5: torch.Tensor
     counts: torch.Tensor | None = None
 
-    def to_records(self, content: RecordDict, name: str, meta_name: str) -> None:
-        arrays = {"clip": self.clip.detach().cpu().float(), "t5": self.t5.detach().cpu().float()}
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"clip": self.clip.detach().cpu().float(), "t5": self.t5.detach().cpu().float()}
         if self.counts is not None:
-            arrays["counts"] = self.counts.detach().cpu().to(torch.int64)
-        content[name] = ArrayRecord(arrays)
+            tensors["counts"] = self.counts.detach().cpu().to(torch.int64)
+        return tensors
+
+    @classmethod
+    def _from_tensors(cls, state: Mapping[str, torch.Tensor], names: list[str], source: str,
+                      error: type[Exception] = RecordError) -> "ClassTensors":
+        for key in ("clip", "t5"):
+            if key not in state:
+                raise error(f"{source} lacks array '{key}'")
+            if state[key].shape[0] != len(names):
+                raise error(f"{source}: '{key}' has {state[key].shape[0]} rows for {len(names)} class names")
+        counts = state.get("counts")
+        if counts is not None and counts.shape[0] != len(names):
+            raise error(f"{source}: 'counts' has {counts.shape[0]} rows for {len(names)} class names")
+        return cls(list(names), state["clip"].float(), state["t5"].float(), counts)
+
+    # -- Flower records
+    def to_records(self, content: RecordDict, name: str, meta_name: str) -> None:
+        content[name] = ArrayRecord(self._tensors())
         content[meta_name] = ConfigRecord({"class-names": list(self.class_names)})
 
     @classmethod
@@ -85,12 +112,27 @@ class ClassTensors:
             raise RecordError(f"message lacks the '{name}' / '{meta_name}' records")
         state = content[name].to_torch_state_dict()  # type: ignore[union-attr]
         names = list(content[meta_name]["class-names"])  # type: ignore[index]
-        for key in ("clip", "t5"):
-            if key not in state:
-                raise RecordError(f"record '{name}' lacks array '{key}'")
-            if state[key].shape[0] != len(names):
-                raise RecordError(f"record '{name}': '{key}' has {state[key].shape[0]} rows for {len(names)} class names")
-        return cls(names, state["clip"], state["t5"], state.get("counts"))
+        return cls._from_tensors(state, names, f"record '{name}'")
+
+    # -- files
+    def save(self, path: str | Path, kind: str, extra: Mapping[str, Any] | None = None) -> Path:
+        """``kind``: ``class-targets`` or ``class-means``; ``extra`` joins the metadata (e.g. the round)."""
+        return save_tensors(Path(path), self._tensors(), {"type": kind, "class-names": list(self.class_names), **(extra or {})})
+
+    @classmethod
+    def load(cls, path: str | Path, kind: str) -> tuple["ClassTensors", dict[str, Any]]:
+        """The inverse of :meth:`save`; a file of another type is an error naming the file."""
+        tensors, meta = load_tensors(Path(path))
+        if meta.get("type") != kind:
+            raise CheckpointError(f"'{path}' is not a {kind} file (type {meta.get('type')!r})")
+        names = meta.get("class-names")
+        if not isinstance(names, list):
+            raise CheckpointError(f"'{path}': metadata lacks 'class-names'")
+        return cls._from_tensors(tensors, names, f"'{path}'", CheckpointError), meta
+
+
+CLASS_TARGETS = "class-targets"  # ClassTensors.save kinds
+CLASS_MEANS_FILE = "class-means"
 
 
 def weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:

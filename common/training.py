@@ -22,14 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-log = logging.getLogger(__name__)
+from common.models.rng import seeded
 
-BRANCHES = ("clip", "t5")
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainSettings:
-    """The subset of the config the loop needs (keeps this module free of config parsing)."""
+    """The subset of the config the loop needs (keeps this module free of config parsing).
+
+    No field has a default: the values come from the ``train`` section (:meth:`from_config`), or,
+    for the server's KD and fine-tuning, from their own sections with ``train``'s loss weights.
+    """
 
     epochs: int
     batch_size: int
@@ -37,12 +41,13 @@ class TrainSettings:
     lr_t5: float
     weight_decay: float
     cosine_weight: float
-    contrastive_weight: float = 0.0
-    temperature: float = 0.1
-    seed: int = 0
+    contrastive_weight: float
+    temperature: float
+    seed: int
 
     @classmethod
     def from_config(cls, train_cfg, seed: int) -> "TrainSettings":
+        """From a :class:`~common.config.TrainConfig` section (``local-epochs`` -> ``epochs``)."""
         return cls(
             epochs=train_cfg.local_epochs,
             batch_size=train_cfg.batch_size,
@@ -70,8 +75,8 @@ def branch_loss(
     labels: Tensor,
     class_targets: Tensor,
     cosine_weight: float,
-    contrastive_weight: float = 0.0,
-    temperature: float = 0.1,
+    contrastive_weight: float,
+    temperature: float,
 ) -> Tensor:
     """Regression to the own class target plus an optional class-contrastive term.
 
@@ -136,7 +141,22 @@ def fit_adapters(
     """
     if n == 0:
         raise ValueError("no training embeddings: the node has no usable training clips")
-    adapters.to(torch.device(device)).train()
+    device = torch.device(device)
+    adapters.to(device).train()
+    # Dropout draws from the global RNG: seed it with settings.seed in a fork, so a run is
+    # reproducible on its own and the caller's RNG is left as it was.
+    with seeded(settings.seed, device):
+        history = _fit_loop(adapters, n, batch_loss, settings, log_prefix)
+    last = [h[-1] for h in history.values() if h]
+    if not all(math.isfinite(v) for v in last):
+        raise FloatingPointError(f"adapter training diverged: {dict(zip(history, last))}")
+    adapters.eval()
+    return history
+
+
+def _fit_loop(
+    adapters: nn.Module, n: int, batch_loss: BatchLoss, settings: TrainSettings, log_prefix: str
+) -> dict[str, list[float]]:
     optimizers = make_optimizers(adapters, settings)
     generator = torch.Generator().manual_seed(settings.seed)
     history: dict[str, list[float]] = {"loss_clip": [], "loss_t5": []}
@@ -158,10 +178,6 @@ def fit_adapters(
         level = logging.INFO if log_prefix else logging.DEBUG
         log.log(level, "%sepoch %d/%d: loss clip %.4f t5 %.4f", log_prefix, epoch + 1, settings.epochs,
                 history["loss_clip"][-1], history["loss_t5"][-1])
-    last = [h[-1] for h in history.values() if h]
-    if not all(math.isfinite(v) for v in last):
-        raise FloatingPointError(f"adapter training diverged: {dict(zip(history, last))}")
-    adapters.eval()
     return history
 
 

@@ -17,12 +17,15 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
+from common import seeds
 from common.config import FedA2VConfig
 from common.generator_bank import GeneratorBank
 from common.models.adapters import Adapters
 from common.records import ClassTensors, arrays_to_module
 from common.render.conditioning import adapter_conditioning, outputs_conditioning
 from common.render.jobs import images_dir, labels_to_classes, render_job, score_owner
+from server_app.round_state import RoundState
+from server_app.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ class GlobalRenderer:
         names = self.targets.class_names
         if bank is not None and arrays is not None:
             adapters = arrays_to_module(arrays, copy.deepcopy(self.template))
-            x, y = bank.sample_dataset({c: per_class for c in bank.classes}, names, seed=self.cfg.seed * 17 + server_round)
+            x, y = bank.sample_dataset({c: per_class for c in bank.classes}, names, seed=seeds.server_render_samples(self.cfg.seed, server_round))
             cond = adapter_conditioning(adapters, x, device=self.device)
             row_classes = labels_to_classes(y, names)
             sources = [f"server-generator#{i + 1}" for i in range(len(row_classes))]
@@ -62,3 +65,19 @@ class GlobalRenderer:
         scores = score_owner(self.cfg, out, "server", names, self.device)
         return {"server_images_rendered": float(report.written), "server_render_seconds": report.seconds,
                 **{f"server_{k}": v for k, v in scores.items()}}
+
+
+class RenderStep:
+    """The 'render' step, last of a round: global images once the round is safely on disk."""
+
+    name = "render"
+
+    def __init__(self, renderer: GlobalRenderer, summary: RunSummary) -> None:
+        self.renderer = renderer
+        self.summary = summary
+
+    def __call__(self, state: RoundState) -> None:
+        if not self.renderer.due(state.server_round):
+            return
+        state.render_metrics = self.renderer(state.server_round, state.arrays, state.global_means, state.server_bank)
+        self.summary.set(state.server_round, "render", state.render_metrics)

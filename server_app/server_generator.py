@@ -24,25 +24,36 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from common import seeds
+from common.config import ServerGeneratorConfig
 from common.generator_bank import GeneratorBank
 from common.models.generators import ConditionalGAN, GeneratorSpec, GeneratorTrainSettings
 from common.training import retrieval_correct
+from server_app.round_state import RoundState
+from server_app.run_context import ServerRun
 from server_app.synthetic import node_generator_samples
 from server_app.teachers import OwnerTeachers
 
 log = logging.getLogger(__name__)
 
-DATA_FREE_LR = 1e-3
+DATA_FREE_LR = 1e-3  # server-generator.lr = 0 means this for data-free training
 
 
 @dataclass
 class DataFreeSettings:
-    steps: int = 300
-    batch_size: int = 64
-    lr: float = DATA_FREE_LR
-    diversity_weight: float = 1.0
-    cosine_weight: float = 0.5
-    seed: int = 0
+    """The data-free training settings, all from ``[server-generator]`` (+ the adapters' cosine weight)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    diversity_weight: float
+    cosine_weight: float
+    seed: int
+
+    @classmethod
+    def from_config(cls, sg: ServerGeneratorConfig, cosine_weight: float, seed: int) -> "DataFreeSettings":
+        return cls(steps=sg.steps, batch_size=sg.batch_size, lr=sg.lr or DATA_FREE_LR,
+                   diversity_weight=sg.diversity_weight, cosine_weight=cosine_weight, seed=seed)
 
 
 def merge_generators(
@@ -171,3 +182,87 @@ def teacher_agreement(bank: GeneratorBank, teachers: OwnerTeachers, targets_clip
     acc_clip = retrieval_correct(out_clip.cpu(), targets_clip, y).float().mean()
     acc_t5 = retrieval_correct(out_t5.cpu(), targets_t5, y).float().mean()
     return float((acc_clip + acc_t5) / 2)
+
+
+# ----------------------------------------------------------------------------------- pipeline steps
+class ServerGeneratorStep:
+    """The 'server generator' step: continue training the one server generator, report how the
+    owners' teachers recognise its samples. The bank lives here across rounds and is put on the
+    round state for the steps after it (samples, checkpoint, render, the next train message)."""
+
+    name = "server generator"
+    mode = ""
+
+    def __init__(self, run: ServerRun, sg: ServerGeneratorConfig, spec: GeneratorSpec, seed: int) -> None:
+        self.run, self.sg, self.spec, self.seed = run, sg, spec, seed
+        self.bank: GeneratorBank | None = None
+
+    def train(self, state: RoundState, teachers: OwnerTeachers, seed: int) -> dict[str, float] | None:
+        raise NotImplementedError
+
+    def __call__(self, state: RoundState) -> None:
+        teachers = state.teachers(self.run)
+        if not teachers.node_ids:
+            log.warning("round %d: no teacher (no node sent adapters and class means): server generator not trained",
+                        state.server_round)
+            state.server_bank = self.bank
+            return
+        seed = seeds.server_round(self.seed, state.server_round)
+        metrics = self.train(state, teachers, seed)
+        state.server_bank = self.bank
+        if metrics is None or self.bank is None:
+            return
+        self.bank.to("cpu")  # samples are drawn on CPU; the teachers stay on the training device
+        metrics["server_gen_teacher_acc"] = teacher_agreement(
+            self.bank, teachers, self.run.targets.clip, self.run.targets.t5, 16, seed
+        )
+        state.metrics.update(metrics)
+        log.info("round %d: server generator (%s, %s) covers %d classes; teacher agreement %.3f", state.server_round,
+                 self.mode, self.sg.kind, len(self.bank.classes), metrics["server_gen_teacher_acc"])
+
+
+class MergeServerGenerator(ServerGeneratorStep):
+    """``merge``: trained on samples of the nodes' uploaded generators."""
+
+    mode = "merge"
+
+    def __init__(self, run: ServerRun, sg: ServerGeneratorConfig, spec: GeneratorSpec, seed: int,
+                 train_settings) -> None:
+        super().__init__(run, sg, spec, seed)
+        self.train_settings = train_settings  # seed -> GeneratorTrainSettings
+
+    def train(self, state: RoundState, teachers: OwnerTeachers, seed: int) -> dict[str, float] | None:
+        banks = state.replies.banks
+        if not banks:
+            log.warning("round %d: server-generator.mode='merge' but no node uploaded generators: skipped",
+                        state.server_round)
+            return None
+        self.bank, metrics = merge_generators(
+            self.spec, self.run.class_names, banks, state.replies.owner_counts(), self.sg.samples_per_class,
+            self.train_settings(seed), existing=self.bank,
+        )
+        return metrics
+
+
+class DataFreeServerGenerator(ServerGeneratorStep):
+    """``data-free``: trained against the owners' teachers and their reported class means."""
+
+    mode = "data-free"
+
+    def __init__(self, run: ServerRun, sg: ServerGeneratorConfig, spec: GeneratorSpec, seed: int,
+                 cosine_weight: float) -> None:
+        super().__init__(run, sg, spec, seed)
+        self.cosine_weight = cosine_weight
+
+    def train(self, state: RoundState, teachers: OwnerTeachers, seed: int) -> dict[str, float] | None:
+        names = self.run.class_names
+        covered = [names[i] for i in teachers.covered]
+        if self.bank is None or self.bank.classes != covered:
+            self.bank = new_data_free_bank(self.spec, names, teachers, seed)
+        settings = DataFreeSettings.from_config(self.sg, self.cosine_weight, seed)
+        return train_data_free(self.bank, teachers, settings, self.run.device)
+
+
+SERVER_GENERATORS: dict[str, type[ServerGeneratorStep]] = {
+    s.mode: s for s in (MergeServerGenerator, DataFreeServerGenerator)
+}

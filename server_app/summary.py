@@ -1,7 +1,8 @@
 """``summary.json``: the run's per-round, per-node and global metrics, rewritten after every round.
 
-Rewritten atomically each round so a crashed or stopped run still leaves a valid file with every
-completed round; the HTML run report to come reads this file.
+Rewritten atomically each round (by the 'summary' step, after the nodes evaluated and the
+checkpoints were written) so a crashed or stopped run still leaves a valid file with every
+completed round.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.checkpoints import atomic_write_json
+from common.atomic import atomic_write_json
+from server_app.round_state import RoundState
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,21 @@ class RunSummary:
         self.round_entry(server_round)[key] = value
         self.write()
 
+    def record_round(self, state: RoundState) -> None:
+        """Everything one round produced, written once."""
+        entry = self.round_entry(state.server_round)
+        entry["train"] = {"global": dict(state.metrics), "nodes": state.replies.metrics}
+        if state.replies.failures:
+            entry["train"]["failures"] = list(state.replies.failures)
+        if state.histories:
+            entry["server_training"] = state.histories
+        if state.global_means is not None:
+            means = state.global_means
+            entry["class_counts"] = dict(zip(means.class_names, means.counts.tolist()))
+        entry["evaluate"] = {"global": dict(state.evaluate_metrics), "nodes": dict(state.evaluate_nodes)}
+        entry["elapsed_seconds"] = round(time.time() - self._t0, 3)
+        self.write()
+
     def finish(self, final: dict[str, Any]) -> None:
         self.data["final"] = final
         self.data["run"]["total_seconds"] = round(time.time() - self._t0, 3)
@@ -47,3 +64,15 @@ class RunSummary:
 
     def write(self) -> None:
         atomic_write_json(self.path, self.data)
+
+
+class SummaryStep:
+    """The 'summary' step: the round's train, server-training and evaluation results into summary.json."""
+
+    name = "summary"
+
+    def __init__(self, summary: RunSummary) -> None:
+        self.summary = summary
+
+    def __call__(self, state: RoundState) -> None:
+        self.summary.record_round(state)

@@ -12,6 +12,7 @@ import logging
 import torch
 from torch import Tensor
 
+from common import seeds
 from common.generator_bank import GeneratorBank
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def node_generator_samples(
             continue
         for pid, n in zip(owners, split_count(per_class, [owner_counts[pid][cls] for pid in owners])):
             if n:
-                xs.append(banks[pid].sample(cls, n, seed * 1_000_003 + j * 1009 + pid))
+                xs.append(banks[pid].sample(cls, n, seeds.owner_class_stream(seed, j, pid)))
                 ys.append(torch.full((n,), j, dtype=torch.long))
     if skipped:
         log.warning("no uploaded generator covers class(es) %s: no synthetic samples for them", skipped)
@@ -64,3 +65,41 @@ def node_generator_samples(
 def bank_samples(bank: GeneratorBank, class_names: list[str], per_class: int, seed: int) -> tuple[Tensor, Tensor]:
     """``per_class`` embeddings of every class ``bank`` covers (labels index ``class_names``)."""
     return bank.sample_dataset({c: per_class for c in bank.classes}, class_names, seed)
+
+
+class SampleSource:
+    """Where the server's synthetic embeddings come from this round (``kd.samples-from``, resolved)."""
+
+    name = ""
+
+    def __init__(self, class_names: list[str]) -> None:
+        self.class_names = list(class_names)
+
+    def draw(self, state, per_class: int, seed: int) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class NodeGeneratorSamples(SampleSource):
+    """Each class from the generators its owners uploaded this round, split by their real counts."""
+
+    name = "node-generators"
+
+    def draw(self, state, per_class: int, seed: int) -> tuple[Tensor, Tensor]:
+        banks = state.replies.banks
+        if not banks:
+            raise RuntimeError(f"round {state.server_round}: kd.samples-from='node-generators' but no node uploaded generators")
+        return node_generator_samples(banks, state.replies.owner_counts(), self.class_names, per_class, seed)
+
+
+class ServerGeneratorSamples(SampleSource):
+    """Every class from the server generator (trained earlier in the round)."""
+
+    name = "server-generator"
+
+    def draw(self, state, per_class: int, seed: int) -> tuple[Tensor, Tensor]:
+        if state.server_bank is None:
+            raise RuntimeError("kd.samples-from='server-generator' but no server generator has been trained")
+        return bank_samples(state.server_bank, self.class_names, per_class, seed)
+
+
+SAMPLE_SOURCES: dict[str, type[SampleSource]] = {s.name: s for s in (NodeGeneratorSamples, ServerGeneratorSamples)}

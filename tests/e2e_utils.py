@@ -5,19 +5,21 @@ What they guarantee, and why:
 * **Isolation.** Every test gets its own ``FLWR_HOME`` (connections, installed FABs, the local
   SuperLink's database and log), its own output directory and a neutral working directory, so a
   developer's ``~/.flwr`` is never read or written and the local SuperLink never imports the app
-  from the checkout by accident (see DESIGN.md, "Flower 1.41 facts learned by hand").
+  from the checkout by accident (Flower's local SuperLink keeps the working directory of the first
+  ``flwr run``; see :mod:`common.launcher`).
 * **No fixed ports.** ``flwr run`` starts its local SuperLink on 39091/39093 unless
   ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` / ``FLWR_LOCAL_CONTROL_API_PORT`` say otherwise; the tests
   pick free ports so they neither collide with nor silently *reuse* a SuperLink that someone else
   (another session, a developer's demo) is running.
-* **Offline.** ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` (otherwise Flower installs the
-  app's dependencies with uv into a throw-away env), ``HF_HUB_OFFLINE=1``,
-  ``FLWR_DISABLE_UPDATE_CHECK=1``.
+* **Offline.** The launcher's defaults (``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``: otherwise
+  Flower installs the app's dependencies with uv into a throw-away env; ``HF_HUB_OFFLINE=1``), plus
+  ``TRANSFORMERS_OFFLINE=1`` and ``FLWR_DISABLE_UPDATE_CHECK=1``.
 * **Cleanup even on failure.** Every process the tests start runs in its own session, and every
-  environment carries a unique tag (``FEDA2V_E2E_TAG``). Teardown signals the process groups it
-  started, then sweeps ``/proc`` for any process carrying the tag -- this catches the detached local
-  SuperLink, SuperExec, ``flwr-simulation``/``flwr-serverapp``/``flwr-clientapp`` processes and Ray's
-  workers, which live in sessions of their own -- first with SIGTERM, then SIGKILL.
+  environment carries a unique run tag (``FEDA2V_RUN_TAG``, :mod:`common.launcher`). Teardown
+  signals the process groups it started, then sweeps ``/proc`` for any process carrying the tag --
+  this catches the detached local SuperLink, SuperExec, ``flwr-simulation``/``flwr-serverapp``/
+  ``flwr-clientapp`` processes and Ray's workers, which live in sessions of their own -- first with
+  SIGTERM, then SIGKILL (:func:`common.launcher.stop_tagged`).
 * **Bounded time.** Every foreground command has a timeout, and a wait on a foreground command
   aborts early when one of the background services it depends on dies.
 * **Diagnosable failures.** Output goes to log files under the test's tmp dir; a failing command's
@@ -32,14 +34,12 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,19 +47,19 @@ from typing import Any
 
 import pytest
 
-from common.flwr_cli import COMPLETED, ls_command, parse_run_id, parse_run_status
+from common import launcher
+from common.launcher import COMPLETED, RUN_TAG_VAR, ls_command, parse_run_id, parse_run_status
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-TAG_VAR = "FEDA2V_E2E_TAG"
+TAG_VAR = RUN_TAG_VAR
 
 # Ports that Flower uses by default: never hand them out, so a default-configured SuperLink or
 # SuperNode running on this machine does not collide with (or get reused by) a test.
 _RESERVED_PORTS = {8000, 9091, 9092, 9093, 9094, 9095, 39091, 39092, 39093, 39094}
 _HANDED_OUT: set[int] = set()
 
-TERM_GRACE_S = 15.0
-KILL_GRACE_S = 5.0
+TERM_GRACE_S = launcher.TERM_GRACE_S
+KILL_GRACE_S = launcher.KILL_GRACE_S
 
 
 # ------------------------------------------------------------------------------------------ ports
@@ -75,54 +75,7 @@ def free_port() -> int:
     raise RuntimeError("could not find a free TCP port")
 
 
-# ---------------------------------------------------------------------------------------- processes
-def tagged_pids(tag: str, marker: str | None = None) -> list[int]:
-    """PIDs of live (non-zombie) processes whose environment carries ``FEDA2V_E2E_TAG=<tag>``.
-
-    Without /proc (macOS), falls back to processes whose command line contains ``marker`` (the
-    test's tmp dir, which the local SuperLink's ``--log-file``/``--database`` arguments name).
-    """
-    if not Path("/proc/self/environ").exists():
-        if not marker:
-            return []
-        ps = subprocess.run(["ps", "-axo", "pid=,command="], capture_output=True, text=True, check=False)
-        return [
-            int(line.split(None, 1)[0])
-            for line in ps.stdout.splitlines()
-            if marker in line and line.split(None, 1)[0].isdigit() and int(line.split(None, 1)[0]) != os.getpid()
-        ]
-    needle = f"{TAG_VAR}={tag}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:  # gone, or not ours
-            continue
-        if needle in environ.split(b"\0"):
-            pids.append(int(entry.name))
-    return pids
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return "?"
-
-
-def _signal_pid(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    # Each process was started with start_new_session=True, so its pgid is its pid.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
-
-
+# ---------------------------------------------------------------------------------------- logs
 def tail(path: Path, lines: int = 60) -> str:
     try:
         text = Path(path).read_text(errors="replace")
@@ -169,7 +122,7 @@ class E2EEnv:
         self.out = self.root / "out"
         for d in (self.flwr_home, self.cwd, self.logs, self.out):
             d.mkdir(parents=True, exist_ok=True)
-        self.tag = uuid.uuid4().hex
+        self.tag = launcher.new_run_tag()
         self.local_superlink_port = free_port()
         self.local_control_port = free_port()
         self._started: list[_Started] = []
@@ -183,29 +136,27 @@ class E2EEnv:
 
     # ------------------------------------------------------------------ environment
     def _base_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "PYTEST_"))}
-        env.update(
-            {
-                "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "PYTEST_", TAG_VAR))}
+        base["HF_HUB_OFFLINE"] = "1"  # forced, not just defaulted
+        return launcher.run_env(
+            base,
+            tag=self.tag,
+            extra={
                 "FLWR_HOME": str(self.flwr_home),
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                 "FLWR_DISABLE_UPDATE_CHECK": "1",
                 "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.local_superlink_port),
                 "FLWR_LOCAL_CONTROL_API_PORT": str(self.local_control_port),
-                "HF_HUB_OFFLINE": "1",
                 "TRANSFORMERS_OFFLINE": "1",
                 "FEDA2V_CACHE": str(self.cache_dir),
                 "PYTHONUNBUFFERED": "1",
                 "COLUMNS": "200",  # keep rich/typer from wrapping error messages mid-word
-                TAG_VAR: self.tag,
-            }
+            },
         )
-        return env
 
     def env_with(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         env = dict(self.env)
         env.update(extra or {})
-        env[TAG_VAR] = self.tag  # never let a caller drop the cleanup tag
+        env[TAG_VAR] = self.env[TAG_VAR]  # never let a caller drop the cleanup tag
         return env
 
     def _log_path(self, name: str) -> Path:
@@ -321,12 +272,8 @@ class E2EEnv:
         watch: Iterable[subprocess.Popen] = (),
         env: Mapping[str, str] | None = None,
     ) -> Result:
-        cmd = ["flwr", "run", str(REPO_ROOT)]
-        if superlink:
-            cmd.append(superlink)
-        if federation_config:
-            cmd += ["--federation-config", federation_config]
-        cmd += ["--run-config", run_config, "--stream"]
+        cmd = launcher.flwr_run_command(REPO_ROOT, superlink=superlink, federation_config=federation_config,
+                                        run_config=[run_config])
         return self.run(name, cmd, timeout=timeout, watch=watch, env=env)
 
     @staticmethod
@@ -356,52 +303,14 @@ class E2EEnv:
 
     # ------------------------------------------------------------------ teardown
     def _stop(self, started: list[_Started]) -> None:
-        for s in started:
-            if s.proc.poll() is None:
-                _signal_group(s.proc, signal.SIGTERM)
-        deadline = time.monotonic() + TERM_GRACE_S
-        for s in started:
-            try:
-                s.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal_group(s.proc, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    s.proc.wait(timeout=KILL_GRACE_S)
+        launcher.stop_groups([s.proc for s in started], TERM_GRACE_S, KILL_GRACE_S)
 
     def cleanup(self) -> list[str]:
         """Stop everything this test started; return descriptions of processes that would not die."""
-        # 1. The process groups we started ourselves (SuperLink, SuperNodes, flwr CLI).
-        for s in self._started:
-            if s.proc.poll() is None:
-                _signal_group(s.proc, signal.SIGTERM)
-        # 2. Everything else carrying our tag: the detached local SuperLink, SuperExecs, app processes, Ray.
-        for pid in tagged_pids(self.tag, str(self.root)):
-            _signal_pid(pid, signal.SIGTERM)
-        deadline = time.monotonic() + TERM_GRACE_S
-        while time.monotonic() < deadline:
-            for s in self._started:
-                s.proc.poll()  # reap our own children
-            if all(s.proc.returncode is not None for s in self._started) and not tagged_pids(self.tag, str(self.root)):
-                break
-            time.sleep(0.2)
-        # 3. SIGKILL whatever is left.
-        for s in self._started:
-            if s.proc.poll() is None:
-                _signal_group(s.proc, signal.SIGKILL)
-        for pid in tagged_pids(self.tag, str(self.root)):
-            _signal_pid(pid, signal.SIGKILL)
-        leftovers = []
-        deadline = time.monotonic() + KILL_GRACE_S
-        while time.monotonic() < deadline:
-            for s in self._started:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    s.proc.wait(timeout=0.05)
-            pids = tagged_pids(self.tag, str(self.root))
-            if not pids:
-                break
-            time.sleep(0.2)
-        else:
-            leftovers = [f"{pid}: {_cmdline(pid)}" for pid in tagged_pids(self.tag, str(self.root))]
+        # The process groups we started ourselves (SuperLink, SuperNodes, flwr CLI), then everything
+        # else carrying our tag: the detached local SuperLink, SuperExecs, app processes, Ray.
+        leftovers = launcher.stop_tagged(self.tag, marker=str(self.root), groups=[s.proc for s in self._started],
+                                         term_grace_s=TERM_GRACE_S, kill_grace_s=KILL_GRACE_S)
         for s in self._started:
             if s.handle is not None:
                 s.handle.close()

@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 import client_app.node_data as node_data
-from client_app.app import evaluate, train
+from client_app.app import NODE_DATA, evaluate, train
 from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config
 from common.data.synth import synthesize_dataset
 from common.local_run import server_content as local_server_content
@@ -51,7 +51,6 @@ def server_content(cfg, server_round: int = 1) -> RecordDict:
 
 def test_node_partitions_are_disjoint_and_test_clips_never_trained(data_root, tmp_path):
     cfg = load_config(run_config(data_root, tmp_path))
-    node_data._MEMO.clear()
     nodes = [node_data.load_node_data(cfg, NodeRuntimeConfig(partition_id=i, num_partitions=3)) for i in range(3)]
     trains = [set(n.splits["train"].clip_ids) for n in nodes]
     held_out = set().union(*(set(n.splits["test"].clip_ids) | set(n.splits["val"].clip_ids) for n in nodes))
@@ -71,7 +70,6 @@ def test_bad_file_is_skipped_counted_and_named(data_root, tmp_path, caplog):
     victim = sorted((root / "audio").glob("*.wav"))[0]
     victim.write_bytes(b"this is not a wav file")
     cfg = load_config(run_config(root, tmp_path))
-    node_data._MEMO.clear()
     with caplog.at_level(logging.WARNING):
         data = node_data.load_node_data(cfg, NodeRuntimeConfig(partition_id=0, num_partitions=1))
     assert data.skipped_files == 1
@@ -82,7 +80,7 @@ def test_bad_file_is_skipped_counted_and_named(data_root, tmp_path, caplog):
 
 def test_train_reply_records_and_privacy_rule(data_root, tmp_path):
     cfg = load_config(run_config(data_root, tmp_path))
-    node_data._MEMO.clear()
+    NODE_DATA.clear()  # a fresh ClientApp process
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
                   run_config=run_config(data_root, tmp_path))
     reply = train(make_message(server_content(cfg)), ctx)
@@ -150,6 +148,8 @@ def test_target_class_mismatch_is_a_clear_error(data_root, tmp_path):
 def test_generator_training_mode_checkpoints_on_node_and_ships_bank_to_server(data_root, tmp_path):
     from common.generator_bank import load_bank
     from common.records import GENERATORS, GENERATORS_META, bank_from_records
+    from server_app.pipeline import build_pipelines
+    from server_app.run_context import ServerRun
     from server_app.strategy import FedA2VStrategy
     from server_app.summary import RunSummary
 
@@ -178,12 +178,13 @@ def test_generator_training_mode_checkpoints_on_node_and_ships_bank_to_server(da
     # the server stores every node's generators under its run directory
     targets = class_targets(cfg, CLASSES)
     acfg = adapter_config(cfg, 768, 4096)
-    strategy = FedA2VStrategy(
-        targets=targets, aggregation="fedavg", template=build_adapters(cfg, acfg), adapter_config=acfg.to_dict(),
-        run_dir=tmp_path / "run", summary=RunSummary(tmp_path / "run" / "summary.json", {}), num_rounds=1,
-        checkpoint_every=1, config_hash="h",
-    )
-    strategy.aggregate_train(1, [reply])
+    run = ServerRun(run_dir=tmp_path / "run", targets=targets, template=build_adapters(cfg, acfg),
+                    adapter_config=acfg.to_dict(), config_hash="h", num_rounds=1, device=torch.device("cpu"))
+    server_cfg = cfg.model_copy(update={"num_rounds": 1, "render": cfg.render.model_copy(update={"when": "off"})})
+    pipelines = build_pipelines(server_cfg, run, RunSummary(tmp_path / "run" / "summary.json", {}))
+    strategy = FedA2VStrategy(targets=targets, round_pipeline=pipelines.round, after_round=pipelines.after_round)
+    arrays, _ = strategy.aggregate_train(1, [reply])
+    strategy.after_round(1, arrays)  # the round's side effects: checkpoints (node generators included)
     stored = sorted(p.name for p in (tmp_path / "run" / "generators").glob("*.safetensors"))
     assert "generator_node0_class_dog.safetensors" in stored
 
@@ -198,3 +199,18 @@ def test_generator_only_mode_leaves_adapters_untouched(data_root, tmp_path):
     back = train(msg, ctx).content["arrays"].to_torch_state_dict()
     assert all(torch.equal(sent[k], back[k]) for k in sent)
     assert (tmp_path / "c" / "generator_node1.safetensors").is_file()
+
+
+def test_node_image_dir_comes_from_the_run_name_not_a_server_path(tmp_path):
+    """node-config image-dir > render.output-dir > <output-dir>/<run-name>/images, resolved on the node."""
+    from client_app.app import node_run_dir
+    from common.render.jobs import images_dir
+
+    cfg = load_config({"output-dir": str(tmp_path / "out")})
+    run_dir = node_run_dir(cfg, "run-1")
+    assert run_dir == (tmp_path / "out" / "run-1").resolve()
+    assert images_dir(cfg, run_dir) == run_dir / "images"
+    assert node_run_dir(cfg, "") is None
+    own = load_config({"output-dir": str(tmp_path / "out"), "render.output-dir": str(tmp_path / "imgs")})
+    assert images_dir(own, node_run_dir(own, "run-1")) == tmp_path / "imgs"
+    assert images_dir(own, node_run_dir(own, "run-1"), str(tmp_path / "node")) == tmp_path / "node"

@@ -3,6 +3,7 @@ client integration and CLI. Tiny AST, 1-s clips."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import torch
 from flwr.app import Context, RecordDict
 
 import client_app.node_data as node_data
-from client_app.app import train
+from client_app.app import NODE_DATA, train
 from common import cli
 from common.cache import ClipId, EmbeddingStore, ExtractionSettings, embed_clips, open_store
 from common.cache.store import TENSOR
@@ -33,7 +34,9 @@ import cache_helpers  # noqa: E402
 from test_client_app import make_message, run_config, server_content  # noqa: E402
 
 CLASSES = ["dog", "siren", "rain"]
-SETTINGS = ExtractionSettings(clip_seconds=1.0, tokens=4, batch_size=8)
+SETTINGS = ExtractionSettings.from_config(
+    load_config({"data.clip-seconds": 1.0, "audio-encoder.tokens": 4, "audio-encoder.batch-size": 8, "seed": 0})
+)
 HELPERS = Path(__file__).parent / "cache_helpers.py"
 
 
@@ -59,6 +62,12 @@ def logs(caplog):
     logger.propagate = old
 
 
+def ast_args(**change) -> dict:
+    """SETTINGS (with ``change``) as keyword arguments of AudioEncoder.build / audio_encoder_identity."""
+    s = dataclasses.replace(SETTINGS, **change)
+    return dict(sample_rate=s.sample_rate, reduction=s.reduction, tokens=s.tokens, dtype=s.dtype, seed=s.seed)
+
+
 def clips_of(root: Path):
     return read_esc50(root)[0]
 
@@ -76,24 +85,24 @@ def store_of(root: Path, cache: Path, settings: ExtractionSettings = SETTINGS) -
 
 # ----------------------------------------------------------------------------------- key / identity
 def test_identity_needs_no_model_and_matches_the_built_encoder(tmp_path, monkeypatch):
-    enc = AudioEncoder.build("tiny", 1.0, tokens=4, seed=5)
-    assert enc.identity() == audio_encoder_identity("tiny", 1.0, tokens=4, seed=5)
+    enc = AudioEncoder.build("tiny", 1.0, **ast_args(seed=5))
+    assert enc.identity() == audio_encoder_identity("tiny", 1.0, **ast_args(seed=5))
     enc.save_pretrained(tmp_path / "ast")
-    built = AudioEncoder.build(str(tmp_path / "ast"), 1.0, tokens=4).identity()
+    built = AudioEncoder.build(str(tmp_path / "ast"), 1.0, **ast_args()).identity()
 
     def boom(*a, **k):
         raise AssertionError("the identity must not build or load a model")
 
     monkeypatch.setattr("transformers.ASTModel.from_pretrained", boom)
     monkeypatch.setattr("transformers.ASTModel.__init__", boom)
-    ident = audio_encoder_identity(str(tmp_path / "ast"), 1.0, tokens=4)
+    ident = audio_encoder_identity(str(tmp_path / "ast"), 1.0, **ast_args())
     assert ident == built and "files_sha256" in ident
     for key in ("sample_rate", "clip_seconds", "max_length", "reduction", "tokens", "dtype"):
         assert key in ident
     assert ident["max_length"] == 98
     monkeypatch.undo()
-    AudioEncoder.build("tiny", 1.0, tokens=4, seed=6).save_pretrained(tmp_path / "ast")  # new weights, same folder
-    assert audio_encoder_identity(str(tmp_path / "ast"), 1.0, tokens=4)["files_sha256"] != ident["files_sha256"]
+    AudioEncoder.build("tiny", 1.0, **ast_args(seed=6)).save_pretrained(tmp_path / "ast")  # new weights, same folder
+    assert audio_encoder_identity(str(tmp_path / "ast"), 1.0, **ast_args())["files_sha256"] != ident["files_sha256"]
 
 
 def test_second_pass_hits_everything_and_equals_uncached_extraction(dataset, tmp_path):
@@ -126,7 +135,7 @@ def test_key_field_change_is_a_miss_and_the_log_names_the_field(dataset, tmp_pat
     clips = clips_of(dataset)[:3]
     embed_clips(clips, SETTINGS, store_of(dataset, tmp_path))
     if change.get("model") == "ast-folder":
-        AudioEncoder.build("tiny", 1.0, tokens=4, seed=SETTINGS.seed).save_pretrained(tmp_path / "ast")
+        AudioEncoder.build("tiny", 1.0, **ast_args()).save_pretrained(tmp_path / "ast")
         change = {"model": str(tmp_path / "ast")}
     other = ExtractionSettings(**{**SETTINGS.__dict__, **change})
     logs.clear()
@@ -281,7 +290,6 @@ def test_fully_cached_node_builds_no_model_and_opens_no_audio(dataset, tmp_path,
     rc = run_config(dataset, tmp_path, **{"audio-encoder.tokens": 4})
     cfg = load_config(rc)
     node = NodeRuntimeConfig(partition_id=0, num_partitions=2)
-    node_data._MEMO.clear()
     first = node_data.load_node_data(cfg, node)
     total = sum(len(s) for s in first.splits.values())
     assert first.stats.misses == total and first.stats.hits == 0
@@ -295,14 +303,13 @@ def test_fully_cached_node_builds_no_model_and_opens_no_audio(dataset, tmp_path,
     monkeypatch.setattr("transformers.ASTFeatureExtractor.__init__", boom)
     monkeypatch.setattr(sf, "read", boom)
     monkeypatch.setattr(sf, "SoundFile", boom)
-    node_data._MEMO.clear()
     second = node_data.load_node_data(cfg, node)
     assert (second.stats.hits, second.stats.misses, second.stats.extract_seconds) == (total, 0, 0.0)
     for name in ("train", "val", "test"):
         assert torch.equal(first.splits[name].embeddings, second.splits[name].embeddings)
         assert second.splits[name].clip_ids == first.splits[name].clip_ids
 
-    node_data._MEMO.clear()  # the ClientApp reports the same in its train reply
+    NODE_DATA.clear()  # the ClientApp reports the same in its train reply
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config=rc)
     metrics = train(make_message(content), ctx).content["metrics"]
     assert metrics["cache_hits"] == total and metrics["cache_misses"] == 0
@@ -313,7 +320,6 @@ def test_fully_cached_node_builds_no_model_and_opens_no_audio(dataset, tmp_path,
 
 def test_cache_switch_off_writes_nothing(dataset, tmp_path):
     cfg = load_config(run_config(dataset, tmp_path, **{"audio-encoder.cache": False, "audio-encoder.tokens": 4}))
-    node_data._MEMO.clear()
     data = node_data.load_node_data(cfg, NodeRuntimeConfig(partition_id=0, num_partitions=2))
     assert data.stats.hits == 0 and data.stats.misses > 0
     assert not (tmp_path / "embeddings").exists()

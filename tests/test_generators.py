@@ -52,6 +52,12 @@ def _spec(kind: str = "vae", num_classes: int = 2, **kw) -> GeneratorSpec:
     return GeneratorSpec(**base)
 
 
+def _settings(**kw) -> GeneratorTrainSettings:
+    """Generator training settings for these tiny tests (batch 32, per-kind lr, seed 0, no step floor)."""
+    base = dict(batch_size=32, lr=None, seed=0, min_steps=0)
+    return GeneratorTrainSettings(**{**base, **kw})
+
+
 def _mixture(n_per_class: int = 64, num_classes: int = 2, seed: int = 0, offset: float = 0.0):
     """Well separated classes in (L, H) with a large common offset (exercises standardisation)."""
     g = torch.Generator().manual_seed(seed)
@@ -65,7 +71,7 @@ def _mixture(n_per_class: int = 64, num_classes: int = 2, seed: int = 0, offset:
 def _bank(granularity: str, kind: str = "vae", epochs: int = 2) -> GeneratorBank:
     x, y, _ = _mixture(n_per_class=6, num_classes=len(NAMES))
     bank = GeneratorBank.create(_spec(kind), granularity, NAMES, GROUPS if granularity == "per_group" else None, seed=0)
-    bank.train(x, y, NAMES, GeneratorTrainSettings(epochs=epochs, batch_size=8))
+    bank.train(x, y, NAMES, _settings(epochs=epochs, batch_size=8))
     return bank
 
 
@@ -76,7 +82,7 @@ def test_spec_round_trips_and_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown GeneratorSpec key.*colour.*size"):
         GeneratorSpec.from_dict({**spec.to_dict(), "size": 1, "colour": 2})
     with pytest.raises(ValueError, match="kind"):
-        GeneratorSpec(kind="diffusion")  # type: ignore[arg-type]
+        _spec("diffusion")
     with pytest.raises(ValueError, match="latent_dim"):
         _spec(latent_dim=0)
 
@@ -95,7 +101,7 @@ def test_training_reduces_loss_and_moves_class_samples_to_their_means(kind):
     # fit), so the class separation below is learned by the generator itself.
     model.fit_normalization(x)
     before = model.sample(labels, torch.Generator().manual_seed(1))
-    history = train_generator(model, x, y, GeneratorTrainSettings(epochs=60 if kind == "vae" else 100, batch_size=32, seed=0))
+    history = train_generator(model, x, y, _settings(epochs=60 if kind == "vae" else 100, batch_size=32, seed=0))
     after = model.sample(labels, g)
 
     if kind == "vae":
@@ -119,7 +125,7 @@ def test_training_reduces_loss_and_moves_class_samples_to_their_means(kind):
 def test_sample_is_in_original_scale_and_reproducible():
     x, y, _ = _mixture(offset=100.0)
     model = build_generator(_spec(), seed=0)
-    train_generator(model, x, y, GeneratorTrainSettings(epochs=2, batch_size=32))
+    train_generator(model, x, y, _settings(epochs=2, batch_size=32))
     assert torch.allclose(model.mean, x.mean(0)) and bool(model.normalization_fitted)
     labels = torch.tensor([0, 1, 1])
     a = model.sample(labels, torch.Generator().manual_seed(5))
@@ -129,15 +135,15 @@ def test_sample_is_in_original_scale_and_reproducible():
     with pytest.raises(ValueError, match="model-local class indices"):
         model.sample(torch.tensor([2]))
     with pytest.raises(ValueError, match=r"\[N, 2, 4\]"):
-        train_generator(model, torch.zeros(4, 3, 4), torch.zeros(4, dtype=torch.long), GeneratorTrainSettings(epochs=1))
+        train_generator(model, torch.zeros(4, 3, 4), torch.zeros(4, dtype=torch.long), _settings(epochs=1))
 
 
 def test_normalization_is_kept_when_training_continues():
     x, y, _ = _mixture()
     model = build_generator(_spec(), seed=0)
-    train_generator(model, x, y, GeneratorTrainSettings(epochs=1))
+    train_generator(model, x, y, _settings(epochs=1))
     mean = model.mean.clone()
-    train_generator(model, x + 10.0, y, GeneratorTrainSettings(epochs=1))
+    train_generator(model, x + 10.0, y, _settings(epochs=1))
     assert torch.equal(model.mean, mean)
 
 
@@ -312,13 +318,13 @@ def test_bank_sampling_and_training_errors():
     fresh = GeneratorBank.create(_spec(), "per_class", NAMES)
     xs, ys, _ = _mixture(n_per_class=4, num_classes=3)  # no 'rain' clips
     with pytest.raises(ValueError, match="no training embeddings for generator class\\(es\\): rain"):
-        fresh.train(xs, ys, NAMES, GeneratorTrainSettings(epochs=1))
+        fresh.train(xs, ys, NAMES, _settings(epochs=1))
 
 
 def test_bank_evaluate_reports_per_class_and_pooled_quality():
     x, y, _ = _mixture(n_per_class=12, num_classes=len(NAMES), seed=1)
     bank = GeneratorBank.create(_spec(), "unified", NAMES, seed=0)
-    bank.train(x[:32], y[:32], NAMES, GeneratorTrainSettings(epochs=5, batch_size=16))
+    bank.train(x[:32], y[:32], NAMES, _settings(epochs=5, batch_size=16))
     quality = bank.evaluate(x[32:], y[32:], NAMES, reference=x[:32], reference_labels=y[:32], k=2)
     assert set(quality) == set(NAMES) | {"all"}
     assert quality["all"]["n_real"] == 16 and quality["all"]["n_fake"] == 32

@@ -33,6 +33,12 @@ TEMPLATE = "a photo of a {label}"
 SR = 16000
 
 
+def build_ast(model: str, clip_seconds: float, **kw) -> AudioEncoder:
+    """AudioEncoder.build with this module's test settings (8 pooled tokens, fp32, seed 0) unless given."""
+    settings = dict(sample_rate=SR, reduction="pool", tokens=8, dtype="float32", seed=0)
+    return AudioEncoder.build(model, clip_seconds, **{**settings, **kw})
+
+
 def _waves(n: int, seconds: float, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     t = torch.arange(int(seconds * SR)) / SR
@@ -42,20 +48,20 @@ def _waves(n: int, seconds: float, seed: int = 0) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------- AST
 def test_ast_frames():
-    assert ast_frames(5.0) == 498
-    assert ast_frames(10.0) == 998
-    assert ast_frames(10.24) == 1022
+    assert ast_frames(5.0, SR) == 498
+    assert ast_frames(10.0, SR) == 998
+    assert ast_frames(10.24, SR) == 1022
     for n in (400, 401, 559, 560, 16000, 80123):
-        assert ast_frames(n / SR) == 1 + (n - 400) // 160
+        assert ast_frames(n / SR, SR) == 1 + (n - 400) // 160
     with pytest.raises(ValueError):
-        ast_frames(0.01)
+        ast_frames(0.01, SR)
 
 
 @pytest.mark.parametrize("seconds", [5.0, 10.0])
 @pytest.mark.parametrize("reduction,tokens", [("cls", 8), ("pool", 8), ("pool", 3)])
 def test_tiny_ast_shapes(seconds, reduction, tokens):
-    enc = AudioEncoder.build("tiny", clip_seconds=seconds, reduction=reduction, tokens=tokens)
-    assert enc.max_length == ast_frames(seconds)
+    enc = build_ast("tiny", clip_seconds=seconds, reduction=reduction, tokens=tokens)
+    assert enc.max_length == ast_frames(seconds, SR)
     assert enc.feature_extractor.max_length == enc.max_length
     assert enc.hidden_size == TINY_AST["hidden_size"]
     emb = enc.encode(_waves(3, seconds), batch_size=2)
@@ -68,7 +74,7 @@ def test_tiny_ast_shapes(seconds, reduction, tokens):
 
 
 def test_pool_is_frequency_bands_of_patch_sequence():
-    enc = AudioEncoder.build("tiny", clip_seconds=5.0, reduction="pool", tokens=12)
+    enc = build_ast("tiny", clip_seconds=5.0, reduction="pool", tokens=12)
     n_f, n_t = enc.grid
     assert (n_f, n_t) == (12, 49)
     hidden = torch.randn(2, 2 + n_f * n_t, enc.hidden_size)
@@ -78,35 +84,35 @@ def test_pool_is_frequency_bands_of_patch_sequence():
     assert torch.allclose(red, per_row, atol=1e-6)
     assert not torch.allclose(red, red.mean(1, keepdim=True).expand_as(red))  # CLS/distill tokens excluded, bands differ
     with pytest.raises(ValueError):
-        AudioEncoder.build("tiny", clip_seconds=5.0, reduction="pool", tokens=n_f * n_t + 1)
+        build_ast("tiny", clip_seconds=5.0, reduction="pool", tokens=n_f * n_t + 1)
 
 
 def test_tiny_ast_deterministic_by_seed():
     w = _waves(2, 5.0)
-    a = AudioEncoder.build("tiny", 5.0, seed=0)
-    b = AudioEncoder.build("tiny", 5.0, seed=0)
-    c = AudioEncoder.build("tiny", 5.0, seed=1)
-    ea = a.encode(w)
-    assert torch.equal(ea, b.encode(w))
-    assert not torch.allclose(ea, c.encode(w))
+    a = build_ast("tiny", 5.0, seed=0)
+    b = build_ast("tiny", 5.0, seed=0)
+    c = build_ast("tiny", 5.0, seed=1)
+    ea = a.encode(w, batch_size=32)
+    assert torch.equal(ea, b.encode(w, batch_size=32))
+    assert not torch.allclose(ea, c.encode(w, batch_size=32))
     assert a.identity() == b.identity()
     assert a.identity() != c.identity()
     json.dumps(a.identity())  # JSON-able
     ident = a.identity()
     for key in ("model", "seed", "tiny_config", "sample_rate", "clip_seconds", "max_length", "reduction", "tokens", "dtype"):
         assert key in ident
-    assert AudioEncoder.build("tiny", 5.0, reduction="cls").identity() != ident
+    assert build_ast("tiny", 5.0, reduction="cls").identity() != ident
 
 
 def test_save_pretrained_roundtrip(tmp_path):
     w = _waves(3, 5.0)
-    enc = AudioEncoder.build("tiny", 5.0, seed=3)
+    enc = build_ast("tiny", 5.0, seed=3)
     enc.save_pretrained(tmp_path / "ast")
     assert (tmp_path / "ast" / "model.safetensors").is_file()
     assert (tmp_path / "ast" / "preprocessor_config.json").is_file()
-    again = AudioEncoder.build(str(tmp_path / "ast"), 5.0)
+    again = build_ast(str(tmp_path / "ast"), 5.0)
     assert again.max_length == enc.max_length
-    assert torch.equal(enc.encode(w), again.encode(w, progress=True))
+    assert torch.equal(enc.encode(w, batch_size=32), again.encode(w, batch_size=32, progress=True))
     assert again.weights_sha256() == enc.weights_sha256()
     assert again.identity()["model"] == str(tmp_path / "ast")
     assert "files_sha256" in again.identity() and "seed" not in again.identity()
@@ -123,7 +129,7 @@ def test_pretrained_1024_is_cropped_along_time(tmp_path):
     hidden = orig.shape[-1]
     assert orig.shape[1] == 2 + 12 * 101
 
-    enc = AudioEncoder.build(str(tmp_path / "ast1024"), clip_seconds=5.0)
+    enc = build_ast(str(tmp_path / "ast1024"), clip_seconds=5.0)
     assert enc.max_length == 498 == enc.model.config.max_length
     assert enc.feature_extractor.max_length == 498
     pos = enc.model.embeddings.position_embeddings.detach()
@@ -138,7 +144,7 @@ def test_pretrained_1024_is_cropped_along_time(tmp_path):
     for k, v in sd_src.items():
         if k != "embeddings.position_embeddings":
             assert torch.equal(v, sd_new[k]), k
-    emb = enc.encode(_waves(2, 5.0))
+    emb = enc.encode(_waves(2, 5.0), batch_size=32)
     assert emb.shape == (2, 8, hidden)
 
 
@@ -169,7 +175,7 @@ def test_legacy_classification_checkpoint_loads(tmp_path):
     save_file({legacy(k): v.contiguous() for k, v in sd.items()}, str(tmp_path / "clf" / "model.safetensors"),
               metadata={"format": "pt"})
 
-    enc = AudioEncoder.build(str(tmp_path / "clf"), clip_seconds=5.0)
+    enc = build_ast(str(tmp_path / "clf"), clip_seconds=5.0)
     prefix = "audio_spectrogram_transformer."
     loaded = enc.model.state_dict()
     for k, v in sd.items():
@@ -181,22 +187,22 @@ def test_legacy_classification_checkpoint_loads(tmp_path):
 
 
 def test_shorter_checkpoint_is_interpolated_for_longer_clips(tmp_path):
-    AudioEncoder.build("tiny", 5.0, seed=2).save_pretrained(tmp_path / "ast5")
-    enc = AudioEncoder.build(str(tmp_path / "ast5"), clip_seconds=10.0, reduction="cls")
+    build_ast("tiny", 5.0, seed=2).save_pretrained(tmp_path / "ast5")
+    enc = build_ast(str(tmp_path / "ast5"), clip_seconds=10.0, reduction="cls")
     assert enc.max_length == 998 and enc.grid == (12, 99)
     assert enc.model.embeddings.position_embeddings.shape[1] == 2 + 12 * 99
-    assert enc.encode(_waves(1, 10.0)).shape == (1, 1, TINY_AST["hidden_size"])
+    assert enc.encode(_waves(1, 10.0), batch_size=32).shape == (1, 1, TINY_AST["hidden_size"])
 
 
 def test_missing_model_path_raises_model_load_error(tmp_path):
     missing = tmp_path / "no" / "such-ast"
     with pytest.raises(ModelLoadError, match="such-ast") as err:
-        AudioEncoder.build(str(missing), 5.0)
+        build_ast(str(missing), 5.0)
     assert isinstance(err.value, ValueError)
     assert "tiny" in str(err.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="config.json"):
-        AudioEncoder.build(str(tmp_path / "empty"), 5.0)
+        build_ast(str(tmp_path / "empty"), 5.0)
 
 
 # ----------------------------------------------------------------------------------- text targets
@@ -307,7 +313,8 @@ def test_tiny_text_encoders_in_flux_layout_load_by_path(tmp_path, tiny_text):
 
 # ----------------------------------------------------------------------------------- adapters
 def test_adapter_shapes_and_both_branches_get_gradients():
-    cfg = AdapterConfig(in_dim=64, in_tokens=8, t5_tokens=16, hidden_dim=64, heads=4, dropout=0.1)
+    cfg = AdapterConfig(in_dim=64, in_tokens=8, clip_dim=FLUX_CLIP_DIM, t5_dim=FLUX_T5_DIM, t5_tokens=16, hidden_dim=64,
+                        heads=4, dropout=0.1)
     assert AdapterConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="bogus"):
         AdapterConfig.from_dict({**cfg.to_dict(), "bogus": 1})
@@ -336,7 +343,8 @@ def test_adapter_shapes_and_both_branches_get_gradients():
 
 
 def test_adapter_cls_embedding_and_module_api():
-    cfg = AdapterConfig(in_dim=32, in_tokens=1, t5_tokens=4, hidden_dim=32, heads=2, dropout=0.0)
+    cfg = AdapterConfig(in_dim=32, in_tokens=1, clip_dim=FLUX_CLIP_DIM, t5_dim=FLUX_T5_DIM, t5_tokens=4, hidden_dim=32,
+                        heads=2, dropout=0.0)
     model = Adapters(cfg)
     clip, t5 = model(torch.randn(3, 1, 32))
     assert clip.shape == (3, 768) and t5.shape == (3, 4, 4096)

@@ -11,7 +11,7 @@ import transformers
 from flwr.app import Context, RecordDict
 
 import client_app.node_data as node_data
-from client_app.app import evaluate, train
+from client_app.app import NODE_DATA, evaluate, train
 from client_app.pretrained import synthetic_train_set
 from common.config import ConfigError, NodeRuntimeConfig, load_config
 from common.generator_bank import GeneratorCheckpointError
@@ -32,11 +32,11 @@ def run1(data_root, tmp_path):  # noqa: F811
     """Run 1 (generator-only, unified VAE): checkpoints in ckpt/, embeddings in the cache."""
     ckpt = tmp_path / "ckpt"
     rc = run_config(data_root, tmp_path, **{"generator.mode": "generator-only", "generator.epochs": 20})
-    node_data._MEMO.clear()
+    NODE_DATA.clear()  # a fresh ClientApp process
     ctx = _context(rc, ckpt)
     train(make_message(server_content(load_config(rc), 1)), ctx)
     evaluate(make_message(server_content(load_config(rc), 1)), ctx)
-    node_data._MEMO.clear()  # run 2 is a new process
+    NODE_DATA.clear()  # run 2 is a new process
     return rc, ckpt
 
 
@@ -122,7 +122,7 @@ def test_node_overrides_granularity_and_generator_classes(data_root, tmp_path): 
         "data.partition": "explicit", "nodes.0.classes": "dog,siren,rain", "nodes.1.classes": "dog,siren,rain",
         "nodes.0.generator-granularity": "per_class", "nodes.0.generator-classes": "dog,rain",
     })
-    node_data._MEMO.clear()
+    NODE_DATA.clear()  # a fresh ClientApp process
     train(make_message(server_content(load_config(rc), 1)), _context(rc, ckpt, pid=0))
     train(make_message(server_content(load_config(rc), 1)), _context(rc, ckpt, pid=1))
     names = sorted(p.name for p in ckpt.glob("*.safetensors") if "_round_" not in p.name)

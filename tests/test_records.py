@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.records import ClassTensors, RecordError, arrays_to_module, module_to_arrays, weighted_mean
-from server_app.strategy import aggregate_metrics
+from server_app.metrics import aggregate_metrics
 
 
 def test_weighted_fedavg_on_known_arrays():

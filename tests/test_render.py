@@ -15,7 +15,7 @@ from common.cli import main as cli_main
 from common.config import load_config
 from common.factory import adapter_config, build_adapters
 from common.generator_bank import GeneratorBank, GeneratorCheckpointError, save_bank
-from common.models.generators import GeneratorTrainSettings
+from common.models.generators import GeneratorSpec, GeneratorTrainSettings
 from common.records import ClassTensors
 from common.render.backend import Conditioning
 from common.render.conditioning import with_oracle
@@ -118,10 +118,11 @@ def run_dir(tmp_path):
                  {"type": "class-targets", "class-names": CLASSES})
     save_tensors(run / "class_means.safetensors", {"clip": torch.randn(3, 768), "t5": torch.randn(3, 4, 4096),
                                                     "counts": torch.tensor([4, 4, 4])}, {"type": "class-means", "class-names": CLASSES})
-    spec = cfg.generator.spec(acfg.in_tokens, acfg.in_dim)
+    spec = GeneratorSpec.from_config(cfg.generator, acfg.in_tokens, acfg.in_dim)
     bank = GeneratorBank.create(spec, "per_class", ["dog", "rain"], known_classes=CLASSES)
     x = torch.randn(12, acfg.in_tokens, acfg.in_dim)
-    bank.train(x, torch.tensor([0] * 6 + [1] * 6), CLASSES, GeneratorTrainSettings(epochs=2, batch_size=4))
+    bank.train(x, torch.tensor([0] * 6 + [1] * 6), CLASSES,
+               GeneratorTrainSettings(epochs=2, batch_size=4, lr=None, seed=0, min_steps=0))
     save_bank(bank, run / "generators", "generator", 2, 3, 1, "key")
     return run
 
@@ -223,7 +224,7 @@ def test_server_renders_global_images_from_its_generator_or_the_class_means(tmp_
     metrics = renderer(3, None, means, None)
     assert metrics["server_images_rendered"] == 2
     assert {e["source"] for e in read_manifest(tmp_path / "images")} == {"class-mean"}
-    bank = GeneratorBank.create(cfg.generator.spec(acfg.in_tokens, acfg.in_dim), "unified", CLASSES)
+    bank = GeneratorBank.create(GeneratorSpec.from_config(cfg.generator, acfg.in_tokens, acfg.in_dim), "unified", CLASSES)
     renderer.run_dir = tmp_path / "with-bank"
     renderer(3, module_to_arrays(build_adapters(cfg, acfg)), means, bank)
     entries = read_manifest(tmp_path / "with-bank" / "images")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-import client_app.node_data as node_data
-import server_app.server_training as server_training
-from client_app.app import train
+import server_app.aggregators.kd as kd_module
+import server_app.finetune as finetune_module
+from client_app.app import NODE_DATA, train
 from common.config import ConfigError, load_config
 from common.factory import adapter_config, build_adapters
 from common.generator_bank import GeneratorBank
@@ -29,7 +29,7 @@ from common.records import (
 from common.training import TrainSettings
 from server_app.app import class_targets
 from server_app.finetune import finetune
-from server_app.kd import distill
+from server_app.aggregators.kd import distill
 from server_app.server_generator import (
     DataFreeSettings,
     merge_generators,
@@ -37,6 +37,8 @@ from server_app.server_generator import (
     teacher_agreement,
     train_data_free,
 )
+from server_app.pipeline import build_pipelines
+from server_app.run_context import ServerRun
 from server_app.strategy import FedA2VStrategy
 from server_app.summary import RunSummary
 from server_app.teachers import OwnerTeachers
@@ -48,7 +50,7 @@ NAMES = ["a", "b", "c", "d"]
 
 def small_adapters(seed: int) -> Adapters:
     torch.manual_seed(seed)
-    return Adapters(AdapterConfig(in_dim=DIM, in_tokens=TOKENS, clip_dim=8, t5_dim=12, t5_tokens=3, hidden_dim=16, heads=2))
+    return Adapters(AdapterConfig(in_dim=DIM, in_tokens=TOKENS, clip_dim=8, t5_dim=12, t5_tokens=3, hidden_dim=16, heads=2, dropout=0.1))
 
 
 def means_for(classes: list[str], counts: list[int]) -> ClassTensors:
@@ -99,19 +101,19 @@ def test_kd_trains_both_branches_toward_teachers():
 
 
 def _bank(kind: str, classes: list[str], seed: int, shift: float) -> GeneratorBank:
-    spec = GeneratorSpec(kind=kind, tokens=TOKENS, dim=DIM, latent_dim=4, hidden_dim=16, token_dim=8)
+    spec = GeneratorSpec(kind=kind, tokens=TOKENS, dim=DIM, latent_dim=4, hidden_dim=16, num_layers=2, token_dim=8)
     bank = GeneratorBank.create(spec, "unified", classes, seed=seed)
     x = torch.randn(10 * len(classes), TOKENS, DIM) + shift
     y = torch.tensor([NAMES.index(c) for c in classes]).repeat_interleave(10)
-    bank.train(x, y, NAMES, GeneratorTrainSettings(epochs=3, batch_size=8, seed=seed))
+    bank.train(x, y, NAMES, GeneratorTrainSettings(epochs=3, batch_size=8, lr=None, seed=seed, min_steps=0))
     return bank
 
 
 def test_merge_covers_every_class_of_the_federation():
     banks = {0: _bank("vae", ["a", "b"], 0, 0.0), 1: _bank("vae", ["c"], 1, 3.0), 2: _bank("gan", ["d"], 2, -3.0)}
     counts = {0: {"a": 10, "b": 10}, 1: {"c": 10}, 2: {"d": 10}}
-    spec = GeneratorSpec(kind="vae", tokens=TOKENS, dim=DIM, latent_dim=4, hidden_dim=16, token_dim=8)
-    merged, metrics = merge_generators(spec, NAMES, banks, counts, 12, GeneratorTrainSettings(epochs=2, batch_size=8))
+    spec = GeneratorSpec(kind="vae", tokens=TOKENS, dim=DIM, latent_dim=4, hidden_dim=16, num_layers=2, token_dim=8)
+    merged, metrics = merge_generators(spec, NAMES, banks, counts, 12, GeneratorTrainSettings(epochs=2, batch_size=8, lr=None, seed=0, min_steps=0))
     assert merged.classes == NAMES and merged.granularity == "unified" and len(merged.units) == 1
     assert metrics["server_gen_train_samples"] == 48
     assert merged.sample("c", 5, seed=0).shape == (5, TOKENS, DIM)
@@ -125,10 +127,10 @@ def test_data_free_generator_learns_what_the_owners_recognise():
     means = {0: ClassTensors(["a", "b"], targets.clip[:2], targets.t5[:2], torch.tensor([5, 5])),
              1: ClassTensors(["c", "d"], targets.clip[2:], targets.t5[2:], torch.tensor([5, 5]))}
     owners = OwnerTeachers.build(NAMES, teachers, means)
-    spec = GeneratorSpec(kind="gan", tokens=TOKENS, dim=DIM, latent_dim=4, hidden_dim=32, token_dim=8)
+    spec = GeneratorSpec(kind="gan", tokens=TOKENS, dim=DIM, latent_dim=4, hidden_dim=32, num_layers=2, token_dim=8)
     bank = new_data_free_bank(spec, NAMES, owners, seed=0)
     before = teacher_agreement(bank, owners, targets.clip, targets.t5, 32, seed=1)
-    metrics = train_data_free(bank, owners, DataFreeSettings(steps=300, batch_size=32, lr=1e-2, diversity_weight=0.5))
+    metrics = train_data_free(bank, owners, DataFreeSettings(steps=300, batch_size=32, lr=1e-2, diversity_weight=0.5, cosine_weight=0.5, seed=0))
     after = teacher_agreement(bank, owners, targets.clip, targets.t5, 32, seed=1)
     assert after >= 0.9 and after > before, (before, after, metrics)
     samples = bank.sample("a", 16, seed=3)
@@ -139,7 +141,8 @@ def test_finetune_anchor_pulls_class_means_and_needs_teachers_for_teacher_target
     adapters = small_adapters(0)
     targets = ClassTensors(NAMES, torch.randn(4, 8), torch.randn(4, 3, 12))
     anchors = ClassTensors(["a", "c"], torch.full((2, 8), 3.0), torch.full((2, 3, 12), -2.0), torch.tensor([4, 4]))
-    x, y = torch.randn(64, TOKENS, DIM), torch.arange(4).repeat(16)
+    y = torch.arange(4).repeat(16)
+    x = torch.randn(64, TOKENS, DIM) + y[:, None, None].float()  # the class is visible in the input
     finetune(adapters, x, y, targets, settings(epochs=60, contrastive_weight=0.0, cosine_weight=0.0), target="text",
              anchors=anchors, anchor_weight=50.0)
     with torch.no_grad():
@@ -158,7 +161,7 @@ def _node_replies(data_root, tmp_path, extra: dict):  # noqa: F811
         "nodes.0.classes": "dog,siren", "nodes.1.classes": "rain", **extra,
     })
     cfg = load_config(rc)
-    node_data._MEMO.clear()
+    NODE_DATA.clear()  # a fresh ClientApp process
     replies = []
     for pid in (0, 1):
         ctx = Context(run_id=1, node_id=7, state=RecordDict(), run_config=rc,
@@ -171,14 +174,14 @@ def _strategy(cfg, tmp_path) -> FedA2VStrategy:
     targets = class_targets(cfg, CLASSES)
     acfg = adapter_config(cfg, 768, 4096)
     template = build_adapters(cfg, acfg)
-    trainer = server_training.ServerTrainer(cfg, targets, template, tmp_path / "run")
-    strategy = FedA2VStrategy(
-        targets=targets, aggregation=cfg.aggregation, template=build_adapters(cfg, acfg), adapter_config=acfg.to_dict(),
-        run_dir=tmp_path / "run", summary=RunSummary(tmp_path / "run" / "summary.json", {}), num_rounds=1,
-        checkpoint_every=1, config_hash="h", server_trainer=trainer,
-        send_server_generator=cfg.server_generator.send_to_nodes,
-    )
+    run = ServerRun(run_dir=tmp_path / "run", targets=targets, template=build_adapters(cfg, acfg),
+                    adapter_config=acfg.to_dict(), config_hash="h", num_rounds=1, device=torch.device("cpu"))
+    summary = RunSummary(tmp_path / "run" / "summary.json", {})
+    pipelines = build_pipelines(cfg, run, summary)
+    strategy = FedA2VStrategy(targets=targets, round_pipeline=pipelines.round, after_round=pipelines.after_round,
+                              send_server_generator=cfg.server_generator.send_to_nodes)
     strategy.sent_arrays = module_to_arrays(template)
+    strategy.summary = summary  # for the assertions below
     return strategy
 
 
@@ -220,8 +223,8 @@ def test_kd_round_through_the_strategy_honours_config(data_root, tmp_path, monke
             return fn(adapters, *args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(server_training, "distill", spy("kd", server_training.distill))
-    monkeypatch.setattr(server_training, "finetune", spy("finetune", server_training.finetune))
+    monkeypatch.setattr(kd_module, "distill", spy("kd", kd_module.distill))
+    monkeypatch.setattr(finetune_module, "finetune", spy("finetune", finetune_module.finetune))
     strategy = _strategy(cfg, tmp_path)
     arrays, metrics = strategy.aggregate_train(1, replies)
     teachers, x, y, kd_settings = calls["kd"][0][:4]
@@ -237,7 +240,8 @@ def test_kd_round_through_the_strategy_honours_config(data_root, tmp_path, monke
     fedavg = replies[0].content["arrays"].to_torch_state_dict()  # the global weights are KD's, not an average
     new = arrays.to_torch_state_dict()
     assert any(not torch.equal(new[k], fedavg[k]) for k in new)
-    summary = strategy.run_summary.data["rounds"][0]["server_training"]
+    strategy.after_round(1, arrays)
+    summary = strategy.summary.data["rounds"][0]["server_training"]
     assert len(summary["kd"]["loss_t5"]) == 3 and len(summary["finetune"]["loss_clip"]) == 2
 
 
@@ -253,8 +257,9 @@ def test_server_generator_merge_is_checkpointed_and_sent_to_nodes(data_root, tmp
     cfg, replies = _node_replies(data_root, tmp_path, extra)
     assert cfg.sample_source() == "server-generator"
     strategy = _strategy(cfg, tmp_path)
-    _, metrics = strategy.aggregate_train(1, replies)
-    assert strategy.server_trainer.server_bank.classes == CLASSES
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert strategy.state.server_bank.classes == CLASSES
+    strategy.after_round(1, arrays)
     assert (tmp_path / "run" / "generators" / "generator_server.safetensors").is_file()
     assert (tmp_path / "run" / "generators" / "generator_server_round_1.safetensors").is_file()
     assert 0.0 <= metrics["server_gen_teacher_acc"] <= 1.0
@@ -295,5 +300,6 @@ def test_data_free_kd_round_needs_no_uploaded_generators(data_root, tmp_path):  
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None and metrics["kd_samples"] == 4 * 3
     assert "server_gen_match" in metrics and 0.0 <= metrics["server_gen_teacher_acc"] <= 1.0
+    strategy.after_round(1, arrays)
     assert (tmp_path / "run" / "generators" / "generator_server_round_1.safetensors").is_file()
-    assert strategy.server_trainer.server_bank.classes == CLASSES
+    assert strategy.state.server_bank.classes == CLASSES

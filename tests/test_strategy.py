@@ -1,4 +1,5 @@
-"""Server strategy: extra records popped, count-weighted class means, checkpoints, summary."""
+"""Server strategy: replies parsed without modifying them, count-weighted class means, and the
+round's side effects (checkpoints, summary) only in the after-round step."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import torch
 from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 
 from common.checkpoints import load_adapters
+from common.config import load_config
 from common.models.adapters import AdapterConfig, Adapters
 from common.records import CLASS_MEANS, CLASS_MEANS_META, ClassTensors, module_to_arrays
+from server_app.pipeline import build_pipelines
+from server_app.run_context import ServerRun
 from server_app.strategy import FedA2VStrategy
 from server_app.summary import RunSummary
 
@@ -30,10 +34,12 @@ def reply(pid: int, weights: Adapters, n: int, means: ClassTensors) -> Message:
 def make_strategy(tmp_path, aggregation="fedavg", rounds=2):
     targets = ClassTensors(NAMES, torch.randn(3, 6), torch.randn(3, 2, 5))
     summary = RunSummary(tmp_path / "summary.json", {"classes": NAMES})
-    return FedA2VStrategy(
-        targets=targets, aggregation=aggregation, template=Adapters(ACFG), adapter_config=ACFG.to_dict(),
-        run_dir=tmp_path, summary=summary, num_rounds=rounds, checkpoint_every=1, config_hash="abc",
-    )
+    cfg = load_config({"aggregation": aggregation, "num-rounds": rounds, "checkpoint-every": 1})
+    run = ServerRun(run_dir=tmp_path, targets=targets, template=Adapters(ACFG), adapter_config=ACFG.to_dict(),
+                    config_hash="abc", num_rounds=rounds, device=torch.device("cpu"))
+    pipelines = build_pipelines(cfg, run, summary)
+    assert pipelines.round.step_names == ["aggregate adapters"]
+    return FedA2VStrategy(targets=targets, round_pipeline=pipelines.round, after_round=pipelines.after_round)
 
 
 def test_aggregate_train_merges_class_means_by_count_and_checkpoints(tmp_path):
@@ -50,13 +56,15 @@ def test_aggregate_train_merges_class_means_by_count_and_checkpoints(tmp_path):
     assert torch.allclose(arrays.to_torch_state_dict()[key], expected, atol=1e-6)
     assert metrics["num-examples"] == 5
     # class means: dog only from node 0; siren = (3*1 + 1*5) / 4 = 2; rain absent
-    means = strategy.class_means[1]
+    means = strategy.state.global_means
     assert means.class_names == ["dog", "siren"]
     assert means.counts.tolist() == [1, 4]
     assert torch.allclose(means.clip[1], torch.full((6,), 2.0))
     assert torch.allclose(means.clip[0], torch.ones(6))
-    # the extra records were popped before FedAvg saw the replies
-    assert all(CLASS_MEANS not in r.content for r in replies)
+    # the replies are left as they came; aggregation wrote nothing
+    assert all(CLASS_MEANS in r.content for r in replies)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "summary.json").exists()
+    assert strategy.after_round(1, arrays) is None  # side effects: checkpoint, summary (no render in round 1 of 2)
     adapters, meta = load_adapters(tmp_path / "checkpoints" / "adapters_round_1.safetensors", ACFG.to_dict())
     assert meta["round"] == 1 and meta["class-names"] == NAMES and meta["config-hash"] == "abc"
     assert (tmp_path / "checkpoints" / "adapters.safetensors").is_file()
@@ -71,6 +79,7 @@ def test_aggregation_none_keeps_no_global_weights_and_saves_node_adapters(tmp_pa
     m = ClassTensors(["dog"], torch.ones(1, 6), torch.ones(1, 2, 5), torch.tensor([2]))
     arrays, metrics = strategy.aggregate_train(1, [reply(0, a, 2, m), reply(1, b, 2, m)])
     assert arrays is None and metrics is not None
+    strategy.after_round(1, module_to_arrays(a))
     for pid in (0, 1):
         assert (tmp_path / "checkpoints" / f"adapters_node{pid}.safetensors").is_file()
     assert not (tmp_path / "checkpoints" / "adapters.safetensors").exists()

@@ -55,9 +55,10 @@ def test_mixed_batch_loss_uses_each_samples_own_target():
     _, _, t_clip, _ = _toy()
     labels = torch.tensor([0, 1, 2, 1])
     pred = t_clip[labels].clone()  # perfect per-sample prediction
-    assert branch_loss(pred, labels, t_clip, cosine_weight=0.5).item() == pytest.approx(0.0, abs=1e-6)
+    assert branch_loss(pred, labels, t_clip, cosine_weight=0.5, contrastive_weight=0.0, temperature=0.1).item() == pytest.approx(0.0, abs=1e-6)
     # the earlier code base's collate (every sample toward the first sample's class) would be wrong here
-    assert branch_loss(t_clip[labels[:1]].expand_as(pred), labels, t_clip, cosine_weight=0.5).item() > 0.1
+    assert branch_loss(t_clip[labels[:1]].expand_as(pred), labels, t_clip, cosine_weight=0.5,
+                       contrastive_weight=0.0, temperature=0.1).item() > 0.1
 
 
 def test_training_on_mixed_batches_learns_every_class():
@@ -74,7 +75,7 @@ def test_training_on_mixed_batches_learns_every_class():
 def test_contrastive_term_is_honoured_and_changes_the_loss():
     x, y, t_clip, _ = _toy()
     pred = torch.randn(len(y), D_CLIP)
-    plain = branch_loss(pred, y, t_clip, 0.0, contrastive_weight=0.0)
+    plain = branch_loss(pred, y, t_clip, 0.0, contrastive_weight=0.0, temperature=0.1)
     contrast = branch_loss(pred, y, t_clip, 0.0, contrastive_weight=1.0, temperature=0.1)
     assert contrast > plain
     x, y, t_clip, t_t5 = _toy()
@@ -100,6 +101,25 @@ def test_training_is_deterministic_for_a_seed():
     l1 = train_adapters(a1, x, y, t_clip, t_t5, _settings(epochs=2))
     l2 = train_adapters(a2, x, y, t_clip, t_t5, _settings(epochs=2))
     assert l1 == l2
+
+
+def test_training_with_dropout_is_seeded_by_its_settings_and_leaves_the_global_rng_alone():
+    """Dropout draws from the global RNG: fit_adapters seeds it from settings.seed in a fork."""
+    x, y, t_clip, t_t5 = _toy()
+
+    def trained(global_seed: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        adapters = Adapters(AdapterConfig(in_dim=H, in_tokens=L, clip_dim=D_CLIP, t5_dim=D_T5, t5_tokens=N_T5,
+                                          hidden_dim=32, heads=4, dropout=0.3))
+        torch.manual_seed(global_seed)  # whatever the caller's RNG holds must not matter
+        before = torch.random.get_rng_state()
+        train_adapters(adapters, x, y, t_clip, t_t5, _settings(epochs=2, seed=seed))
+        assert torch.equal(torch.random.get_rng_state(), before)  # the caller's RNG is untouched
+        return adapters.state_dict()
+
+    a, b, c = trained(1), trained(2), trained(1, seed=5)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_empty_training_set_is_a_clear_error():

@@ -8,13 +8,11 @@ they drift. Run ``python tools/sync_config_docs.py`` after changing the schema.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common.config import FedA2VConfig, flatten, markdown_reference
 
-from common.config import FedA2VConfig, flatten, markdown_reference  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # the checkout whose files this rewrites
 
 TABLE_HEAD = "| key | type | default | description |"
 

@@ -31,33 +31,39 @@ from common.cache.key import cache_key_fields
 from common.cache.store import ClipId, EmbeddingStore
 from common.data.audio import load_clips
 from common.data.esc50 import Clip
+from common.dtypes import torch_dtype
 from common.models.audio_encoder import AudioEncoder, audio_encoder_identity
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EmbedResult", "EmbedStats", "ExtractionSettings", "LazyEncoder", "embed_clips", "open_store"]
 
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
 
 @dataclass(frozen=True)
 class ExtractionSettings:
-    """Everything the extraction path needs; ``identity()`` is the part that changes an embedding."""
+    """Everything the extraction path needs; ``identity()`` is the part that changes an embedding.
 
-    model: str = "tiny"
-    clip_seconds: float = 5.0
-    sample_rate: int = 16000
-    reduction: str = "pool"
-    tokens: int = 12
-    dtype: str = "float32"  # AST compute dtype
-    seed: int = 0
-    storage_dtype: str = "float16"
-    batch_size: int = 32
-    device: str = "cpu"
+    No field has a default: build it with :meth:`from_config` (``audio-encoder.*``, ``data.*`` and
+    ``seed``); ``device`` is where the AST runs (:func:`common.factory.resolve_device`).
+    """
+
+    model: str
+    clip_seconds: float
+    sample_rate: int
+    reduction: str
+    tokens: int
+    dtype: str  # AST compute dtype
+    seed: int
+    storage_dtype: str
+    batch_size: int
+    device: str
 
     @classmethod
     def from_config(cls, cfg: Any, device: str = "cpu") -> "ExtractionSettings":
-        """From a :class:`~common.config.FedA2VConfig` (the tiny AST's seed is the run seed)."""
+        """From a :class:`~common.config.FedA2VConfig` (the tiny AST's seed is the run seed).
+
+        ``device`` only places the AST; it is not part of the cache key.
+        """
         ae = cfg.audio_encoder
         return cls(
             model=ae.model,
@@ -151,7 +157,7 @@ def open_store(cache_root: Path, dataset_root: Path, settings: ExtractionSetting
 
 
 def _round(emb: torch.Tensor, storage_dtype: str) -> torch.Tensor:
-    stored = emb.to(_TORCH_DTYPES[storage_dtype])
+    stored = emb.to(torch_dtype(storage_dtype))
     if not torch.isfinite(stored).all():
         log.warning("embeddings overflow %s (max |x| = %.3g); set audio-encoder.cache-dtype to bfloat16 or float32",
                     storage_dtype, float(emb.abs().max()))

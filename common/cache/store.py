@@ -50,18 +50,19 @@ import torch
 from filelock import FileLock, Timeout
 from safetensors import safe_open
 
+from common.atomic import atomic_write_bytes, atomic_write_json
 from common.cache.key import CACHE_FORMAT, cache_key, dataset_id, diff_fields
-from common.checkpoints import atomic_write_bytes, atomic_write_json, save_tensors
+from common.checkpoints import save_tensors
+from common.dtypes import torch_dtype
+from common.errors import FedA2VError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ClipId", "EmbeddingStore", "IndexCorrupt", "VerifyReport", "list_stores", "row_crc32"]
 
 TENSOR = "embeddings"
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _KEY_DIR_CHARS = 16
 _STALE_TMP_SECONDS = 3600.0
-_logged_key_changes: set[str] = set()
 
 
 class ClipId(NamedTuple):
@@ -81,7 +82,7 @@ class ClipId(NamedTuple):
         return cls(rel_path, int(st.st_size), int(st.st_mtime_ns))
 
 
-class IndexCorrupt(ValueError):
+class IndexCorrupt(FedA2VError, ValueError):
     """index.json is unreadable, truncated or fails its checksum."""
 
 
@@ -153,6 +154,7 @@ class EmbeddingStore:
         self.index_path = self.dir / "index.json"
         self.lock_timeout = lock_timeout
         self._cached: tuple[tuple[int, int, int], _Index] | None = None
+        self._key_change_logged = False  # _log_key_change says it once per store object
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -384,7 +386,7 @@ class EmbeddingStore:
             raise ValueError(f"{len(ids)} clip ids for {embeddings.shape[0]} embeddings")
         if not ids:
             return ""
-        emb = embeddings.detach().to("cpu", _TORCH_DTYPES[self.storage_dtype]).contiguous()
+        emb = embeddings.detach().to("cpu", torch_dtype(self.storage_dtype)).contiguous()
         crcs = [row_crc32(emb[i]) for i in range(emb.shape[0])]
         self._ensure_layout()
         name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
@@ -439,10 +441,10 @@ class EmbeddingStore:
             self._write_index(index)
 
     def _log_key_change(self) -> None:
-        """No cache under this key: if the dataset has others, say which key fields differ (once)."""
-        if self.fields is None or str(self.dir) in _logged_key_changes:
+        """No cache under this key: if the dataset has others, say which key fields differ (once per store)."""
+        if self.fields is None or self._key_change_logged:
             return
-        _logged_key_changes.add(str(self.dir))
+        self._key_change_logged = True
         others: list[tuple[int, str, list[tuple[str, Any, Any]]]] = []
         parent = self.dir.parent
         for key_json in sorted(parent.glob("*/key.json")) if parent.is_dir() else []:

@@ -1,6 +1,6 @@
 """Decode clip files into fixed-length mono float32 tensors at the model's sample rate.
 
-The data path is one direction (DESIGN.md): file --soundfile--> mono float32 --torchaudio resample--> 16 kHz,
+The data path is one direction: file --soundfile--> mono float32 --torchaudio resample--> 16 kHz,
 padded/trimmed to the clip length. Every clip comes out with the same number of samples, so batches stack without a
 custom collate, and the AST ``max_length`` can be derived from the clip length alone.
 
@@ -22,12 +22,14 @@ import soundfile as sf
 import torch
 import torchaudio
 
+from common.errors import FedA2VError
+
 from .esc50 import Clip
 
 logger = logging.getLogger(__name__)
 
 
-class AudioLoadError(Exception):
+class AudioLoadError(FedA2VError):
     """A clip file that cannot be turned into audio; ``str()`` names the file and the reason."""
 
     def __init__(self, path: Path | str, reason: str) -> None:

@@ -10,8 +10,8 @@ The reader only turns that folder into :class:`Clip` records; decoding audio is 
 so listing a dataset stays cheap (no torch import, no file reads beyond the csv and ``stat``).
 
 Labels are indices into the *selected* class list, never the csv ``target``: a run on 5 of the 50 classes needs
-labels 0..4, and every node must derive the same mapping from the same configuration. (The old code base gave
-every clip the first class's label -- see DESIGN.md, defect 8 -- so the mapping is explicit and tested here.)
+labels 0..4, and every node must derive the same mapping from the same configuration. (An earlier code base gave
+every clip the first class's label, so the mapping is explicit and tested here.)
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.errors import FedA2VError
+
 logger = logging.getLogger(__name__)
 
 ESC50_COLUMNS = ("filename", "fold", "target", "category", "esc10", "src_file", "take")
@@ -29,7 +31,7 @@ META_RELPATH = Path("meta") / "esc50.csv"
 AUDIO_DIRNAME = "audio"
 
 
-class DatasetError(ValueError):
+class DatasetError(FedA2VError, ValueError):
     """A problem with a dataset the user pointed us at; the message names the file, column or class."""
 
 

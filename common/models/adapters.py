@@ -25,14 +25,21 @@ __all__ = ["AdapterConfig", "Adapters", "BranchAdapter"]
 
 @dataclass
 class AdapterConfig:
+    """The adapters' architecture: the config's ``adapter.*`` section plus the dims it is derived from.
+
+    No field has a default: build it with :func:`common.factory.adapter_config` (input dims from the
+    audio encoder, output dims from the text targets, ``t5_tokens`` from ``text-encoder.t5-tokens``,
+    the rest from ``adapter.*``) or read it back from a checkpoint with :meth:`from_dict`.
+    """
+
     in_dim: int
     in_tokens: int
-    clip_dim: int = 768
-    t5_dim: int = 4096
-    t5_tokens: int = 16
-    hidden_dim: int = 512
-    heads: int = 8
-    dropout: float = 0.1
+    clip_dim: int
+    t5_dim: int
+    t5_tokens: int
+    hidden_dim: int
+    heads: int
+    dropout: float
 
     def __post_init__(self) -> None:
         for name in ("in_dim", "in_tokens", "clip_dim", "t5_dim", "t5_tokens", "hidden_dim", "heads"):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import os
 import re
@@ -37,7 +36,10 @@ import torch
 import torch.nn.functional as F
 from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
 
+from common.dtypes import torch_dtype
+from common.errors import FedA2VError
 from common.models.fingerprint import files_fingerprint
+from common.models.rng import seeded
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,6 @@ __all__ = [
     "audio_encoder_identity",
     "build_tiny_ast",
     "hf_offline",
-    "identity_key",
     "resize_time_positions",
 ]
 
@@ -73,11 +74,10 @@ TINY_AST: dict[str, Any] = dict(
 # or resampling, fbank settings, the reduction): every embedding cache is then invalidated.
 EXTRACTION_VERSION = 1
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(FedA2VError, ValueError):
     """A model (or its tokenizer/feature extractor) cannot be loaded from what is available offline."""
 
 
@@ -97,8 +97,8 @@ def _load_hint(model: str) -> str:
     )
 
 
-def ast_frames(clip_seconds: float, sample_rate: int = 16000) -> int:
-    """Number of kaldi fbank frames (25 ms window, 10 ms shift, snip_edges) of a clip: 5 s -> 498, 10 s -> 998."""
+def ast_frames(clip_seconds: float, sample_rate: int) -> int:
+    """Number of kaldi fbank frames (25 ms window, 10 ms shift, snip_edges) of a clip: 5 s -> 498, 10 s -> 998 at 16 kHz."""
     if clip_seconds <= 0 or sample_rate <= 0:
         raise ValueError(f"clip_seconds and sample_rate must be positive, got {clip_seconds}, {sample_rate}")
     num_samples = int(round(clip_seconds * sample_rate))
@@ -124,8 +124,7 @@ def build_tiny_ast(max_length: int, seed: int = 0) -> ASTModel:
     observable. The global RNG state is left untouched.
     """
     config = ASTConfig(**TINY_AST, max_length=int(max_length))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = ASTModel(config)
         emb = model.embeddings
         with torch.no_grad():
@@ -224,16 +223,20 @@ class AudioEncoder:
         cls,
         model: str,
         clip_seconds: float,
-        sample_rate: int = 16000,
-        reduction: str = "pool",
-        tokens: int = 8,
-        dtype: str = "float32",
+        *,
+        sample_rate: int,
+        reduction: str,
+        tokens: int,
+        dtype: str,
+        seed: int,
         device: str = "cpu",
-        seed: int = 0,
     ) -> "AudioEncoder":
-        """``model``: ``"tiny"``, a local folder (``save_pretrained`` layout) or a hub id in the local cache."""
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        """``model``: ``"tiny"``, a local folder (``save_pretrained`` layout) or a hub id in the local cache.
+
+        No setting has a default here: they come from the config (``audio-encoder.*``, ``data.*``,
+        ``seed``) through :meth:`common.cache.embed.ExtractionSettings.from_config`.
+        """
+        compute_dtype = torch_dtype(dtype)
         max_length = ast_frames(clip_seconds, sample_rate)
         model = str(model)
         if model == "tiny":
@@ -248,7 +251,7 @@ class AudioEncoder:
         fe.sampling_rate = int(sample_rate)
         fe.num_mel_bins = ast.config.num_mel_bins
         ast.requires_grad_(False)
-        ast.to(device=device, dtype=_DTYPES[dtype]).eval()
+        ast.to(device=device, dtype=compute_dtype).eval()
         return cls(
             ast,
             fe,
@@ -270,7 +273,7 @@ class AudioEncoder:
         patches = hidden[:, 2:]  # [B, F*T, H], frequency-major
         return F.adaptive_avg_pool1d(patches.transpose(1, 2), self.tokens).transpose(1, 2)
 
-    def encode(self, waveforms: torch.Tensor, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+    def encode(self, waveforms: torch.Tensor, batch_size: int, progress: bool = False) -> torch.Tensor:
         """[N, S] mono waveforms at ``sample_rate`` -> [N, L, H] float32 CPU embeddings."""
         wav = torch.as_tensor(waveforms)
         if wav.ndim == 1:
@@ -285,7 +288,7 @@ class AudioEncoder:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=n, desc="AST embeddings", unit="clip")
-        model_dtype = _DTYPES[self.dtype]
+        model_dtype = torch_dtype(self.dtype)
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 chunk = wav[start : start + batch_size].numpy()
@@ -414,11 +417,11 @@ def _feature_extractor_defaults() -> dict[str, Any]:
 def audio_encoder_identity(
     model: str,
     clip_seconds: float,
-    sample_rate: int = 16000,
-    reduction: str = "pool",
-    tokens: int = 8,
-    dtype: str = "float32",
-    seed: int = 0,
+    sample_rate: int,
+    reduction: str,
+    tokens: int,
+    dtype: str,
+    seed: int,
 ) -> dict[str, Any]:
     """Everything that determines an embedding, computed *without building the AST* (JSON-able).
 
@@ -431,8 +434,7 @@ def audio_encoder_identity(
     """
     if reduction not in ("cls", "pool"):
         raise ValueError(f"reduction must be 'cls' or 'pool', got {reduction!r}")
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    torch_dtype(dtype)  # an unknown name is a ValueError listing the choices
     model = str(model)
     ident: dict[str, Any] = {
         "encoder": "ast",
@@ -456,8 +458,3 @@ def audio_encoder_identity(
             raise ModelLoadError(f"'{model}' ({root}) holds no weight file (*.safetensors / *.bin). " + _load_hint(model))
         ident["files_sha256"] = files_fingerprint(root, files)
     return ident
-
-
-def identity_key(identity: dict[str, Any]) -> str:
-    """Stable sha256 of an identity dict (sorted-key JSON), e.g. as an embedding-cache key."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()

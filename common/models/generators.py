@@ -32,9 +32,10 @@ adds a feature-matching and a per-class moment-matching term, starts from per-cl
 at the class means, and is sampled from an EMA of its weights (measured effects in the comments of
 ``GeneratorTrainSettings`` and the docstring of ``Discriminator``).
 
-The defaults (here and in ``GeneratorTrainSettings``) were picked on the default federation's node
-embeddings (3 nodes x ~93 training clips, 10 classes, L = 12, H = 256) for FD(generated, held-out)
-/ FD(real half, real half), precision/recall and training time on a 2-core CPU.
+The defaults (of the ``generator`` config section and the constants of ``GeneratorTrainSettings``)
+were picked on the default federation's node embeddings (3 nodes x ~93 training clips, 10 classes,
+L = 12, H = 256) for FD(generated, held-out) / FD(real half, real half), precision/recall and
+training time on a 2-core CPU.
 
 Labels everywhere in this module are **model-local** class indices ``0 .. num_classes - 1``;
 mapping federation classes to a model's classes is :mod:`common.generator_bank`'s job.
@@ -46,21 +47,24 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.models.rng import seeded
+
+if TYPE_CHECKING:
+    from common.config import GeneratorConfig
+
 __all__ = [
     "GENERATOR_KINDS",
     "ConditionalGAN",
     "ConditionalVAE",
-    "EmbeddingGenerator",
     "GeneratorSpec",
     "GeneratorTrainSettings",
     "build_generator",
-    "count_parameters",
     "train_generator",
 ]
 
@@ -71,19 +75,31 @@ DEFAULT_LR = {"vae": 3e-3, "gan": 1e-3, "gan_d": 2e-3}  # used where GeneratorTr
 
 
 # ----------------------------------------------------------------------------------- spec
-@dataclass
+@dataclass(kw_only=True)
 class GeneratorSpec:
-    """Everything needed to rebuild a generator (stored as JSON in its checkpoint)."""
+    """Everything needed to rebuild a generator (stored as JSON in its checkpoint).
 
-    kind: Literal["vae", "gan"] = "vae"
-    num_classes: int = 1  # conditioning classes of this model (model-local indices)
-    tokens: int = 12  # L
-    dim: int = 256  # H
-    latent_dim: int = 32
-    hidden_dim: int = 128
-    num_layers: int = 2  # hidden layers of every MLP (encoder, decoder, generator, discriminator)
-    token_dim: int = 64  # shared per-token projection H -> token_dim; 0 = flat L*H MLP
-    class_dim: int = 32  # size of the learned class embedding
+    The fields that are config keys (``generator.kind``, ``latent-dim``, ``hidden-dim``,
+    ``num-layers``, ``token-dim``) and the embedding shape have no default here: build a spec with
+    :meth:`from_config`, or read it back from a checkpoint with :meth:`from_dict`.
+    """
+
+    kind: Literal["vae", "gan"]
+    num_classes: int = 1  # conditioning classes of this model (model-local indices; set per bank unit)
+    tokens: int  # L
+    dim: int  # H
+    latent_dim: int
+    hidden_dim: int
+    num_layers: int  # hidden layers of every MLP (encoder, decoder, generator, discriminator)
+    token_dim: int  # shared per-token projection H -> token_dim; 0 = flat L*H MLP
+    class_dim: int = 32  # size of the learned class embedding (not a config key)
+
+    @classmethod
+    def from_config(cls, section: "GeneratorConfig", tokens: int, dim: int) -> "GeneratorSpec":
+        """The architecture of a generator over ``(tokens, dim)`` embeddings from a ``generator``
+        section (the server generator passes a copy with its own ``kind``)."""
+        return cls(kind=section.kind, tokens=tokens, dim=dim, latent_dim=section.latent_dim,
+                   hidden_dim=section.hidden_dim, num_layers=section.num_layers, token_dim=section.token_dim)
 
     def __post_init__(self) -> None:
         if self.kind not in GENERATOR_KINDS:
@@ -111,20 +127,23 @@ class GeneratorSpec:
         return cls(**d)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GeneratorTrainSettings:
     """The subset of the config the generator loops need (keeps this module free of config parsing).
 
     ``epochs`` passes over the data, but at least ``min_steps`` optimiser steps: a per-class model
     sees ~10 clips (one batch per epoch), a unified one ~100, and both should get enough updates.
+    The fields that are config keys (``generator.epochs``, ``batch-size``, ``lr``, ``min-steps``)
+    and the seed have no default here: build the settings with :meth:`from_config`. The others
+    are measured model constants, not configurable.
     """
 
-    epochs: int = 300
-    batch_size: int = 32
-    lr: float | None = None  # None: 3e-3 for the VAE, 1e-3 for the GAN generator (measured)
-    seed: int = 0
+    epochs: int
+    batch_size: int
+    lr: float | None  # None: 3e-3 for the VAE, 1e-3 for the GAN generator (measured)
+    seed: int
     weight_decay: float = 0.0
-    min_steps: int = 0
+    min_steps: int
     # VAE
     beta: float = 3.0  # KL weight
     kl_warmup: float = 0.0  # fraction of the training steps over which beta ramps up from 0
@@ -141,6 +160,13 @@ class GeneratorTrainSettings:
     # decay of the generator-weight moving average used for sampling (0 = off); unified GAN FD
     # ratio 1.30 -> 1.13 with 0.99
     ema: float = 0.99
+
+    @classmethod
+    def from_config(cls, section: "GeneratorConfig", seed: int) -> "GeneratorTrainSettings":
+        """From a ``generator`` section (``lr`` 0 = the per-kind default); the server's merged
+        generator passes a copy with its own epochs, batch size, lr and ``min-steps`` 0."""
+        return cls(epochs=section.epochs, batch_size=section.batch_size, lr=section.lr or None, seed=seed,
+                   min_steps=section.min_steps)
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.min_steps < 0 or self.d_steps < 1 or self.r1_every < 1:
@@ -186,17 +212,6 @@ class _TokenOut(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         h = h.view(h.shape[0], self.tokens, -1)
         return self.proj(h) if self.proj is not None else h
-
-
-@runtime_checkable
-class EmbeddingGenerator(Protocol):
-    """What the bank, the node and the server rely on."""
-
-    spec: GeneratorSpec
-
-    def sample(self, labels: Tensor, generator: torch.Generator | None = None) -> Tensor: ...
-
-    def state_dict(self) -> dict[str, Tensor]: ...
 
 
 class _Base(nn.Module):
@@ -406,17 +421,13 @@ class ConditionalGAN(_Base):
 
 
 def build_generator(spec: GeneratorSpec, seed: int | None = None) -> ConditionalVAE | ConditionalGAN:
-    """A fresh model for ``spec``; with ``seed`` its initial weights are reproducible."""
+    """A fresh model for ``spec``; with ``seed`` its initial weights are reproducible (and the global
+    RNG is left untouched)."""
     cls = ConditionalVAE if spec.kind == "vae" else ConditionalGAN
     if seed is None:
         return cls(spec)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return cls(spec)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------------- training

@@ -26,8 +26,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from common.atomic import atomic_path
+from common.dtypes import DTYPE_NAMES, torch_dtype
 from common.models.audio_encoder import ModelLoadError, hf_offline
-from common.models.fingerprint import file_fingerprint, files_fingerprint
+from common.models.fingerprint import files_fingerprint
+from common.models.rng import seeded
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +163,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-_file_fingerprint = file_fingerprint  # shared with the AST identity (common.models.fingerprint)
-
-
 def _resolve_flux_folder(model: str) -> Path:
     """Local folder of a FLUX.1 checkpoint: the path itself, or a hub snapshot in the local cache."""
     path = Path(model).expanduser()
@@ -218,8 +218,6 @@ def text_encoder_identity(model: str, seed: int = 0, dtype: str | None = None) -
 
 
 # ----------------------------------------------------------------------------------- encoders
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 class TextEncoders:
     """CLIP-L (pooled) + T5 (sequence) text encoders, used the way FluxPipeline uses them."""
@@ -239,20 +237,20 @@ class TextEncoders:
     @classmethod
     def build(cls, model: str, seed: int = 0, dtype: str | None = None, device: str = "cpu") -> "TextEncoders":
         """``"tiny"`` or a FLUX.1 folder / cached hub id. ``dtype`` None keeps the checkpoint's dtype."""
-        if dtype is not None and dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or None, got {dtype!r}")
+        if dtype is not None and dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES)} or None, got {dtype!r}")
         model = str(model)
         if model == "tiny":
             enc = cls._build_tiny(seed, device)
             if dtype is not None and dtype != "float32":
-                enc.text_encoder.to(_DTYPES[dtype])
-                enc.text_encoder_2.to(_DTYPES[dtype])
+                enc.text_encoder.to(torch_dtype(dtype))
+                enc.text_encoder_2.to(torch_dtype(dtype))
                 enc.dtype = dtype
             return enc
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
         root = _resolve_flux_folder(model)
-        torch_dtype: Any = _DTYPES[dtype] if dtype else "auto"
+        load_dtype: Any = torch_dtype(dtype) if dtype else "auto"
 
         def load(sub: str, fn):
             try:
@@ -265,9 +263,9 @@ class TextEncoders:
         # AutoTokenizer resolves tokenizer_config.json's class (CLIPTokenizer / T5Tokenizer in FLUX.1
         # folders, PreTrainedTokenizerFast for a saved tiny preset).
         tok = load("tokenizer", lambda p: AutoTokenizer.from_pretrained(p, local_files_only=True))
-        clip = load("text_encoder", lambda p: CLIPTextModel.from_pretrained(p, dtype=torch_dtype, local_files_only=True))
+        clip = load("text_encoder", lambda p: CLIPTextModel.from_pretrained(p, dtype=load_dtype, local_files_only=True))
         tok2 = load("tokenizer_2", lambda p: AutoTokenizer.from_pretrained(p, local_files_only=True))
-        t5 = load("text_encoder_2", lambda p: T5EncoderModel.from_pretrained(p, dtype=torch_dtype, local_files_only=True))
+        t5 = load("text_encoder_2", lambda p: T5EncoderModel.from_pretrained(p, dtype=load_dtype, local_files_only=True))
         if clip.config.hidden_size != FLUX_CLIP_DIM or t5.config.d_model != FLUX_T5_DIM:
             log.warning(
                 "text encoders in %s have widths %d/%d, FLUX.1 uses %d/%d",
@@ -286,8 +284,7 @@ class TextEncoders:
             vocab_size=len(tok2), **TINY_T5, pad_token_id=tok2.pad_token_id,
             eos_token_id=tok2.eos_token_id, decoder_start_token_id=tok2.pad_token_id,
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             clip = CLIPTextModel(clip_cfg)
             t5 = T5EncoderModel(t5_cfg)
         return cls(tok, clip.to(device), tok2, t5.to(device), model="tiny", seed=seed, dtype="float32", device=device)
@@ -358,9 +355,8 @@ class ClassTargets:
         return int(self.t5.shape[1])
 
     def save(self, path: str | os.PathLike) -> None:
-        """safetensors + JSON metadata; written to a temp file then renamed (atomic)."""
+        """safetensors + JSON metadata, written atomically (:func:`common.atomic.atomic_path`)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {
             "format": "feda2v.class_targets/1",
             "class_names": json.dumps(list(self.class_names)),
@@ -369,16 +365,11 @@ class ClassTargets:
             "t5_tokens": str(self.t5.shape[1]),
             "meta": json.dumps(self.meta, sort_keys=True, default=str),
         }
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_path(path) as tmp:
             save_file(
                 {"clip": self.clip.detach().float().contiguous().cpu(), "t5": self.t5.detach().float().contiguous().cpu()},
                 str(tmp), metadata=metadata,
             )
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ClassTargets":

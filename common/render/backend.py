@@ -3,19 +3,19 @@
 Callers hand a backend a :class:`Conditioning` — named tensors, one row per image — and a seed per
 image; they never know which pipeline runs. FLUX.1 reads ``clip_pooled`` ``[B, 768]`` and
 ``t5_sequence`` ``[B, n, 4096]`` (the two adapter branches). Another backend, e.g. an SD-style
-pipeline conditioned on a CLIP token sequence, declares the names it needs in ``requires`` and is
-registered in :data:`BACKENDS`; nothing upstream changes.
+pipeline conditioned on a CLIP token sequence, declares the names it needs in ``requires`` and gets
+one line in :mod:`common.render.registry` (name -> factory); nothing upstream changes.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
 
-__all__ = ["BACKENDS", "Conditioning", "RenderBackend", "RenderSettings", "build_backend", "register_backend"]
+__all__ = ["Conditioning", "RenderBackend", "RenderSettings"]
 
 
 @dataclass
@@ -64,20 +64,3 @@ class RenderBackend(Protocol):
         """One image per conditioning row, image ``i`` drawn from ``seeds[i]`` alone."""
         ...
 
-
-BACKENDS: dict[str, Callable[[RenderSettings], RenderBackend]] = {}
-
-
-def register_backend(name: str) -> Callable[[Callable[[RenderSettings], RenderBackend]], Callable[[RenderSettings], RenderBackend]]:
-    def deco(factory: Callable[[RenderSettings], RenderBackend]) -> Callable[[RenderSettings], RenderBackend]:
-        BACKENDS[name] = factory
-        return factory
-    return deco
-
-
-def build_backend(name: str, settings: RenderSettings) -> RenderBackend:
-    if name not in BACKENDS:
-        import common.render.flux  # noqa: F401  (registers "flux")
-    if name not in BACKENDS:
-        raise ValueError(f"unknown render backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[name](settings)

@@ -18,13 +18,12 @@ from typing import Any
 import torch
 from PIL import Image
 
+from common.dtypes import torch_dtype
 from common.models.audio_encoder import ModelLoadError
 from common.models.text_encoders import FLUX_CLIP_DIM, FLUX_T5_DIM
-from common.render.backend import Conditioning, RenderSettings, register_backend
+from common.render.backend import Conditioning, RenderSettings
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Tiny preset: one double- and one single-stream block, 2 heads x 16 (rope axes 4+6+6 = 16), a
 # 2-level VAE (scale factor 2) with 4 latent channels (16 after FLUX's 2x2 packing).
@@ -83,7 +82,7 @@ class FluxBackend:
 
     def __init__(self, settings: RenderSettings) -> None:
         self.settings = settings
-        dtype = _DTYPES[settings.dtype]
+        dtype = torch_dtype(settings.dtype)
         if settings.model == "tiny":
             self.pipe = build_tiny_pipeline(settings.seed)
             if dtype != torch.float32:
@@ -96,7 +95,7 @@ class FluxBackend:
                 self.pipe.enable_model_cpu_offload()
             except (ImportError, RuntimeError) as err:
                 raise ModelLoadError(f"render.offload needs the 'accelerate' package and a GPU ({err}); "
-                                     "pip install 'feda2v[gpu]' or set render.offload=false") from err
+                                     "pip install accelerate, or set render.offload=false") from err
         else:
             self.pipe.to(settings.device)
         if settings.vae_tiling:
@@ -127,8 +126,3 @@ class FluxBackend:
                 generator=generators, output_type="pil",
             )
         return list(out.images)
-
-
-@register_backend("flux")
-def _flux(settings: RenderSettings) -> FluxBackend:
-    return FluxBackend(settings)

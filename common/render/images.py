@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import tempfile
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -29,13 +26,15 @@ from typing import Any
 
 from PIL import Image
 
+from common.atomic import atomic_path, atomic_write_text
+from common.names import safe_name
 from common.render.backend import Conditioning, RenderBackend, RenderSettings
+from common.seeds import image_seed_base
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
 CONTACT_SHEET = "contact_sheet.png"
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 @dataclass
@@ -68,13 +67,9 @@ def owner_name(node_id: int | None) -> str:
     return "server" if node_id is None else f"node_{int(node_id)}"
 
 
-def safe_name(name: str) -> str:
-    return _UNSAFE.sub("_", name).strip("_") or "class"
-
-
 def image_seed(base_seed: int, owner: str, class_name: str, index: int) -> int:
     """A stable 31-bit seed per (base seed, owner, class, index)."""
-    return (int(base_seed) * 1_000_003 + zlib.crc32(f"{owner}/{class_name}/{index}".encode())) % (2**31 - 1)
+    return (image_seed_base(int(base_seed)) + zlib.crc32(f"{owner}/{class_name}/{index}".encode())) % (2**31 - 1)
 
 
 def image_path(out: Path, owner: str, class_name: str, index: int) -> Path:
@@ -82,15 +77,8 @@ def image_path(out: Path, owner: str, class_name: str, index: int) -> Path:
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_manifest(out: Path) -> list[dict[str, Any]]:
@@ -108,14 +96,8 @@ def read_manifest(out: Path) -> list[dict[str, Any]]:
 
 
 def _write_manifest(out: Path, entries: list[dict[str, Any]]) -> Path:
-    path = Path(out) / MANIFEST
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        for entry in entries:
-            fh.write(json.dumps(entry, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries)
+    return atomic_write_text(Path(out) / MANIFEST, text)
 
 
 def render_images(

@@ -3,12 +3,13 @@
 A job is: an owner (``node_{id}`` or ``server``), one conditioning row per image with its class and
 source, an output directory. This module picks the rows (``render.classes``,
 ``images-per-class``), applies the oracle switch, numbers images per class, and hands everything
-to :func:`~common.render.images.render_images`. The backend is built once per process (Flower
-simulation keeps a node's process across rounds).
+to :func:`~common.render.images.render_images`. The backend is built once per process and reused
+while its settings stay the same (Flower simulation keeps a node's process across rounds).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -16,13 +17,12 @@ import torch
 
 from common.config import FedA2VConfig
 from common.records import ClassTensors
-from common.render.backend import Conditioning, RenderBackend, RenderSettings, build_backend
+from common.render.backend import Conditioning, RenderBackend, RenderSettings
 from common.render.conditioning import with_oracle
 from common.render.images import ImageRequest, RenderReport, owner_name, render_images
+from common.render.registry import build_backend
 
 log = logging.getLogger(__name__)
-
-_BACKENDS: dict[tuple, RenderBackend] = {}
 
 
 def render_settings(cfg: FedA2VConfig, device: str = "cpu") -> RenderSettings:
@@ -33,12 +33,14 @@ def render_settings(cfg: FedA2VConfig, device: str = "cpu") -> RenderSettings:
     )
 
 
+@functools.lru_cache(maxsize=1)  # one pipeline per process; the key (name, frozen settings) is complete
+def cached_backend(name: str, settings: RenderSettings) -> RenderBackend:
+    """The backend ``name`` for ``settings``, reused while both stay the same (a new key replaces it)."""
+    return build_backend(name, settings)
+
+
 def backend_for(cfg: FedA2VConfig, settings: RenderSettings) -> RenderBackend:
-    key = (cfg.render.backend, settings)
-    if key not in _BACKENDS:
-        _BACKENDS.clear()  # one pipeline per process
-        _BACKENDS[key] = build_backend(cfg.render.backend, settings)
-    return _BACKENDS[key]
+    return cached_backend(cfg.render.backend, settings)
 
 
 def select_rows(row_classes: list[str], wanted: list[str] | None, per_class: int) -> list[int]:

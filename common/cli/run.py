@@ -1,0 +1,45 @@
+"""``feda2v run``: a local Flower simulation of the app through the one launcher (:mod:`common.launcher`)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from common import launcher
+from common.logs import report_error
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    app_dir = launcher.resolve_app_dir(args.app_dir)
+    overrides = list(args.run_config or [])
+    if args.rounds is not None:
+        overrides.append(f"num-rounds={args.rounds}")
+    if not any(o.strip().startswith("output-dir") for o in overrides):
+        overrides.append(f'output-dir="{Path(args.output_dir).resolve()}"')
+    federation = launcher.federation_config(args.num_supernodes, args.cpus_per_node, args.gpus_per_node)
+    cmd = launcher.flwr_run_command(app_dir, federation_config=federation, run_config=overrides,
+                                    stream=not args.no_stream)
+    print("+ " + shlex.join(cmd), file=sys.stderr)
+    result = launcher.launch(cmd, keep_superlink=args.keep_superlink)
+    if not result.ok:
+        report_error(result.problem)
+        return result.exit_code
+    print(f"run {result.run_id}: {launcher.COMPLETED}", file=sys.stderr)
+    return 0
+
+
+def add_parser(sub) -> None:
+    run = sub.add_parser("run", help="run a local Flower simulation of the app (wraps `flwr run`)")
+    run.add_argument("app_dir", nargs="?", default=str(launcher.APP_DIR), help="Flower app directory (default: this project)")
+    run.add_argument("--num-supernodes", type=int, default=3, help="simulated SuperNodes (default 3)")
+    run.add_argument("--cpus-per-node", type=float, default=1, help="CPUs per simulated node (default 1)")
+    run.add_argument("--gpus-per-node", type=float, default=0.0, help="GPUs per simulated node (default 0)")
+    run.add_argument("--rounds", type=int, default=None, help="shortcut for --run-config num-rounds=N")
+    run.add_argument("--output-dir", default="outputs", help="where run directories go (default ./outputs)")
+    run.add_argument("-c", "--run-config", action="append", help="run-config override(s), as for `flwr run`")
+    run.add_argument("--no-stream", action="store_true", help="do not stream the run's logs")
+    run.add_argument("--keep-superlink", action="store_true",
+                     help="leave the local SuperLink that this run started running (default: stop it afterwards)")
+    run.set_defaults(func=cmd_run)

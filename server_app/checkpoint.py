@@ -1,0 +1,70 @@
+"""The 'checkpoint' step: everything a round produced goes to the run directory, before any rendering.
+
+``checkpoints/adapters.safetensors`` (+ ``_round_{r}`` copies every ``checkpoint-every`` rounds and
+at the end), or with standalone nodes ``adapters_node{id}[...]``; ``class_means.safetensors`` (the
+round's count-weighted global class means); ``generators/``: every node's uploaded bank and the
+server generator, under the same names the nodes use.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from common.checkpoints import save_adapters
+from common.generator_bank import save_bank
+from common.records import CLASS_MEANS_FILE
+from server_app.round_state import RoundState
+from server_app.run_context import ServerRun
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointStep:
+    name = "checkpoint"
+
+    def __init__(self, run: ServerRun, aggregation: str, global_model: bool, checkpoint_every: int,
+                 generator_base: str, server_generator_frequency: int) -> None:
+        self.run = run
+        self.aggregation = aggregation
+        self.global_model = global_model
+        self.checkpoint_every = checkpoint_every
+        self.generator_base = generator_base
+        self.server_generator_frequency = server_generator_frequency
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run.run_dir / "checkpoints"
+
+    def due(self, server_round: int) -> bool:
+        return server_round % self.checkpoint_every == 0 or server_round == self.run.num_rounds
+
+    def _save(self, arrays, names: list[str], server_round: int, extra: dict) -> Path:
+        adapters = self.run.adapters(arrays)
+        paths = [
+            save_adapters(self.ckpt_dir / f"{name}.safetensors", adapters, self.run.adapter_config,
+                          self.run.class_names, server_round, self.run.config_hash, extra)
+            for name in names
+        ]
+        return paths[0]
+
+    def __call__(self, state: RoundState) -> None:
+        r = state.server_round
+        if self.due(r):
+            if self.global_model and state.arrays is not None:
+                path = self._save(state.arrays, [f"adapters_round_{r}", "adapters"], r, {"aggregation": self.aggregation})
+                log.info("round %d: global adapters saved to %s", r, path)
+            elif not self.global_model:
+                for pid, arrays in state.replies.arrays.items():
+                    self._save(arrays, [f"adapters_node{pid}_round_{r}", f"adapters_node{pid}"], r,
+                               {"aggregation": self.aggregation, "node": pid})
+        if state.global_means is not None:
+            state.global_means.save(self.run.run_dir / "class_means.safetensors", CLASS_MEANS_FILE, {"round": r})
+        generators = self.run.run_dir / "generators"
+        for pid, reply in state.replies.nodes.items():
+            if reply.bank is not None:
+                save_bank(reply.bank, generators, self.generator_base, pid, r, self.checkpoint_every, reply.encoder_key)
+        if state.server_bank is not None:
+            paths = save_bank(state.server_bank, generators, self.generator_base, None, r,
+                              self.server_generator_frequency, state.replies.encoder_key)
+            log.info("round %d: server generator saved: %s", r, [p.name for p in paths])

@@ -1,0 +1,103 @@
+"""A server round as a straight pipeline of named steps.
+
+Two pipelines run each round (assembled once from the config by :func:`build_pipelines`):
+
+* the **round** pipeline, inside ``Strategy.aggregate_train``, produces the next global adapters:
+  aggregate adapters -> server generator -> distillation -> fine-tuning;
+* the **after-round** pipeline, in Flower's per-round ``evaluate_fn`` hook (after the nodes have
+  evaluated), does the side effects: checkpoint -> summary -> render.
+
+A step is any object with a ``name`` and ``__call__(state)``; a step that a configuration does not
+use is simply not in the list, so no step asks "am I on?" at run time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from common.config import FedA2VConfig
+from common.factory import embedding_shape
+from common.models.generators import GeneratorSpec, GeneratorTrainSettings
+from server_app.aggregators import AGGREGATORS
+from server_app.aggregators.step import AggregateStep
+from server_app.checkpoint import CheckpointStep
+from server_app.finetune import FinetuneStep
+from server_app.render import GlobalRenderer, RenderStep
+from server_app.round_state import RoundState
+from server_app.run_context import ServerRun
+from server_app.server_generator import SERVER_GENERATORS, ServerGeneratorStep
+from server_app.summary import RunSummary, SummaryStep
+from server_app.synthetic import SAMPLE_SOURCES
+
+log = logging.getLogger(__name__)
+
+
+class Step(Protocol):
+    name: str
+
+    def __call__(self, state: RoundState) -> None:
+        """Read and extend ``state`` (one job)."""
+        ...
+
+
+class Pipeline:
+    def __init__(self, name: str, steps: Sequence[Step]) -> None:
+        self.name = name
+        self.steps = list(steps)
+
+    @property
+    def step_names(self) -> list[str]:
+        return [s.name for s in self.steps]
+
+    def __call__(self, state: RoundState) -> RoundState:
+        for step in self.steps:
+            t0 = time.perf_counter()
+            step(state)
+            log.debug("round %d: %s step '%s' took %.2fs", state.server_round, self.name, step.name, time.perf_counter() - t0)
+        return state
+
+
+@dataclass
+class RoundPipelines:
+    round: Pipeline  # produces the round's global adapters (inside aggregate_train)
+    after_round: Pipeline  # the round's side effects (Flower's evaluate_fn hook)
+    server_generator: ServerGeneratorStep | None
+
+
+def build_pipelines(cfg: FedA2VConfig, run: ServerRun, summary: RunSummary) -> RoundPipelines:
+    """The one place where the configuration decides which steps a round has, in which order."""
+    samples = SAMPLE_SOURCES[cfg.sample_source()](run.class_names)
+    aggregator = AGGREGATORS[cfg.aggregation](run, kd=cfg.kd, train=cfg.train, seed=cfg.seed, samples=samples)
+    steps: list[Step] = [AggregateStep(aggregator)]
+    server_generator = None
+    if cfg.server_generator.mode != "off":
+        sg = cfg.server_generator
+        gen = cfg.generator.model_copy(update={"kind": sg.kind})
+        spec = GeneratorSpec.from_config(gen, *embedding_shape(cfg))
+        if sg.mode == "merge":
+            merge = gen.model_copy(update={"epochs": sg.epochs, "batch_size": sg.batch_size, "lr": sg.lr, "min_steps": 0})
+            server_generator = SERVER_GENERATORS["merge"](
+                run, sg, spec, cfg.seed, functools.partial(GeneratorTrainSettings.from_config, merge)
+            )
+        else:
+            server_generator = SERVER_GENERATORS["data-free"](run, sg, spec, cfg.seed, cfg.train.cosine_weight)
+        steps.append(server_generator)
+    steps += aggregator.extra_steps()
+    if cfg.finetune.epochs > 0:
+        steps.append(FinetuneStep(run, cfg.finetune, cfg.train, cfg.seed, samples))
+    after: list[Step] = [
+        CheckpointStep(run, cfg.aggregation, aggregator.global_model, cfg.checkpoint_every,
+                       cfg.generator.checkpoint_base, cfg.server_generator.checkpoint_frequency),
+        SummaryStep(summary),
+    ]
+    if aggregator.global_model and cfg.render.server and cfg.render.when != "off":
+        after.append(RenderStep(GlobalRenderer(cfg, run.targets, run.template, run.run_dir, str(run.device)), summary))
+    pipelines = RoundPipelines(Pipeline("round", steps), Pipeline("after-round", after), server_generator)
+    log.info("server round: %s; then %s", " -> ".join(pipelines.round.step_names),
+             " -> ".join(pipelines.after_round.step_names))
+    return pipelines

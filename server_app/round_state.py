@@ -1,0 +1,179 @@
+"""One server round's data: the parsed node replies and what each step adds to them.
+
+The strategy turns Flower's reply messages into :class:`NodeReplies` once (without modifying the
+messages), then every step of the round reads and extends one :class:`RoundState`: the aggregated
+weights, the global class means, the server's training histories, this round's evaluation. Nothing
+here does I/O; steps do, each with one job.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+from common.generator_bank import GeneratorBank
+from common.records import (
+    ARRAYS,
+    CLASS_MEANS,
+    CLASS_MEANS_META,
+    GENERATORS,
+    METRICS,
+    ClassTensors,
+    RecordError,
+    bank_from_records,
+)
+from server_app.teachers import OwnerTeachers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeReply:
+    """What one node sent back from training, parsed and checked."""
+
+    partition_id: int
+    arrays: ArrayRecord | None
+    metrics: dict[str, Any]
+    means: ClassTensors | None = None
+    bank: GeneratorBank | None = None
+    encoder_key: str = ""
+
+    def record_dict(self) -> RecordDict:
+        """The node's weights and metrics alone: what a weighted average of replies reads."""
+        content = RecordDict({METRICS: MetricRecord(self.metrics)})
+        if self.arrays is not None:
+            content[ARRAYS] = self.arrays
+        return content
+
+
+@dataclass
+class NodeReplies:
+    """Every node that answered a round, keyed by partition id (failures kept as text)."""
+
+    nodes: dict[int, NodeReply] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def arrays(self) -> dict[int, ArrayRecord]:
+        return {p: r.arrays for p, r in self.nodes.items() if r.arrays is not None}
+
+    @property
+    def means(self) -> dict[int, ClassTensors]:
+        return {p: r.means for p, r in self.nodes.items() if r.means is not None}
+
+    @property
+    def banks(self) -> dict[int, GeneratorBank]:
+        return {p: r.bank for p, r in self.nodes.items() if r.bank is not None}
+
+    @property
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        return {str(p): dict(r.metrics) for p, r in self.nodes.items()}
+
+    @property
+    def encoder_key(self) -> str:
+        keys = [r.encoder_key for r in self.nodes.values() if r.encoder_key]
+        return keys[-1] if keys else ""
+
+    def owner_counts(self) -> dict[int, dict[str, int]]:
+        """Real training clips per class each node reported (its class-mean counts)."""
+        return {
+            pid: {c: int(n) for c, n in zip(m.class_names, m.counts.tolist())} if m.counts is not None else {}
+            for pid, m in self.means.items()
+        }
+
+
+def partition_id(msg: Message) -> int:
+    """The node's partition id from its metrics (its Flower node id when it did not say)."""
+    metrics = msg.content[METRICS] if METRICS in msg.content else {}
+    return int(metrics.get("partition_id", msg.metadata.src_node_id))  # type: ignore[union-attr]
+
+
+def fail_if_all_failed(server_round: int, replies: list[Message], phase: str) -> None:
+    """Stop the run when every node failed: continuing would only repeat the error N rounds."""
+    if replies and all(m.has_error() for m in replies):
+        reason = replies[0].error.reason.strip().splitlines()
+        raise RuntimeError(
+            f"round {server_round}: all {len(replies)} nodes failed in {phase}; first error: "
+            + (reason[-1] if reason else "unknown")
+        )
+
+
+def collect_train_replies(server_round: int, replies: Iterable[Message]) -> NodeReplies:
+    """Parse every train reply (weights, metrics, class means, generator bank); messages stay as they are."""
+    replies = list(replies)
+    fail_if_all_failed(server_round, replies, "train")
+    out = NodeReplies()
+    for msg in replies:
+        if msg.has_error():
+            out.failures.append(f"node {msg.metadata.src_node_id}: {msg.error.reason.strip().splitlines()[-1:] or ''}")
+            continue
+        content = msg.content
+        pid = partition_id(msg)
+        reply = NodeReply(pid, content.get(ARRAYS), dict(content[METRICS]) if METRICS in content else {})  # type: ignore[arg-type]
+        try:
+            reply.means = ClassTensors.from_records(content, CLASS_MEANS, CLASS_MEANS_META)
+        except RecordError as err:
+            log.warning("round %d: reply of node %s has no usable class means (%s)", server_round, pid, err)
+        if GENERATORS in content:
+            try:
+                reply.bank, meta = bank_from_records(content, source=f"reply of node {pid}")
+                reply.encoder_key = str(meta.get("encoder-key", ""))
+            except (RecordError, ValueError) as err:
+                log.warning("round %d: generators of node %s not usable: %s", server_round, pid, err)
+        out.nodes[pid] = reply
+    log.info("round %d: %d train replies, %d failures", server_round, len(out.nodes), len(out.failures))
+    return out
+
+
+def merge_class_means(class_names: list[str], node_means: dict[int, ClassTensors]) -> ClassTensors:
+    """Count-weighted mean per class over the nodes that own it (classes nobody reported are left out)."""
+    first = next(iter(node_means.values()))
+    clip = torch.zeros(len(class_names), *first.clip.shape[1:])
+    t5 = torch.zeros(len(class_names), *first.t5.shape[1:])
+    counts = torch.zeros(len(class_names), dtype=torch.int64)
+    index = {n: i for i, n in enumerate(class_names)}
+    for pid, means in node_means.items():
+        for row, name in enumerate(means.class_names):
+            if name not in index:
+                log.warning("node %s reported class '%s' that is not in the federation; ignored", pid, name)
+                continue
+            c = int(means.counts[row]) if means.counts is not None else 0
+            i = index[name]
+            clip[i] += means.clip[row] * c
+            t5[i] += means.t5[row] * c
+            counts[i] += c
+    denom = counts.clamp(min=1).float()
+    idx = (counts > 0).nonzero().flatten().tolist()
+    return ClassTensors(
+        [class_names[i] for i in idx], (clip / denom[:, None])[idx], (t5 / denom[:, None, None])[idx], counts[idx]
+    )
+
+
+@dataclass
+class RoundState:
+    """One round as it moves through the server's steps."""
+
+    server_round: int
+    sent: ArrayRecord | None  # the global adapters sent out this round
+    replies: NodeReplies
+    arrays: ArrayRecord | None = None  # the round's new global adapters (None: nodes keep their own)
+    metrics: dict[str, float] = field(default_factory=dict)  # global train metrics (+ server training)
+    global_means: ClassTensors | None = None
+    histories: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # server training, per step
+    server_bank: GeneratorBank | None = None
+    evaluate_metrics: dict[str, float] = field(default_factory=dict)
+    evaluate_nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    render_metrics: dict[str, float] = field(default_factory=dict)
+    _teachers: OwnerTeachers | None = None
+
+    def teachers(self, run) -> OwnerTeachers:
+        """This round's node adapters as owner-only teachers (built once per round, on first use)."""
+        if self._teachers is None:
+            node_adapters = {p: run.adapters(a) for p, a in self.replies.arrays.items()}
+            self._teachers = OwnerTeachers.build(run.class_names, node_adapters, self.replies.means)
+        return self._teachers

@@ -1,0 +1,84 @@
+"""The layout rules: imports run one way (common <- client_app, server_app), no import cycles, and
+README's map of the code is the one generated from the modules' docstrings."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("common", "client_app", "server_app")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> project modules it imports (at any depth of the file, lazy imports included)."""
+    files = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+
+    def resolve(name: str) -> str | None:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for mod, path in files.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                names = [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            for name in names:
+                target = resolve(name)
+                # a package's __init__ importing its own submodules, or a submodule importing its parent
+                # package, is not a dependency between layers
+                if target and target != mod and not mod.startswith(target + "."):
+                    graph[mod].add(target)
+    return graph
+
+
+def test_common_imports_nothing_above_it_and_apps_do_not_import_each_other():
+    upward = []
+    for mod, deps in import_graph().items():
+        top = mod.split(".")[0]
+        for dep in deps:
+            other = dep.split(".")[0]
+            if other != top and (top == "common" or other != "common"):
+                upward.append(f"{mod} -> {dep}")
+    assert not upward, f"imports against the layering: {upward}"
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    cycles, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "active"
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "active":
+                cycles.append(path[path.index(dep):] + [dep] if dep in path else [node, dep])
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_readme_code_map_is_current():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "code_map.py"), "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
