@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.augment import augment_from_server
@@ -43,6 +43,9 @@ from common.factory import adapter_config, build_adapters, resolve_device
 from common.models.adapters import Adapters
 from common.records import (
     ARRAYS,
+    CONFIG,
+    GLOBAL_MODEL,
+    RUN_NAME,
     CLASS_MEANS,
     CLASS_MEANS_META,
     GENERATORS,
@@ -87,10 +90,20 @@ def _cache_only(cfg: FedA2VConfig) -> bool:
     return cfg.generator.mode == "use-pretrained-generators" and cfg.generator.real_mix_ratio == 0
 
 
+def _round_config(msg: Message) -> ConfigRecord:
+    return msg.content[CONFIG] if CONFIG in msg.content else ConfigRecord()  # type: ignore[return-value]
+
+
+def _keeps_own_adapters(msg: Message) -> bool:
+    """The server says whether there is a global model (``global-model``); without one (standalone
+    nodes) a node continues its own adapters, kept in its Context state between messages."""
+    return not bool(_round_config(msg).get(GLOBAL_MODEL, True))
+
+
 def _adapters(cfg: FedA2VConfig, msg: Message, context: Context, targets: ClassTensors) -> Adapters:
     acfg = adapter_config(cfg, clip_dim=targets.clip.shape[1], t5_dim=targets.t5.shape[2])
     adapters = build_adapters(cfg, acfg)
-    if cfg.aggregation == "none" and LOCAL_ADAPTERS in context.state:
+    if _keeps_own_adapters(msg) and LOCAL_ADAPTERS in context.state:
         return arrays_to_module(context.state[LOCAL_ADAPTERS], adapters)  # type: ignore[arg-type]
     return arrays_to_module(msg.content[ARRAYS], adapters)  # type: ignore[arg-type]
 
@@ -130,7 +143,7 @@ def _training_set(
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, node, targets = _setup(msg, context)
-    server_round = int(msg.content["config"].get("server-round", 0))  # type: ignore[union-attr]
+    server_round = int(_round_config(msg).get("server-round", 0))
     device = resolve_device(cfg)
     class_names, embeddings, labels, data_metrics, has_bank = _training_set(cfg, node, context, server_round)
     _check_classes(targets, class_names, node)
@@ -148,7 +161,7 @@ def train(msg: Message, context: Context) -> Message:
     # means over the node's own embeddings only (never the server generator's samples)
     clip_means, t5_means, counts = class_mean_outputs(adapters, embeddings, labels, len(class_names), device)
     weights = module_to_arrays(adapters)
-    if cfg.aggregation == "none":
+    if _keeps_own_adapters(msg):
         context.state[LOCAL_ADAPTERS] = weights
     present = [i for i, c in enumerate(counts.tolist()) if c > 0]
     means = ClassTensors([class_names[i] for i in present], clip_means[present], t5_means[present], counts[present])
@@ -199,9 +212,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         node.partition_id, metrics.get("test_retrieval_acc", float("nan")), metrics.get("test_retrieval_acc_clip", float("nan")),
         metrics.get("test_retrieval_acc_t5", float("nan")), metrics["num-examples"],
     )
-    server_round = int(msg.content["config"].get("server-round", 0))  # type: ignore[union-attr]
+    server_round = int(_round_config(msg).get("server-round", 0))
     if cfg.render.due(server_round, cfg.num_rounds):  # the aggregated adapters of this round draw the images
-        run_name = str(msg.content["config"].get("run-name", ""))  # type: ignore[union-attr]
+        run_name = str(_round_config(msg).get(RUN_NAME, ""))
         run_dir = node_run_dir(cfg, run_name)
         metrics.update(render_node_images(cfg, node, adapters, targets, context.state, str(run_dir or ""), server_round,
                                           str(device), cache_only=_cache_only(cfg), memo=NODE_DATA))

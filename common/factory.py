@@ -16,7 +16,7 @@ from common.data.esc50 import Clip, DatasetError, list_categories
 from common.data.partition import NodeSplit, partition_nodes
 from common.data.synth import SYNTH_CLASSES, ensure_synthetic_dataset
 from common.models.adapters import AdapterConfig, Adapters
-from common.models.rng import seeded
+from common.seeds import seeded
 from common.models.text_encoders import FLUX_CLIP_DIM, FLUX_T5_DIM
 
 log = logging.getLogger(__name__)

@@ -57,7 +57,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Granularity = Literal["unified", "per_class", "per_group"]
 GRANULARITIES: tuple[str, ...] = ("unified", "per_class", "per_group")
 OTHER_GROUP = "other"
 CHECKPOINT_FORMAT = "feda2v-generator/1"

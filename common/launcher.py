@@ -235,6 +235,25 @@ def stop_groups(procs: Sequence[subprocess.Popen], term_grace_s: float = TERM_GR
                 proc.wait(timeout=kill_grace_s)
 
 
+def _signal_and_wait(tag: str, marker: str | None, groups: Sequence[subprocess.Popen], sig: int, grace_s: float) -> bool:
+    """Send ``sig`` to ``groups`` and the tagged processes; True once all are gone (within ``grace_s``)."""
+    for proc in groups:
+        if proc.poll() is None:
+            _signal_group(proc, sig)
+    for pid in tagged_pids(tag, marker):
+        _signal_pid(pid, sig)
+    deadline = time.monotonic() + grace_s
+    while True:
+        for proc in groups:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.05)  # reap our own children
+        if all(p.returncode is not None for p in groups) and not tagged_pids(tag, marker):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+
+
 def stop_tagged(
     tag: str,
     *,
@@ -246,33 +265,11 @@ def stop_tagged(
     """Stop every process carrying ``tag`` (and the process groups of ``groups``, our own children
     started in their own sessions): SIGTERM, SIGKILL after ``term_grace_s``. Returns ``"PID: command"``
     of the processes still alive ``kill_grace_s`` after SIGKILL (normally none)."""
-    # 1. Our own children's groups, 2. everything else carrying the tag.
-    for proc in groups:
-        if proc.poll() is None:
-            _signal_group(proc, signal.SIGTERM)
-    for pid in tagged_pids(tag, marker):
-        _signal_pid(pid, signal.SIGTERM)
-    deadline = time.monotonic() + term_grace_s
-    while time.monotonic() < deadline:
-        for proc in groups:
-            proc.poll()  # reap our own children
-        if all(p.returncode is not None for p in groups) and not tagged_pids(tag, marker):
-            break
-        time.sleep(0.2)
-    # 3. SIGKILL whatever is left.
-    for proc in groups:
-        if proc.poll() is None:
-            _signal_group(proc, signal.SIGKILL)
-    for pid in tagged_pids(tag, marker):
-        _signal_pid(pid, signal.SIGKILL)
-    deadline = time.monotonic() + kill_grace_s
-    while time.monotonic() < deadline:
-        for proc in groups:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.05)
-        if not tagged_pids(tag, marker):
+    # SIGTERM first, SIGKILL whatever is left after the grace; each time our own children's groups,
+    # then every other process carrying the tag.
+    for sig, grace in ((signal.SIGTERM, term_grace_s), (signal.SIGKILL, kill_grace_s)):
+        if _signal_and_wait(tag, marker, groups, sig, grace):
             return []
-        time.sleep(0.2)
     return [f"{pid}: {_cmdline(pid)}" for pid in tagged_pids(tag, marker)]
 
 

@@ -12,14 +12,17 @@ from typing import Any, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
-from common.records import ARRAYS, TARGETS, TARGETS_META, ClassTensors
+from common.records import ARRAYS, CONFIG, GLOBAL_MODEL, TARGETS, TARGETS_META, ClassTensors
 
 __all__ = ["server_content", "server_message", "node_context"]
 
 
-def server_content(targets: ClassTensors, arrays: ArrayRecord, server_round: int = 1) -> RecordDict:
-    """The records of a train/evaluate message: weights, ``config.server-round``, class targets."""
-    content = RecordDict({ARRAYS: arrays, "config": ConfigRecord({"server-round": server_round})})
+def server_content(targets: ClassTensors, arrays: ArrayRecord, server_round: int = 1, global_model: bool = True) -> RecordDict:
+    """The records of a train/evaluate message: weights, the round config, class targets.
+
+    ``global_model``: what the server's aggregation method says (False: nodes keep their own adapters).
+    """
+    content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({"server-round": server_round, GLOBAL_MODEL: global_model})})
     targets.to_records(content, TARGETS, TARGETS_META)
     return content
 

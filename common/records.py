@@ -3,7 +3,9 @@
 Record names used in messages (one place, so both sides agree):
 
 * ``arrays``           ArrayRecord: adapter weights (the only ArrayRecord FedAvg aggregates)
-* ``config``           ConfigRecord: round settings sent by the server
+* ``config``           ConfigRecord: round settings sent by the server: ``server-round``,
+  ``run-name`` (the run directory's name; nodes resolve it under their own output-dir) and
+  ``global-model`` (False: no global adapters, each node continues its own)
 * ``metrics``          MetricRecord: numbers, incl. ``num-examples``
 * ``targets``          ArrayRecord ``clip [C, 768]`` and ``t5 [C, n, 4096]`` + ``targets-meta``
   ConfigRecord ``class-names``: the federation's class targets, computed once on the server so
@@ -24,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
@@ -33,6 +34,8 @@ from common.errors import FedA2VError
 
 ARRAYS = "arrays"
 CONFIG = "config"
+GLOBAL_MODEL = "global-model"  # keys of the round config
+RUN_NAME = "run-name"
 METRICS = "metrics"
 TARGETS = "targets"
 TARGETS_META = "targets-meta"
@@ -133,19 +136,6 @@ class ClassTensors:
 
 CLASS_TARGETS = "class-targets"  # ClassTensors.save kinds
 CLASS_MEANS_FILE = "class-means"
-
-
-def weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
-    """Sample-weighted average (FedAvg's rule), exposed for tests and server-side reuse."""
-    if not arrays:
-        raise ValueError("nothing to average")
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError("weights must sum to a positive number")
-    out = np.zeros_like(arrays[0], dtype=np.float64)
-    for arr, w in zip(arrays, weights):
-        out += arr.astype(np.float64) * (w / total)
-    return out.astype(arrays[0].dtype)
 
 
 def bank_to_records(

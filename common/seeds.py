@@ -1,14 +1,26 @@
-"""Every derived seed of a run, named after what it seeds: one place for the formulas.
+"""Every derived seed of a run, named after what it seeds, and seeded work on torch's global RNG.
 
 Why: a run must be reproducible from its one ``seed`` key, and two streams must never collide by
 accident (a node's round-3 training seed equal to another node's round-2 seed, say). Each stream
 gets a named function here instead of a formula repeated in the module that uses it; the numbers
-are the ones the project has always used, so results are unchanged.
+are the ones the project has always used.
+
+Model constructors (``nn.Linear`` init, ``torch.randn`` parameters) and dropout draw from torch's
+global generators, which take no ``generator=`` argument. Calling ``torch.manual_seed`` to make
+them reproducible would silently reseed every later draw of the process (another node's training,
+a test's data) and every CUDA device. :func:`seeded` forks the generators it seeds, seeds exactly
+those, and restores them on exit.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
 __all__ = [
+    "seeded",
     "class_stream",
     "image_seed_base",
     "node_bank_init",
@@ -66,3 +78,23 @@ def owner_class_stream(seed: int, class_index: int, partition_id: int) -> int:
 def image_seed_base(seed: int) -> int:
     """The base from which per-image seeds are hashed (see ``common.render.images.image_seed``)."""
     return seed * _PRIME
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
+    """Run the block with the CPU generator (and ``device``'s, if it is a CUDA device) seeded to
+    ``seed``; every forked generator is restored afterwards.
+
+    The CPU generator is seeded exactly as ``torch.manual_seed`` seeds it, so weights built inside
+    equal those built after ``torch.manual_seed(seed)``.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    cuda: list[int] = []
+    if device.type == "cuda":
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(int(seed))
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(int(seed))
+        yield

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.models.rng import seeded
+from common.seeds import seeded
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +106,6 @@ def adapter_losses(
         branch_loss(out_clip, labels, targets_clip, s.cosine_weight, s.contrastive_weight, s.temperature),
         branch_loss(out_t5, labels, targets_t5, s.cosine_weight, s.contrastive_weight, s.temperature),
     )
-
-
-def batch_targets(targets_clip: Tensor, targets_t5: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Each sample's own class target (the fix for defect 1 of the earlier code base)."""
-    return targets_clip[labels], targets_t5[labels]
 
 
 def make_optimizers(adapters: nn.Module, settings: TrainSettings) -> dict[str, torch.optim.Optimizer]:

@@ -21,7 +21,7 @@ from common.config import FedA2VConfig, config_hash, load_config
 from common.factory import adapter_config, build_adapters, resolve_classes, resolve_device
 from common.logs import setup_logging
 from common.models.text_encoders import compute_class_targets
-from common.records import CLASS_TARGETS, ClassTensors, module_to_arrays
+from common.records import CLASS_TARGETS, GLOBAL_MODEL, RUN_NAME, ClassTensors, module_to_arrays
 from server_app.pipeline import build_pipelines
 from server_app.run_context import ServerRun
 from server_app.strategy import FedA2VStrategy
@@ -102,8 +102,9 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=cfg.min_nodes if cfg.fraction_evaluate > 0 else 0,
         min_available_nodes=cfg.min_nodes,
     )
-    # Nodes get the run's directory *name*; each resolves it under its own output-dir.
-    round_config = {"aggregation": cfg.aggregation, "run-name": run_dir.name}
+    # Nodes get the run's directory *name* (each resolves it under its own output-dir, never a path
+    # of this host) and whether a global model exists (the aggregation method says; nodes need no name).
+    round_config = {RUN_NAME: run_dir.name, GLOBAL_MODEL: pipelines.aggregator.global_model}
     result = strategy.start(
         grid=grid,
         initial_arrays=module_to_arrays(adapters),

@@ -9,25 +9,17 @@ what real audio produces.
 
 from __future__ import annotations
 
-import logging
-from dataclasses import replace
-
 import torch
 import torch.nn.functional as F
+from flwr.app import ArrayRecord
 from torch import Tensor
 
-from common import seeds
-from common.config import FinetuneConfig, TrainConfig
 from common.models.adapters import Adapters
-from common.records import ClassTensors, module_to_arrays
+from common.records import ClassTensors
 from common.training import TrainSettings, adapter_losses, fit_adapters, match_loss
-from server_app.aggregators.kd import loss_metrics
+from server_app.adapter_training import AdapterTrainingStep
 from server_app.round_state import RoundState
-from server_app.run_context import ServerRun
-from server_app.synthetic import SampleSource
 from server_app.teachers import OwnerTeachers
-
-log = logging.getLogger(__name__)
 
 
 def anchor_loss(out: Tensor, labels: Tensor, anchors: Tensor, has_anchor: Tensor) -> Tensor:
@@ -93,29 +85,18 @@ def finetune(
     return fit_adapters(adapters, len(embeddings), batch_loss, settings, device, log_prefix="finetune ")
 
 
-class FinetuneStep:
+class FinetuneStep(AdapterTrainingStep):
     """The 'fine-tuning' step: the round's global adapters, fine-tuned, replace them."""
 
     name = "fine-tuning"
+    prefix = "finetune"
 
-    def __init__(self, run: ServerRun, ft: FinetuneConfig, train: TrainConfig, seed: int, samples: SampleSource) -> None:
-        self.run, self.ft, self.train, self.seed, self.samples = run, ft, train, seed, samples
+    def start(self, state: RoundState) -> ArrayRecord | None:
+        return state.arrays
 
-    def __call__(self, state: RoundState) -> None:
-        teachers = state.teachers(self.run)
-        if state.arrays is None or not teachers.node_ids:
-            log.warning("round %d: no global adapters or no teacher: fine-tuning skipped", state.server_round)
-            return
-        seed = seeds.server_round(self.seed, state.server_round)
-        x, y = self.samples.draw(state, self.ft.samples_per_class, seed)
-        settings = replace(TrainSettings.from_config(self.train, seed), epochs=self.ft.epochs,
-                           batch_size=self.ft.batch_size, lr_clip=self.ft.lr, lr_t5=self.ft.lr)
-        adapters = self.run.adapters(state.arrays)
-        history = finetune(
-            adapters, x, y, self.run.targets, settings, target=self.ft.target, anchors=state.global_means,
-            anchor_weight=self.ft.anchor_weight, teachers=teachers if self.ft.target != "text" else None,
-            device=self.run.device,
-        )
-        state.histories["finetune"] = history
-        state.metrics.update(loss_metrics(history, "finetune"))
-        state.arrays = module_to_arrays(adapters)
+    def fit(self, adapters: Adapters, teachers: OwnerTeachers, x: Tensor, y: Tensor, settings: TrainSettings,
+            state: RoundState) -> dict[str, list[float]]:
+        ft = self.section
+        return finetune(adapters, x, y, self.run.targets, settings, target=ft.target, anchors=state.global_means,
+                        anchor_weight=ft.anchor_weight, teachers=teachers if ft.target != "text" else None,
+                        device=self.run.device)

@@ -23,7 +23,7 @@ from typing import Protocol
 from common.config import FedA2VConfig
 from common.factory import embedding_shape
 from common.models.generators import GeneratorSpec, GeneratorTrainSettings
-from server_app.aggregators import AGGREGATORS
+from server_app.aggregators import AGGREGATORS, Aggregator
 from server_app.aggregators.step import AggregateStep
 from server_app.checkpoint import CheckpointStep
 from server_app.finetune import FinetuneStep
@@ -64,6 +64,7 @@ class Pipeline:
 
 @dataclass
 class RoundPipelines:
+    aggregator: Aggregator
     round: Pipeline  # produces the round's global adapters (inside aggregate_train)
     after_round: Pipeline  # the round's side effects (Flower's evaluate_fn hook)
     server_generator: ServerGeneratorStep | None
@@ -97,7 +98,7 @@ def build_pipelines(cfg: FedA2VConfig, run: ServerRun, summary: RunSummary) -> R
     ]
     if aggregator.global_model and cfg.render.server and cfg.render.when != "off":
         after.append(RenderStep(GlobalRenderer(cfg, run.targets, run.template, run.run_dir, str(run.device)), summary))
-    pipelines = RoundPipelines(Pipeline("round", steps), Pipeline("after-round", after), server_generator)
+    pipelines = RoundPipelines(aggregator, Pipeline("round", steps), Pipeline("after-round", after), server_generator)
     log.info("server round: %s; then %s", " -> ".join(pipelines.round.step_names),
              " -> ".join(pipelines.after_round.step_names))
     return pipelines

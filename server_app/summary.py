@@ -32,12 +32,6 @@ class RunSummary:
         self.data["rounds"].append(entry)
         return entry
 
-    def record(self, server_round: int, phase: str, global_metrics: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> None:
-        entry = self.round_entry(server_round)
-        entry[phase] = {"global": global_metrics, "nodes": nodes}
-        entry["elapsed_seconds"] = round(time.time() - self._t0, 3)
-        self.write()
-
     def set(self, server_round: int, key: str, value: Any) -> None:
         self.round_entry(server_round)[key] = value
         self.write()

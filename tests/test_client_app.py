@@ -18,6 +18,7 @@ from common.local_run import server_content as local_server_content
 from common.local_run import server_message
 from common.factory import adapter_config, build_adapters
 from common.records import CLASS_MEANS, CLASS_MEANS_META, ClassTensors, module_to_arrays
+from server_app.aggregators import AGGREGATORS
 from server_app.app import class_targets
 
 CLASSES = ["dog", "siren", "rain"]
@@ -46,7 +47,8 @@ def make_message(content: RecordDict, message_type: str = MessageType.TRAIN) -> 
 def server_content(cfg, server_round: int = 1) -> RecordDict:
     targets = class_targets(cfg, CLASSES)
     adapters = build_adapters(cfg, adapter_config(cfg, targets.clip.shape[1], targets.t5.shape[2]))
-    return local_server_content(targets, module_to_arrays(adapters), server_round)
+    global_model = AGGREGATORS[cfg.aggregation].global_model  # what the server's aggregation method says
+    return local_server_content(targets, module_to_arrays(adapters), server_round, global_model)
 
 
 def test_node_partitions_are_disjoint_and_test_clips_never_trained(data_root, tmp_path):

@@ -8,7 +8,6 @@ import torch
 from common.models.adapters import AdapterConfig, Adapters
 from common.training import (
     TrainSettings,
-    batch_targets,
     branch_loss,
     class_mean_outputs,
     evaluate_adapters,
@@ -41,14 +40,6 @@ def _settings(**kw) -> TrainSettings:
                 contrastive_weight=0.0, temperature=0.1, seed=0)
     base.update(kw)
     return TrainSettings(**base)
-
-
-def test_batch_targets_are_per_sample():
-    _, _, t_clip, t_t5 = _toy()
-    labels = torch.tensor([2, 0, 1, 2])
-    b_clip, b_t5 = batch_targets(t_clip, t_t5, labels)
-    for i, y in enumerate(labels.tolist()):
-        assert torch.equal(b_clip[i], t_clip[y]) and torch.equal(b_t5[i], t_t5[y])
 
 
 def test_mixed_batch_loss_uses_each_samples_own_target():

@@ -25,7 +25,6 @@ Reductions (``reduction``):
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import re
@@ -39,7 +38,7 @@ from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
 from common.dtypes import torch_dtype
 from common.errors import FedA2VError
 from common.models.fingerprint import files_fingerprint
-from common.models.rng import seeded
+from common.seeds import seeded
 
 log = logging.getLogger(__name__)
 
@@ -168,15 +167,6 @@ def resize_time_positions(model: ASTModel, max_length: int) -> None:
         emb.config.max_length = int(max_length)
 
 
-def _state_dict_sha256(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 class AudioEncoder:
     """Frozen AST + feature extractor + reduction. Build it with :meth:`build`."""
 
@@ -215,7 +205,6 @@ class AudioEncoder:
             )
         self.tokens = int(tokens)
         self.num_tokens = 1 if reduction == "cls" else self.tokens
-        self._weights_sha256: str | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -304,12 +293,6 @@ class AudioEncoder:
         return out
 
     # ------------------------------------------------------------------ identity / saving
-    def weights_sha256(self) -> str:
-        """sha256 over the (adapted, cast) state dict; computed once, on first use."""
-        if self._weights_sha256 is None:
-            self._weights_sha256 = _state_dict_sha256(self.model)
-        return self._weights_sha256
-
     def identity(self) -> dict[str, Any]:
         """JSON-able description of everything that changes the embedding (embedding-cache key fields).
 

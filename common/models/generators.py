@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.models.rng import seeded
+from common.seeds import seeded
 
 if TYPE_CHECKING:
     from common.config import GeneratorConfig

@@ -30,7 +30,7 @@ from common.atomic import atomic_path
 from common.dtypes import DTYPE_NAMES, torch_dtype
 from common.models.audio_encoder import ModelLoadError, hf_offline
 from common.models.fingerprint import files_fingerprint
-from common.models.rng import seeded
+from common.seeds import seeded
 
 log = logging.getLogger(__name__)
 

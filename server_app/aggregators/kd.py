@@ -11,17 +11,15 @@ the server generator step. Per-branch losses are logged every epoch and kept per
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 import torch
 from flwr.app import ArrayRecord
 from torch import Tensor
 
-from common import seeds
 from common.config import KDConfig, TrainConfig
 from common.models.adapters import Adapters
-from common.records import module_to_arrays
 from common.training import TrainSettings, fit_adapters, match_loss
+from server_app.adapter_training import AdapterTrainingStep
 from server_app.aggregators.base import Aggregator, register
 from server_app.aggregators.fedavg import fedavg
 from server_app.round_state import RoundState
@@ -56,41 +54,22 @@ def distill(
     return fit_adapters(student, len(embeddings), batch_loss, settings, device, log_prefix=log_prefix)
 
 
-def loss_metrics(history: dict[str, list[float]], prefix: str) -> dict[str, float]:
-    """Last-epoch losses of a server training step as round metrics (``kd_loss_clip``, ``kd_loss``, ``kd_epochs``)."""
-    out = {f"{prefix}_{k}": float(v[-1]) for k, v in history.items() if v}
-    out[f"{prefix}_loss"] = sum(out.values())
-    out[f"{prefix}_epochs"] = float(len(next(iter(history.values()), [])))
-    return out
-
-
-class DistillStep:
-    """The 'distillation' step: replaces the round's global adapters by the distilled student."""
+class DistillStep(AdapterTrainingStep):
+    """The 'distillation' step: the round's global adapters become the distilled student."""
 
     name = "distillation"
+    prefix = "kd"
 
-    def __init__(self, run: ServerRun, kd: KDConfig, train: TrainConfig, seed: int, samples: SampleSource) -> None:
-        self.run, self.kd, self.train, self.seed, self.samples = run, kd, train, seed, samples
+    def start(self, state: RoundState) -> ArrayRecord | None:
+        if self.section.student_init == "fedavg" or state.sent is None:
+            if state.arrays is None:
+                raise RuntimeError(f"round {state.server_round}: no student initialisation (FedAvg produced no weights)")
+            return state.arrays
+        return state.sent
 
-    def __call__(self, state: RoundState) -> None:
-        teachers = state.teachers(self.run)
-        if not teachers.node_ids:
-            log.warning("round %d: no teacher (no node sent adapters and class means): distillation skipped",
-                        state.server_round)
-            return
-        init = state.arrays if self.kd.student_init == "fedavg" or state.sent is None else state.sent
-        if init is None:
-            raise RuntimeError(f"round {state.server_round}: no student initialisation (FedAvg produced no weights)")
-        seed = seeds.server_round(self.seed, state.server_round)
-        x, y = self.samples.draw(state, self.kd.samples_per_class, seed)
-        settings = replace(TrainSettings.from_config(self.train, seed), epochs=self.kd.epochs,
-                           batch_size=self.kd.batch_size, lr_clip=self.kd.lr, lr_t5=self.kd.lr)
-        student = self.run.adapters(init)
-        history = distill(student, teachers, x, y, settings, self.run.device, log_prefix=f"round {state.server_round} kd ")
-        state.histories["kd"] = history
-        state.metrics.update(loss_metrics(history, "kd"))
-        state.metrics["kd_samples"] = float(len(y))
-        state.arrays = module_to_arrays(student)
+    def fit(self, adapters: Adapters, teachers: OwnerTeachers, x: Tensor, y: Tensor, settings: TrainSettings,
+            state: RoundState) -> dict[str, list[float]]:
+        return distill(adapters, teachers, x, y, settings, self.run.device, log_prefix=f"round {state.server_round} kd ")
 
 
 @register
