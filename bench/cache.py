@@ -59,7 +59,7 @@ def _digest(t: torch.Tensor) -> str:
 def _settings(model_dir: Path, args: argparse.Namespace) -> ExtractionSettings:
     return ExtractionSettings(
         model=str(model_dir), clip_seconds=5.0, sample_rate=16000, reduction="pool", tokens=args.tokens,
-        dtype=args.dtype, storage_dtype="float16", batch_size=args.batch_size, device="cpu",
+        dtype=args.dtype, storage_dtype="float16", batch_size=args.batch_size, device="cpu", seed=0,
     )
 
 

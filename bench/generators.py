@@ -47,6 +47,7 @@ from common.factory import (
     adapter_config, build_adapters, dataset_root, prepare_dataset, resolve_classes, resolve_device,
 )
 from common.generator_bank import GeneratorBank
+from common.models.generators import GeneratorSpec, GeneratorTrainSettings
 from common.logs import setup_logging
 from common.records import ClassTensors
 from common.training import TrainSettings, evaluate_adapters, train_adapters
@@ -90,10 +91,10 @@ def quality_sweep(cfg: FedA2VConfig, kinds: list[str], granularities: list[str])
     for kind in kinds:
         for granularity in granularities:
             gcfg = cfg.generator.model_copy(update={"kind": kind})
-            bank = GeneratorBank.create(gcfg.spec(*train.embeddings.shape[1:]), granularity, names, groups,
+            bank = GeneratorBank.create(GeneratorSpec.from_config(gcfg, *train.embeddings.shape[1:]), granularity, names, groups,
                                         seed=cfg.seed)
             t0 = time.perf_counter()
-            bank.train(train.embeddings, train.labels, names, gcfg.train_settings(seed=cfg.seed))
+            bank.train(train.embeddings, train.labels, names, GeneratorTrainSettings.from_config(gcfg, seed=cfg.seed))
             gen_seconds = time.perf_counter() - t0
             quality = bank.evaluate(test.embeddings, test.labels, names, train.embeddings, train.labels, seed=cfg.seed)
             pooled = quality["all"]
@@ -143,7 +144,7 @@ def rss_comparison(run: dict, workdir: Path, full_ast: bool) -> dict:
 
     base = dict(run, **{"cache-dir": str(workdir / "cache")})
     if full_ast:  # the real AST-base architecture (random weights): what the mode saves on a real site
-        from bench.cache import make_full_ast
+        from cache import make_full_ast  # sibling script (bench/ is on sys.path when a bench runs)
 
         base["audio-encoder.model"] = str(make_full_ast(workdir / "ast-full"))
     cfg = load_config(base)
