@@ -60,6 +60,7 @@ def _settings(model_dir: Path, args: argparse.Namespace) -> ExtractionSettings:
     return ExtractionSettings(
         model=str(model_dir), clip_seconds=5.0, sample_rate=16000, reduction="pool", tokens=args.tokens,
         dtype=args.dtype, storage_dtype="float16", batch_size=args.batch_size, device="cpu", seed=0,
+        min_clip_seconds=1.0,
     )
 
 

@@ -23,6 +23,7 @@ nothing else in the client keeps module-level state.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -32,12 +33,14 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.augment import augment_from_server
-from client_app.generators import train_node_generators
-from client_app.node_data import NodeDataMemo, load_node_data
+from client_app.generators import shareable_classes, train_node_generators
+from client_app.node_data import NodeDataMemo, load_node_data, node_cache_dir
+from client_app.node_state import LOCAL_ADAPTERS, persist, restore, state_dir
 from client_app.pretrained import synthetic_train_set
 from client_app.render import render_node_images
 from common import seeds
 from common.config import FedA2VConfig, NodeRuntimeConfig, load_config
+from common.errors import redact_paths
 from common.logs import setup_logging
 from common.factory import adapter_config, build_adapters, resolve_device
 from common.models.adapters import Adapters
@@ -64,7 +67,6 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 NODE_DATA = NodeDataMemo(max_entries=8)  # this process's node embeddings (see client_app.node_data)
 
-LOCAL_ADAPTERS = "local-adapters"  # Context.state key for aggregation="none"
 
 
 def _setup(msg: Message, context: Context) -> tuple[FedA2VConfig, NodeRuntimeConfig, ClassTensors]:
@@ -123,7 +125,7 @@ def _training_set(
     if cfg.generator.mode == "use-pretrained-generators":
         synth, _ = synthetic_train_set(cfg, node, context.state, server_round, memo=NODE_DATA)
         metrics = {"synthetic_samples": synth.synthetic, "real_samples": synth.real,
-                   "extract_seconds": 0.0, "load_seconds": 0.0, "cache_hits": 0, "cache_misses": 0, "skipped_files": 0}
+                   "extract_seconds": 0.0, "load_seconds": 0.0, "cache_hits": 0, "cache_misses": 0, "skipped_files": 0, "missing_files": 0}
         return synth.class_names, synth.embeddings, synth.labels, metrics, True
     data = load_node_data(cfg, node, memo=NODE_DATA)
     split = data.splits["train"]
@@ -135,15 +137,56 @@ def _training_set(
         "cache_hits": data.stats.hits,
         "cache_misses": data.stats.misses,
         "skipped_files": data.skipped_files,
+        "missing_files": data.missing_files,
         **gen_metrics,
     }
     return data.class_names, split.embeddings, split.labels, metrics, cfg.generator.mode != "off"
 
 
+def _carried_state(cfg: FedA2VConfig, node: NodeRuntimeConfig, msg: Message, context: Context) -> tuple[Path, tuple[str, ...], dict[str, int]]:
+    """Reload what this node carries across rounds if a restart lost it (see :mod:`client_app.node_state`).
+
+    Returns the node's state directory, the keys it carries in this run and the ``state_restored`` /
+    ``state_lost`` metrics of this message."""
+    keys: tuple[str, ...] = ()
+    if _keeps_own_adapters(msg):
+        keys += (LOCAL_ADAPTERS,)
+    if cfg.generator.mode in ("generator-training", "generator-only"):
+        keys += (GENERATORS,)
+    directory = state_dir(node_cache_dir(cfg, node), str(_round_config(msg).get(RUN_NAME, "")), node.partition_id)
+    restored = restore(context.state, directory, keys)
+    if restored:
+        log.info("node %d: restored %s from %s (the SuperNode restarted)", node.partition_id, restored, directory)
+    lost = [k for k in keys if k not in context.state]
+    server_round = int(_round_config(msg).get("server-round", 0))
+    if lost and server_round > 1:
+        log.warning("node %d round %d: %s from earlier rounds is gone (not in the node's state nor in %s): starting "
+                    "them over", node.partition_id, server_round, lost, directory)
+    return directory, keys, {"state_restored": int(bool(restored)), "state_lost": int(bool(lost) and server_round > 1)}
+
+
+def _no_host_paths(handler):
+    """An exception leaves the node (Flower sends ``str(exception)`` to the server) with absolute paths
+    cut to their last part; the full message and traceback stay in the node's own log."""
+
+    @functools.wraps(handler)
+    def wrapper(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as err:
+            log.exception("node handler %s failed", handler.__name__)
+            err.args = (redact_paths(str(err)),)
+            raise
+
+    return wrapper
+
+
 @app.train()
+@_no_host_paths
 def train(msg: Message, context: Context) -> Message:
     cfg, node, targets = _setup(msg, context)
     server_round = int(_round_config(msg).get("server-round", 0))
+    state_directory, carried, state_metrics = _carried_state(cfg, node, msg, context)
     device = resolve_device(cfg)
     class_names, embeddings, labels, data_metrics, has_bank = _training_set(cfg, node, context, server_round)
     _check_classes(targets, class_names, node)
@@ -163,16 +206,22 @@ def train(msg: Message, context: Context) -> Message:
     weights = module_to_arrays(adapters)
     if _keeps_own_adapters(msg):
         context.state[LOCAL_ADAPTERS] = weights
-    present = [i for i, c in enumerate(counts.tolist()) if c > 0]
+    persist(context.state, state_directory, carried)
+    shared = set(shareable_classes(cfg, node, dict(zip(class_names, counts.tolist()))))
+    present = [i for i, c in enumerate(class_names) if c in shared]
+    withheld = [i for i, n in enumerate(counts.tolist()) if n > 0 and class_names[i] not in shared]
     means = ClassTensors([class_names[i] for i in present], clip_means[present], t5_means[present], counts[present])
     metrics = {
         "num-examples": int(labels.numel()),
+        "withheld_classes": len(withheld),  # privacy.min-class-count: too few clips to share a mean
+        "withheld_clips": int(counts[withheld].sum()) if withheld else 0,
         "augmented_samples": augmented,
         "train_loss": losses["loss"],
         "train_loss_clip": losses["loss_clip"],
         "train_loss_t5": losses["loss_t5"],
         "train_seconds": train_seconds,
         "partition_id": node.partition_id,
+        **state_metrics,
         **data_metrics,
     }
     log.info(
@@ -188,8 +237,10 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_no_host_paths
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, node, targets = _setup(msg, context)
+    _carried_state(cfg, node, msg, context)
     data = load_node_data(cfg, node, cache_only=_cache_only(cfg), memo=NODE_DATA)
     _check_classes(targets, data.class_names, node)
     device = resolve_device(cfg)

@@ -46,10 +46,21 @@ def checkpoint_dir(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> Path:
     return node_cache_dir(cfg, node) / "generators"
 
 
+def shareable_classes(cfg: FedA2VConfig, node: NodeRuntimeConfig, counts: dict[str, int]) -> list[str]:
+    """The classes a node may model or summarise: at least ``privacy.min-class-count`` training clips
+    (a generator prior or a mean fitted on one clip is that clip). The others are logged, not shared."""
+    floor = cfg.privacy.min_class_count
+    withheld = {c: n for c, n in counts.items() if 0 < n < floor}
+    if withheld:
+        log.info("node %d: %s hold fewer than privacy.min-class-count=%d training clips: not shared (no generator, "
+                 "no class mean)", node.partition_id, withheld, floor)
+    return [c for c, n in counts.items() if n >= floor]
+
+
 def generator_classes(cfg: FedA2VConfig, node: NodeRuntimeConfig, held: list[str], class_names: list[str]) -> tuple[str, list[str]]:
     """This node's generator granularity and the classes it trains / loads generators for.
 
-    ``held``: the classes the node has training clips of. A node-level ``generator-classes`` list
+    ``held``: the classes the node has (enough, see :func:`shareable_classes`) training clips of. A node-level ``generator-classes`` list
     narrows that; a listed class unknown to the federation is an error, one the node holds no
     clips of is skipped with a warning (a generator cannot be trained on nothing).
     """
@@ -78,7 +89,8 @@ def train_node_generators(
     gcfg = cfg.generator
     train = data.splits["train"]
     tokens, dim = int(train.embeddings.shape[1]), int(train.embeddings.shape[2])
-    held = sorted({data.class_names[i] for i in train.labels.tolist()}, key=data.class_names.index)
+    counts = torch.bincount(train.labels, minlength=len(data.class_names)).tolist()
+    held = shareable_classes(cfg, node, dict(zip(data.class_names, counts)))
     granularity, present = generator_classes(cfg, node, held, data.class_names)
     if len(present) < len(held):  # train only on the selected classes
         keep = torch.isin(train.labels, torch.tensor([data.class_names.index(c) for c in present]))

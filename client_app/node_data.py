@@ -31,7 +31,7 @@ import torch
 
 from common.cache import EmbeddingStore, EmbedStats, ExtractionSettings, LazyEncoder, embed_clips, open_store
 from common.config import FedA2VConfig, NodeRuntimeConfig
-from common.data.esc50 import Clip, read_esc50
+from common.data.esc50 import Clip, scan_esc50
 from common.data.partition import NodeSplit
 from common.factory import dataset_root, node_splits, prepare_dataset, resolve_classes, resolve_device
 
@@ -55,7 +55,8 @@ class NodeData:
     class_names: list[str]  # the federation's classes, in label order
     node_classes: list[str]  # the classes this node owns
     splits: dict[str, EmbeddedSplit]
-    skipped_files: int = 0
+    skipped_files: int = 0  # this node's clips that could not be used (unreadable, truncated, too short)
+    missing_files: int = 0  # csv rows of the dataset whose file does not exist on this host
     skipped: list[str] = field(default_factory=list)
     stats: EmbedStats = field(default_factory=EmbedStats)  # cost of this call (zeros on a memo hit)
     from_memo: bool = False
@@ -145,6 +146,7 @@ class NodeIndex:
     cache_dir: Path
     class_names: list[str]
     split: NodeSplit
+    missing: list[str] = field(default_factory=list)  # csv rows of the dataset whose file is absent here
 
     def train_counts(self) -> dict[str, int]:
         """Real training clips per class this node holds (the 'auto' synthetic sample count)."""
@@ -160,9 +162,10 @@ def node_index(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> NodeIndex:
     cache_dir = node_cache_dir(cfg, node)
     root = prepare_dataset(cfg, dataset_root(cfg, node.data_root, cache_dir))
     class_names = resolve_classes(cfg, root)
-    clips, class_names = read_esc50(root, class_names)
+    scan = scan_esc50(root, class_names)
+    clips, class_names = scan.clips, scan.class_names
     mine = node_splits(cfg, clips, class_names, node.num_partitions)[node.partition_id]
-    return NodeIndex(root, cache_dir, list(class_names), mine)
+    return NodeIndex(root, cache_dir, list(class_names), mine, list(scan.missing))
 
 
 def load_node_data(
@@ -210,6 +213,7 @@ def load_node_data(
         node_classes=list(mine.classes),
         splits=embedded,
         skipped_files=len(skipped),
+        missing_files=len(index.missing),
         skipped=[c.rel_path for c, _ in skipped],
         stats=stats,
     )

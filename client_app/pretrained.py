@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from client_app.generators import checkpoint_dir, encoder_key, generator_classes
+from client_app.generators import checkpoint_dir, encoder_key, generator_classes, shareable_classes
 from client_app.node_data import NodeDataMemo, NodeIndex, load_node_data, node_index
 from common import seeds
 from common.config import FedA2VConfig, NodeRuntimeConfig
@@ -56,7 +56,7 @@ def load_node_bank(cfg: FedA2VConfig, node: NodeRuntimeConfig, index: NodeIndex,
     if GENERATORS in state:
         bank, _ = bank_from_records(state, source=f"node {node.partition_id} state", expected_shape=shape)
         return bank
-    held = list(index.train_counts())
+    held = shareable_classes(cfg, node, index.train_counts())
     granularity, classes = generator_classes(cfg, node, held, index.class_names)
     gcfg = cfg.generator
     directory = checkpoint_dir(cfg, node)

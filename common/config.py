@@ -91,6 +91,10 @@ class DataConfig(_Strict):
     clips_per_class: int = Field(40, ge=3, description="Clips per class written by the synthetic generator.")
     synth_seed: int = Field(0, description="Seed of the synthetic dataset generator.")
     clip_seconds: float = Field(5.0, gt=0, le=60, description="Clip length after pad/trim; sets AST max_length.")
+    min_clip_seconds: float = Field(
+        1.0, ge=0, description="Files with less audio than this (or fewer frames than their header declares) are "
+        "skipped and counted, not padded with silence.",
+    )
     sample_rate: int = Field(16000, ge=8000, description="Sample rate the AST expects (16 kHz for AudioSet ASTs).")
     partition: Literal["iid", "explicit"] = Field(
         "iid",
@@ -358,6 +362,15 @@ class TrainConfig(_Strict):
     )
 
 
+class PrivacyConfig(_Strict):
+    """What a node may reveal about its data beyond adapter weights."""
+
+    min_class_count: int = Field(
+        3, ge=1, description="Classes a node holds fewer training clips of are withheld from its class means and "
+        "generator training (a mean of one clip is that clip).",
+    )
+
+
 class FedA2VConfig(_Strict):
     """The complete run configuration of a feda2v federation."""
 
@@ -379,6 +392,22 @@ class FedA2VConfig(_Strict):
     fraction_train: float = Field(1.0, gt=0, le=1, description="Fraction of nodes sampled for training each round.")
     fraction_evaluate: float = Field(1.0, ge=0, le=1, description="Fraction of nodes sampled for evaluation.")
     min_nodes: int = Field(2, ge=1, description="Nodes that must be connected before a round starts.")
+    connect_timeout: float = Field(
+        300.0, gt=0, description="Seconds to wait for min-nodes nodes to be connected (at the start and before every "
+        "round); fewer after that fails the run with the count.",
+    )
+    round_timeout: float = Field(
+        1800.0, gt=0, description="Deadline in seconds per phase (train, evaluate) of a round: a node that has not "
+        "replied by then is left out of that round.",
+    )
+    min_replies: float = Field(
+        0.5, gt=0, description="Quorum per phase: valid replies needed for the round to count; >= 1 is a count, < 1 "
+        "a fraction of the nodes asked. Below it the run stops with an error naming who replied.",
+    )
+    resume: bool = Field(
+        False, description="Continue the run in output-dir/run-name from its last completed round (same config). "
+        "Without it, an existing run-name is an error, never overwritten.",
+    )
     checkpoint_every: int = Field(1, ge=1, description="Save global adapters every k rounds (and at the end).")
     data: DataConfig = Field(default_factory=DataConfig)
     nodes: dict[str, NodeSpec] = Field(
@@ -393,6 +422,7 @@ class FedA2VConfig(_Strict):
     server_generator: ServerGeneratorConfig = Field(default_factory=ServerGeneratorConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     render: RenderConfig = Field(default_factory=RenderConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @field_validator("nodes")
     @classmethod
@@ -609,9 +639,14 @@ def _app_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
+RUN_HASH_EXCLUDES = {"config_file", "output_dir", "run_name", "cache_dir", "resume", "num_rounds", "round_timeout",
+                     "connect_timeout", "min_replies", "min_nodes"}
+
+
 def config_hash(cfg: FedA2VConfig) -> str:
-    """Stable short hash of the settings that define a run (stored in checkpoint metadata)."""
-    payload = cfg.model_dump(by_alias=True, exclude={"config_file", "output_dir", "run_name", "cache_dir"})
+    """Stable short hash of the settings that define a run's results (stored in checkpoint metadata; a
+    resumed run must match it). Where files go, how long to wait and how many rounds are not part of it."""
+    payload = cfg.model_dump(by_alias=True, exclude=RUN_HASH_EXCLUDES)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

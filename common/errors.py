@@ -7,8 +7,19 @@ config or files are wrong" (a clear message, exit code 2) from a bug (a tracebac
 
 from __future__ import annotations
 
-__all__ = ["FedA2VError"]
+import re
+
+__all__ = ["FedA2VError", "redact_paths"]
 
 
 class FedA2VError(Exception):
     """A problem with the user's configuration, data, checkpoints or messages; the message says what."""
+
+
+_ABS_PATH = re.compile(r"(?<![\w.~-])(?:/[^\s/'\"():,;]+)+/?")
+
+
+def redact_paths(text: str) -> str:
+    """``text`` with every absolute path cut to ``…/<last part>``: what leaves a host (an error reply
+    to the server) must not reveal its directory layout; the full message stays in the host's log."""
+    return _ABS_PATH.sub(lambda m: "…/" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)

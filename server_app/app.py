@@ -17,23 +17,21 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
 from common.atomic import atomic_write_json
-from common.config import FedA2VConfig, config_hash, load_config
-from common.factory import adapter_config, build_adapters, resolve_classes, resolve_device
+from common.config import ConfigError, FedA2VConfig, config_hash, load_config
+from common.factory import adapter_config, build_adapters, embedding_shape, resolve_classes, resolve_device
 from common.logs import setup_logging
 from common.models.text_encoders import compute_class_targets
 from common.records import CLASS_TARGETS, GLOBAL_MODEL, RUN_NAME, ClassTensors, module_to_arrays
+from common.render.flux import check_render_settings
 from server_app.pipeline import build_pipelines
+from server_app.resume import open_run, run_directory
 from server_app.run_context import ServerRun
 from server_app.strategy import FedA2VStrategy
 from server_app.summary import RunSummary
+from server_app.validation import ReplyValidator
 
 log = logging.getLogger(__name__)
 app = ServerApp()
-
-
-def run_directory(cfg: FedA2VConfig, run_id: int) -> Path:
-    name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{run_id}"
-    return (Path(cfg.output_dir).expanduser() / name).resolve()
 
 
 def class_targets(cfg: FedA2VConfig, class_names: list[str]) -> ClassTensors:
@@ -43,20 +41,23 @@ def class_targets(cfg: FedA2VConfig, class_names: list[str]) -> ClassTensors:
     return ClassTensors(list(targets.class_names), targets.clip.float(), targets.t5.float())
 
 
-def final_metrics(result: Result) -> dict:
-    """The last round's global evaluation, from Flower's own record of the run."""
+def final_metrics(result: Result, round_offset: int = 0) -> dict:
+    """The last round's global evaluation, from Flower's own record of the run (its rounds count from 1
+    in every process; ``round_offset`` is where a resumed run started)."""
     history = result.evaluate_metrics_clientapp
     if not history:
         return {"round": None}
     last = max(history)
-    return {**dict(history[last]), "round": last}
+    return {**dict(history[last]), "round": last + round_offset}
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     setup_logging()
     cfg = load_config(context.run_config)
+    check_render_settings(cfg.render)  # a bad render.model must fail now, not after the last round
     run_dir = run_directory(cfg, context.run_id)
+    point = open_run(cfg, run_dir, cfg.generator.checkpoint_base, embedding_shape(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", cfg.model_dump(by_alias=True))
     log.info("feda2v run %s: outputs in %s", context.run_id, run_dir)
@@ -75,6 +76,10 @@ def main(grid: Grid, context: Context) -> None:
     )
     run = ServerRun(run_dir=run_dir, targets=targets, template=build_adapters(cfg, acfg), adapter_config=acfg.to_dict(),
                     config_hash=config_hash(cfg), num_rounds=cfg.num_rounds, device=resolve_device(cfg))
+    start_round = point.last_round if point is not None else 0
+    if start_round >= cfg.num_rounds:
+        raise ConfigError(f"resume: {run_dir.name} already completed round {start_round} of num-rounds={cfg.num_rounds}; "
+                          "raise num-rounds to continue it")
     summary = RunSummary(
         run_dir / "summary.json",
         {
@@ -89,13 +94,21 @@ def main(grid: Grid, context: Context) -> None:
             "adapter_params": n_params,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
+        resumed=point.summary if point is not None else None,
     )
     pipelines = build_pipelines(cfg, run, summary)
+    if point is not None and point.server_bank is not None and pipelines.server_generator is not None:
+        pipelines.server_generator.bank = point.server_bank
     strategy = FedA2VStrategy(
         targets=targets,
         round_pipeline=pipelines.round,
         after_round=pipelines.after_round,
         send_server_generator=cfg.server_generator.send_to_nodes,
+        initial_server_bank=point.server_bank if point is not None else None,
+        validator=ReplyValidator(run.template.state_dict(), class_names, acfg.clip_dim, (acfg.t5_tokens, acfg.t5_dim)),
+        min_replies=cfg.min_replies,
+        connect_timeout=cfg.connect_timeout,
+        round_offset=start_round,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_nodes,
@@ -105,17 +118,24 @@ def main(grid: Grid, context: Context) -> None:
     # Nodes get the run's directory *name* (each resolves it under its own output-dir, never a path
     # of this host) and whether a global model exists (the aggregation method says; nodes need no name).
     round_config = {RUN_NAME: run_dir.name, GLOBAL_MODEL: pipelines.aggregator.global_model}
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=module_to_arrays(adapters),
-        num_rounds=cfg.num_rounds,
-        train_config=ConfigRecord(round_config),
-        evaluate_config=ConfigRecord(round_config),
-        evaluate_fn=strategy.after_round,
-    )
-    summary.finish(final_metrics(result))
+    initial = point.arrays if point is not None and point.arrays is not None else module_to_arrays(adapters)
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=cfg.num_rounds - start_round,
+            timeout=cfg.round_timeout,
+            train_config=ConfigRecord(round_config),
+            evaluate_config=ConfigRecord(round_config),
+            evaluate_fn=strategy.after_round,
+        )
+    except Exception as err:
+        summary.fail(f"{type(err).__name__}: {err}")
+        raise
+    summary.finish(final_metrics(result, start_round))
     per_round = ", ".join(
-        f"r{r}: {m.get('test_retrieval_acc', float('nan')):.3f}" for r, m in sorted(result.evaluate_metrics_clientapp.items())
+        f"r{r + start_round}: {m.get('test_retrieval_acc', float('nan')):.3f}"
+        for r, m in sorted(result.evaluate_metrics_clientapp.items())
     )
     log.info("global test retrieval accuracy per round: %s", per_round)
     log.info("summary: %s", run_dir / "summary.json")

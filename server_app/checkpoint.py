@@ -1,7 +1,8 @@
 """The 'checkpoint' step: everything a round produced goes to the run directory, before any rendering.
 
 ``checkpoints/adapters.safetensors`` (+ ``_round_{r}`` copies every ``checkpoint-every`` rounds and
-at the end), or with standalone nodes ``adapters_node{id}[...]``; ``class_means.safetensors`` (the
+at the end), or with standalone nodes ``adapters_node{id}[...]``; ``checkpoints/resume.safetensors``
+(every round: what ``resume`` continues from); ``class_means.safetensors`` (the
 round's count-weighted global class means); ``generators/``: every node's uploaded bank and the
 server generator, under the same names the nodes use.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 from common.checkpoints import save_adapters
 from common.generator_bank import save_bank
 from common.records import CLASS_MEANS_FILE
+from server_app.resume import save_resume_arrays
 from server_app.round_state import RoundState
 from server_app.run_context import ServerRun
 
@@ -58,6 +60,8 @@ class CheckpointStep:
                 for pid, arrays in state.replies.arrays.items():
                     self._save(arrays, [f"adapters_node{pid}_round_{r}", f"adapters_node{pid}"], r,
                                {"aggregation": self.aggregation, "node": pid})
+        if self.global_model and state.arrays is not None:  # every round: what a resumed run starts from
+            save_resume_arrays(self.run.run_dir, state.arrays, r, self.run.config_hash)
         if state.global_means is not None:
             state.global_means.save(self.run.run_dir / "class_means.safetensors", CLASS_MEANS_FILE, {"round": r})
         generators = self.run.run_dir / "generators"

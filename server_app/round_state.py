@@ -37,6 +37,7 @@ class NodeReply:
     """What one node sent back from training, parsed and checked."""
 
     partition_id: int
+    node_id: int  # Flower's id of the SuperNode that sent it
     arrays: ArrayRecord | None
     metrics: dict[str, Any]
     means: ClassTensors | None = None
@@ -56,7 +57,8 @@ class NodeReplies:
     """Every node that answered a round, keyed by partition id (failures kept as text)."""
 
     nodes: dict[int, NodeReply] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # error replies: Flower node id, error code, reason
+    rejected: list[str] = field(default_factory=list)  # replies that failed validation, with the reason
 
     @property
     def arrays(self) -> dict[int, ArrayRecord]:
@@ -103,31 +105,66 @@ def fail_if_all_failed(server_round: int, replies: list[Message], phase: str) ->
         )
 
 
-def collect_train_replies(server_round: int, replies: Iterable[Message]) -> NodeReplies:
-    """Parse every train reply (weights, metrics, class means, generator bank); messages stay as they are."""
+def describe_error(msg: Message) -> str:
+    """An error reply in one line: which node, Flower's error code, the last line of its reason."""
+    lines = msg.error.reason.strip().splitlines()
+    return f"node {msg.metadata.src_node_id}: error code {msg.error.code}: {lines[-1] if lines else 'no reason given'}"
+
+
+def collect_train_replies(server_round: int, replies: Iterable[Message], validator=None) -> NodeReplies:
+    """Parse and check every train reply (weights, metrics, class means, generator bank).
+
+    The messages stay as they are. With a ``validator`` (:class:`server_app.validation.ReplyValidator`)
+    a reply that fails a check is dropped with a warning naming the node and the reason, and listed in
+    ``rejected``.
+    """
     replies = list(replies)
     fail_if_all_failed(server_round, replies, "train")
     out = NodeReplies()
     for msg in replies:
         if msg.has_error():
-            out.failures.append(f"node {msg.metadata.src_node_id}: {msg.error.reason.strip().splitlines()[-1:] or ''}")
+            out.failures.append(describe_error(msg))
+            log.warning("round %d: %s", server_round, out.failures[-1])
             continue
         content = msg.content
-        pid = partition_id(msg)
-        reply = NodeReply(pid, content.get(ARRAYS), dict(content[METRICS]) if METRICS in content else {})  # type: ignore[arg-type]
+        node_id = int(msg.metadata.src_node_id)
+        metrics = dict(content[METRICS]) if METRICS in content else {}
+        try:
+            pid = int(metrics.get("partition_id", node_id))
+        except (TypeError, ValueError):
+            pid = node_id
+        reply = NodeReply(pid, node_id, content.get(ARRAYS), metrics)  # type: ignore[arg-type]
+        reason = validator.check_identity(node_id, pid, set(out.nodes)) if validator is not None else None
+        if reason is None:
+            reason = _parse_extras(reply, content, server_round)
+        if reason is None and validator is not None:
+            reason = validator.check_train(reply)
+        if reason is not None:
+            out.rejected.append(f"node {node_id} (partition {pid}): {reason}")
+            log.warning("round %d: reply of node %d (partition %s) rejected: %s", server_round, node_id, pid, reason)
+            continue
+        if validator is not None:
+            validator.remember(node_id, pid)
+        out.nodes[pid] = reply
+    log.info("round %d: %d valid train replies, %d failures, %d rejected", server_round, len(out.nodes),
+             len(out.failures), len(out.rejected))
+    return out
+
+
+def _parse_extras(reply: NodeReply, content: RecordDict, server_round: int) -> str | None:
+    """Class means and generator bank of a reply; the reason it is unusable, or ``None``."""
+    if CLASS_MEANS in content:
         try:
             reply.means = ClassTensors.from_records(content, CLASS_MEANS, CLASS_MEANS_META)
-        except RecordError as err:
-            log.warning("round %d: reply of node %s has no usable class means (%s)", server_round, pid, err)
-        if GENERATORS in content:
-            try:
-                reply.bank, meta = bank_from_records(content, source=f"reply of node {pid}")
-                reply.encoder_key = str(meta.get("encoder-key", ""))
-            except (RecordError, ValueError) as err:
-                log.warning("round %d: generators of node %s not usable: %s", server_round, pid, err)
-        out.nodes[pid] = reply
-    log.info("round %d: %d train replies, %d failures", server_round, len(out.nodes), len(out.failures))
-    return out
+        except (RecordError, KeyError, TypeError) as err:
+            return f"class means unusable: {err}"
+    if GENERATORS in content:
+        try:
+            reply.bank, meta = bank_from_records(content, source=f"reply of node {reply.partition_id}")
+            reply.encoder_key = str(meta.get("encoder-key", ""))
+        except (RecordError, ValueError, KeyError, TypeError) as err:
+            return f"generator bank unusable: {err}"
+    return None
 
 
 def merge_class_means(class_names: list[str], node_means: dict[int, ClassTensors]) -> ClassTensors:
@@ -168,6 +205,7 @@ class RoundState:
     server_bank: GeneratorBank | None = None
     evaluate_metrics: dict[str, float] = field(default_factory=dict)
     evaluate_nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evaluate_failures: list[str] = field(default_factory=list)  # error and rejected evaluate replies
     render_metrics: dict[str, float] = field(default_factory=dict)
     _teachers: OwnerTeachers | None = None
 

@@ -9,7 +9,14 @@ What it changes in FedAvg, and why:
   the messages are left as they are) and runs the **round pipeline**: aggregate adapters -> server
   generator -> distillation -> fine-tuning (:mod:`server_app.pipeline`). It returns the new global
   adapters and the round's train metrics; it writes nothing.
-* ``aggregate_evaluate`` aggregates the nodes' evaluation metrics onto the same round state.
+* ``aggregate_evaluate`` aggregates the nodes' evaluation metrics onto the same round state
+  (tolerant of nodes that report different metric keys: each key is averaged over the nodes that
+  sent it, nothing is lost and nothing raises).
+* Faults: before sampling nodes it waits at most ``connect-timeout`` for ``min-nodes`` (Flower would
+  wait forever); every reply is validated (:mod:`server_app.validation`) and every phase needs its
+  quorum (:mod:`server_app.quorum`); the round deadline is ``start(timeout=round-timeout)``.
+* Resume: ``round_offset`` shifts Flower's round counter (which always starts at 1) to the run's own,
+  so a resumed run's round 3 is round 3 for the nodes, the seeds, the checkpoints and the summary.
 * :meth:`after_round` is Flower's per-round ``evaluate_fn`` hook: it runs the **after-round
   pipeline** (checkpoint -> summary -> render), the round's side effects, once the nodes evaluated.
 """
@@ -20,14 +27,17 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from common.generator_bank import GeneratorBank
 from common.records import METRICS, SERVER_GENERATOR, SERVER_GENERATOR_META, TARGETS, TARGETS_META, ClassTensors, bank_to_records
 from server_app.metrics import aggregate_metrics
 from server_app.pipeline import Pipeline
-from server_app.round_state import RoundState, collect_train_replies, fail_if_all_failed, partition_id
+from server_app.quorum import check_quorum, wait_for_nodes
+from server_app.round_state import RoundState, collect_train_replies, describe_error, fail_if_all_failed
+from server_app.validation import ReplyValidator
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +50,11 @@ class FedA2VStrategy(FedAvg):
         round_pipeline: Pipeline,
         after_round: Pipeline,
         send_server_generator: bool = False,
+        initial_server_bank: GeneratorBank | None = None,
+        validator: ReplyValidator | None = None,
+        min_replies: float = 1,
+        connect_timeout: float = 300.0,
+        round_offset: int = 0,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(evaluate_metrics_aggr_fn=aggregate_metrics, train_metrics_aggr_fn=aggregate_metrics, **fedavg_kwargs)
@@ -47,6 +62,12 @@ class FedA2VStrategy(FedAvg):
         self.round_pipeline = round_pipeline
         self.after_round_pipeline = after_round
         self.send_server_generator = send_server_generator
+        self.initial_server_bank = initial_server_bank  # a resumed run's server generator, until round 1 trains it
+        self.validator = validator
+        self.min_replies = min_replies
+        self.connect_timeout = connect_timeout
+        self.round_offset = round_offset
+        self.asked: dict[str, int] = {}  # phase -> nodes asked in the round in progress
         self.sent_arrays: ArrayRecord | None = None  # the global adapters of the round in progress
         self.state: RoundState | None = None  # the latest round (tensors of older rounds are not kept)
 
@@ -57,32 +78,65 @@ class FedA2VStrategy(FedAvg):
             self.targets.to_records(message.content, TARGETS, TARGETS_META)
         return messages
 
+    def _wait_for_nodes(self, grid: Grid) -> None:
+        wait_for_nodes(grid, self.min_available_nodes, self.connect_timeout)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         self.sent_arrays = arrays
+        self._wait_for_nodes(grid)
         messages = self._attach_targets(super().configure_train(server_round, arrays, config, grid))
-        bank = self.state.server_bank if self.state is not None else None
+        self.asked["train"] = len(messages)
+        bank = self.state.server_bank if self.state is not None else self.initial_server_bank
         if self.send_server_generator and bank is not None:
             for message in messages:  # nodes fill thin classes with its samples (train.augment-to)
                 bank_to_records(bank, message.content, "", None, server_round - 1, SERVER_GENERATOR, SERVER_GENERATOR_META)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self._attach_targets(super().configure_evaluate(server_round, arrays, config, grid))
+        server_round += self.round_offset
+        if self.fraction_evaluate > 0:
+            self._wait_for_nodes(grid)
+        messages = self._attach_targets(super().configure_evaluate(server_round, arrays, config, grid))
+        self.asked["evaluate"] = len(messages)
+        return messages
 
     # ------------------------------------------------------------------ aggregate
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        state = RoundState(server_round, self.sent_arrays, collect_train_replies(server_round, replies))
+        server_round += self.round_offset
+        parsed = collect_train_replies(server_round, replies, self.validator)
+        check_quorum(server_round, "train", list(parsed.nodes), self.asked.get("train", len(parsed.nodes)),
+                     self.min_replies, parsed.failures, parsed.rejected)
+        state = RoundState(server_round, self.sent_arrays, parsed)
         self.state = self.round_pipeline(state)
-        return state.arrays, (MetricRecord(state.metrics) if state.replies.nodes else None)
+        return state.arrays, MetricRecord(state.metrics)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = list(replies)
         fail_if_all_failed(server_round, replies, "evaluate")
-        nodes = {str(partition_id(m)): dict(m.content[METRICS]) for m in replies if not m.has_error() and METRICS in m.content}
-        metrics = super().aggregate_evaluate(server_round, replies)
-        global_metrics = dict(metrics) if metrics is not None else {}
+        nodes: dict[str, dict[str, Any]] = {}
+        failures, rejected = [], []
+        for msg in replies:
+            if msg.has_error():
+                failures.append(describe_error(msg))
+                continue
+            metrics = dict(msg.content[METRICS]) if METRICS in msg.content else {}
+            pid = str(metrics.get("partition_id", msg.metadata.src_node_id))
+            reason = ReplyValidator.check_metrics(metrics) or ("partition id replied twice" if pid in nodes else None)
+            if reason:
+                rejected.append(f"node {msg.metadata.src_node_id} (partition {pid}): {reason}")
+                log.warning("round %d: evaluate reply rejected: %s", server_round, rejected[-1])
+                continue
+            nodes[pid] = metrics
+        if self.asked.get("evaluate"):
+            check_quorum(server_round, "evaluate", [int(p) for p in nodes], self.asked["evaluate"], self.min_replies,
+                         failures, rejected)
+        records = [RecordDict({METRICS: MetricRecord(m)}) for m in nodes.values()]
+        global_metrics = dict(aggregate_metrics(records, self.weighted_by_key)) if records else {}
         if self.state is not None and self.state.server_round == server_round:
             self.state.evaluate_metrics, self.state.evaluate_nodes = global_metrics, nodes
+            self.state.evaluate_failures = failures + rejected
         if global_metrics:
             log.info(
                 "[round %d] global test retrieval acc %.4f (clip %.4f, t5 %.4f) | test loss %.4f | %d nodes",
@@ -93,12 +147,13 @@ class FedA2VStrategy(FedAvg):
                 global_metrics.get("test_loss", float("nan")),
                 len(nodes),
             )
-        return metrics
+        return MetricRecord(global_metrics) if records else None
 
     # ------------------------------------------------------------------ side effects
     def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's ``evaluate_fn``: checkpoint, summary and render of the round just finished."""
-        if server_round == 0 or self.state is None or self.state.server_round != server_round:
+        server_round += self.round_offset
+        if server_round == self.round_offset or self.state is None or self.state.server_round != server_round:
             return None
         self.after_round_pipeline(self.state)
         return MetricRecord(self.state.render_metrics) if self.state.render_metrics else None

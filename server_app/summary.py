@@ -19,9 +19,15 @@ log = logging.getLogger(__name__)
 
 
 class RunSummary:
-    def __init__(self, path: Path, run_info: dict[str, Any]) -> None:
+    def __init__(self, path: Path, run_info: dict[str, Any], resumed: dict[str, Any] | None = None) -> None:
+        """``resumed``: the summary of the run being continued (its completed rounds are kept)."""
         self.path = Path(path)
         self.data: dict[str, Any] = {"run": run_info, "rounds": [], "final": {}}
+        if resumed is not None:
+            self.data["rounds"] = list(resumed.get("rounds", []))
+            self.data["run"]["resumed"] = list(resumed.get("run", {}).get("resumed", [])) + [
+                {"after_round": max((e["round"] for e in self.data["rounds"]), default=0), "at": run_info.get("started")}
+            ]
         self._t0 = time.time()
 
     def round_entry(self, server_round: int) -> dict[str, Any]:
@@ -42,16 +48,29 @@ class RunSummary:
         entry["train"] = {"global": dict(state.metrics), "nodes": state.replies.metrics}
         if state.replies.failures:
             entry["train"]["failures"] = list(state.replies.failures)
+        if state.replies.rejected:
+            entry["train"]["rejected"] = list(state.replies.rejected)
         if state.histories:
             entry["server_training"] = state.histories
         if state.global_means is not None:
             means = state.global_means
             entry["class_counts"] = dict(zip(means.class_names, means.counts.tolist()))
         entry["evaluate"] = {"global": dict(state.evaluate_metrics), "nodes": dict(state.evaluate_nodes)}
+        if state.evaluate_failures:
+            entry["evaluate"]["failures"] = list(state.evaluate_failures)
         entry["elapsed_seconds"] = round(time.time() - self._t0, 3)
         self.write()
 
+    def fail(self, reason: str) -> None:
+        """The run stopped: say why, keep every completed round."""
+        self.data["run"]["status"] = "failed"
+        self.data["run"]["error"] = reason
+        self.data["run"]["total_seconds"] = round(time.time() - self._t0, 3)
+        self.write()
+
     def finish(self, final: dict[str, Any]) -> None:
+        self.data["run"]["status"] = "completed"
+        self.data["run"].pop("error", None)
         self.data["final"] = final
         self.data["run"]["total_seconds"] = round(time.time() - self._t0, 3)
         self.write()

@@ -49,6 +49,7 @@ EXTRACTION = {
     "seed": "seed",
     "storage_dtype": "audio-encoder.cache-dtype",
     "batch_size": "audio-encoder.batch-size",
+    "min_clip_seconds": "data.min-clip-seconds",
 }
 IDENTITY = {  # embedding-cache key fields (the encoder part; "tokens" is 1 for the CLS reduction)
     "model": "audio-encoder.model",
@@ -94,6 +95,7 @@ OVERRIDES: dict[str, Any] = {
     "audio-encoder.dtype": "bfloat16",
     "audio-encoder.cache-dtype": "float32",
     "audio-encoder.batch-size": 5,
+    "data.min-clip-seconds": 0.25,
     "text-encoder.t5-tokens": 8,
     "adapter.hidden-dim": 64,
     "adapter.heads": 4,

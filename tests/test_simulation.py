@@ -40,12 +40,15 @@ def run_config(e2e: E2EEnv, run_name: str, **extra: object) -> str:
         "data.num-classes": NUM_CLASSES,
         "data.clips-per-class": CLIPS_PER_CLASS,
         "min-nodes": NUM_NODES,
+        "privacy.min-class-count": 1,  # 8 clips per class over 3 nodes: 1-2 training clips per class and node
     }
     values.update(extra)
     return " ".join(f"{k}={_toml(v)}" for k, v in values.items())
 
 
 def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return f'"{value}"' if isinstance(value, str) else str(value)
 
 
@@ -184,3 +187,50 @@ def test_two_run_workflow_generators_then_pretrained(e2e: E2EEnv) -> None:
     final = summary2["final"]
     assert 0.0 <= final["test_retrieval_acc"] <= 1.0
     assert final["num-examples"] == summary1["final"]["num-examples"]  # every test clip served by the cache
+
+
+# One node holds only "dog" and, with one validation clip per class, gets none: evaluation replies then
+# differ in their val_* keys. Node 1 holds 2 dog clips, under privacy.min-class-count=3: its class mean
+# is withheld. Per-node tables travel in a config file (Flower's run config takes declared keys only).
+UNEVEN_TOML = """
+[data]
+partition = "explicit"
+[nodes.0]
+classes = ["dog"]
+[nodes.1]
+classes = ["dog"]
+[nodes.2]
+classes = ["rooster", "siren", "engine"]
+"""
+
+
+def test_resume_continues_a_stopped_run_to_the_same_result(e2e: E2EEnv) -> None:
+    uneven_file = e2e.out / "uneven.toml"
+    uneven_file.parent.mkdir(parents=True, exist_ok=True)
+    uneven_file.write_text(UNEVEN_TOML)
+    UNEVEN = {"config-file": str(uneven_file), "privacy.min-class-count": 3, "render.when": "off"}
+    full = e2e.flwr_run(run_config(e2e, "full", **UNEVEN, **{"num-rounds": 3}), federation_config=FEDERATION,
+                        timeout=RUN_TIMEOUT_S)
+    e2e.assert_run_completed(full)
+    part = e2e.flwr_run(run_config(e2e, "part", **UNEVEN, **{"num-rounds": 2}), federation_config=FEDERATION,
+                        timeout=RUN_TIMEOUT_S)
+    e2e.assert_run_completed(part)
+    again = e2e.flwr_run(run_config(e2e, "part", **UNEVEN, **{"num-rounds": 3}), federation_config=FEDERATION,
+                         timeout=RUN_TIMEOUT_S)  # same run-name, no resume: refused, nothing overwritten
+    status = e2e.run_status(e2e.run_id(again))
+    assert status["status"] != "finished:completed" and "already holds a run" in str(status.get("status-details")) + again.output
+    assert [r["round"] for r in load_summary(e2e.out / "part")["rounds"]] == [1, 2]
+    resumed = e2e.flwr_run(run_config(e2e, "part", **UNEVEN, **{"num-rounds": 3, "resume": True}),
+                           federation_config=FEDERATION, timeout=RUN_TIMEOUT_S)
+    e2e.assert_run_completed(resumed)
+
+    reference, summary = load_summary(e2e.out / "full"), load_summary(e2e.out / "part")
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]  # every round exactly once
+    assert summary["run"]["resumed"][0]["after_round"] == 2 and summary["final"]["round"] == 3
+    test_clips = reference["final"]["num-examples"]
+    assert abs(summary["final"]["test_retrieval_acc"] - reference["final"]["test_retrieval_acc"]) <= 1 / test_clips
+    evaluate = summary["rounds"][-1]["evaluate"]["nodes"]
+    assert evaluate["0"]["num_val"] == 0 and "val_retrieval_acc" not in evaluate["0"]
+    assert "val_retrieval_acc" in summary["rounds"][-1]["evaluate"]["global"]
+    train_nodes = summary["rounds"][-1]["train"]["nodes"]
+    assert train_nodes["1"]["withheld_classes"] == 1 and summary["rounds"][-1]["class_counts"].get("dog", 0) >= 3

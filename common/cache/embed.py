@@ -57,6 +57,7 @@ class ExtractionSettings:
     storage_dtype: str
     batch_size: int
     device: str
+    min_clip_seconds: float  # shorter (or truncated) files are skipped; not part of the key
 
     @classmethod
     def from_config(cls, cfg: Any, device: str = "cpu") -> "ExtractionSettings":
@@ -76,6 +77,7 @@ class ExtractionSettings:
             storage_dtype=ae.cache_dtype,
             batch_size=ae.batch_size,
             device=device,
+            min_clip_seconds=cfg.data.min_clip_seconds,
         )
 
     def identity(self) -> dict[str, Any]:
@@ -212,7 +214,8 @@ def embed_clips(
     for start in range(0, len(missing), step):
         idx = missing[start : start + step]
         t1 = time.perf_counter()
-        loaded = load_clips([clips[i] for i in idx], settings.sample_rate, settings.clip_seconds)
+        loaded = load_clips([clips[i] for i in idx], settings.sample_rate, settings.clip_seconds,
+                            settings.min_clip_seconds)
         skipped.extend(loaded.skipped)
         ok = {c.rel_path for c in loaded.clips}
         kept = [i for i in idx if clips[i].rel_path in ok]

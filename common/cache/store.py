@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import logging
 import os
 import shutil
@@ -80,6 +81,9 @@ class ClipId(NamedTuple):
         except OSError:
             return None
         return cls(rel_path, int(st.st_size), int(st.st_mtime_ns))
+
+
+_SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\.safetensors")  # a file directly in shards/, nothing else
 
 
 class IndexCorrupt(FedA2VError, ValueError):
@@ -197,6 +201,10 @@ class EmbeddingStore:
             if not str(doc["key"]).startswith(self.key):
                 raise IndexCorrupt(f"index belongs to key {doc['key']!r}")
             index = _Index(entries=dict(doc["entries"]), shards=dict(doc["shards"]))
+            names = set(index.shards) | {str(e[2]) for e in index.entries.values()}
+            bad = sorted(n for n in names if not _SHARD_NAME.fullmatch(n))
+            if bad:  # a crafted index must not make us read or delete files outside shards/
+                raise IndexCorrupt(f"shard name(s) {bad[:3]} are not plain shard file names")
         except IndexCorrupt:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as err:

@@ -8,12 +8,28 @@ import sys
 from pathlib import Path
 
 from common import launcher
+from common.config import ConfigError, load_config
+from common.config_overrides import parse_toml_value
 from common.logs import report_error
+
+
+def check_federation(app_dir: Path, overrides: list[str], num_supernodes: int) -> None:
+    """Fail before starting anything when the configuration cannot run on this many simulated nodes."""
+    flat = {}
+    for text in overrides:
+        for item in shlex.split(text):
+            key, _, value = item.partition("=")
+            flat[key.strip()] = parse_toml_value(value)
+    cfg = load_config(flat, search_dirs=(app_dir,))
+    if cfg.min_nodes > num_supernodes:
+        raise ConfigError(f"min-nodes={cfg.min_nodes} but --num-supernodes={num_supernodes}: the run would wait for "
+                          "nodes that never connect; lower min-nodes or simulate more nodes")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     app_dir = launcher.resolve_app_dir(args.app_dir)
     overrides = list(args.run_config or [])
+    check_federation(app_dir, overrides, args.num_supernodes)
     if args.rounds is not None:
         overrides.append(f"num-rounds={args.rounds}")
     if not any(o.strip().startswith("output-dir") for o in overrides):

@@ -56,16 +56,42 @@ def _resampler(orig_freq: int, new_freq: int) -> torchaudio.transforms.Resample:
     return torchaudio.transforms.Resample(orig_freq=orig_freq, new_freq=new_freq)
 
 
-def _read(path: Path) -> tuple[np.ndarray, int]:
+def _wav_declared_bytes(path: Path) -> tuple[int, int] | None:
+    """(bytes the WAV ``data`` chunk declares, bytes present after it), or ``None`` for other formats
+    or headers too odd to judge (streamed WAVs declare 0 or 0xFFFFFFFF)."""
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        size = path.stat().st_size
+        while True:
+            chunk = fh.read(8)
+            if len(chunk) < 8:
+                return None
+            cid, length = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if cid == b"data":
+                if length in (0, 0xFFFFFFFF):
+                    return None
+                return length, size - fh.tell()
+            fh.seek(length + (length & 1), 1)
+
+
+def _read(path: Path, min_seconds: float = 0.0) -> tuple[np.ndarray, int]:
     if not path.is_file():  # libsndfile would only say "System error"
         raise AudioLoadError(path, "file not found" if not path.exists() else "not a regular file")
     try:
+        declared = _wav_declared_bytes(path)
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, OSError, ValueError, TypeError) as exc:
         # libsndfile reports "Format not recognised" for text/garbage files, and raises for truncated data.
         raise AudioLoadError(path, f"unreadable or not an audio file ({exc})") from exc
     if data.shape[0] == 0:
         raise AudioLoadError(path, "the file holds no audio frames")
+    if declared is not None and declared[0] > declared[1]:  # libsndfile reads what is there: a cut file looks short
+        raise AudioLoadError(path, f"truncated: the WAV header declares {declared[0]} bytes of audio, the file holds "
+                                   f"{declared[1]} ({data.shape[0]} frames)")
+    if data.shape[0] < min_seconds * rate:
+        raise AudioLoadError(path, f"{data.shape[0] / rate:.3f} s of audio, less than data.min-clip-seconds={min_seconds:g}")
     if data.shape[1] == 0:
         raise AudioLoadError(path, "the file has no channels")
     if not np.isfinite(data).all():
@@ -73,14 +99,16 @@ def _read(path: Path) -> tuple[np.ndarray, int]:
     return data, int(rate)
 
 
-def load_clip(path: Path, sample_rate: int = 16000, clip_seconds: float = 5.0) -> torch.Tensor:
+def load_clip(path: Path, sample_rate: int = 16000, clip_seconds: float = 5.0, min_seconds: float = 0.0) -> torch.Tensor:
     """Load one file as a float32 tensor of shape ``(round(clip_seconds * sample_rate),)``.
 
     Channels are averaged to mono, the signal is resampled to `sample_rate`, then zero-padded at the end or
-    trimmed. Raises :class:`AudioLoadError` for anything that is not usable audio.
+    trimmed. Raises :class:`AudioLoadError` for anything that is not usable audio, including a file cut
+    short of the frames its header declares and one with less than ``min_seconds`` of audio (padding
+    those with silence would train on silence as their class).
     """
     _check_target(sample_rate, clip_seconds)
-    data, rate = _read(Path(path))
+    data, rate = _read(Path(path), min_seconds)
     wave = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1, dtype=np.float32)))
     if rate != sample_rate:
         with torch.no_grad():
@@ -102,7 +130,8 @@ class LoadedAudio:
     skipped: list[tuple[Clip, str]] = field(default_factory=list)  # (clip, reason)
 
 
-def load_clips(clips: Sequence[Clip], sample_rate: int = 16000, clip_seconds: float = 5.0) -> LoadedAudio:
+def load_clips(clips: Sequence[Clip], sample_rate: int = 16000, clip_seconds: float = 5.0,
+               min_seconds: float = 0.0) -> LoadedAudio:
     """Load many clips, skipping bad files (one warning per file) instead of failing the whole run."""
     _check_target(sample_rate, clip_seconds)
     waveforms = torch.empty((len(clips), num_samples(sample_rate, clip_seconds)), dtype=torch.float32)
@@ -110,7 +139,7 @@ def load_clips(clips: Sequence[Clip], sample_rate: int = 16000, clip_seconds: fl
     skipped: list[tuple[Clip, str]] = []
     for clip in clips:
         try:
-            waveforms[len(kept)] = load_clip(clip.path, sample_rate, clip_seconds)
+            waveforms[len(kept)] = load_clip(clip.path, sample_rate, clip_seconds, min_seconds)
         except AudioLoadError as exc:
             logger.warning("skipping clip %s (%s): %s", clip.rel_path, exc.path, exc.reason)
             skipped.append((clip, exc.reason))

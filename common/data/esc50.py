@@ -158,14 +158,14 @@ def scan_esc50(root: Path, classes: Sequence[str] | None = None) -> Esc50Index:
         rel_path = f"{AUDIO_DIRNAME}/{filename}"
         path = audio / filename
         if not path.is_file():
-            logger.warning("ESC-50 row skipped: audio file %s listed in %s does not exist", path, meta)
+            logger.debug("ESC-50 row skipped: audio file %s listed in %s does not exist", path, meta)
             missing.append(rel_path)
             continue
         clips.append(Clip(path=path, rel_path=rel_path, category=category, label=label_of[category], fold=fold))
 
     if missing:
-        logger.warning("%d of %d selected clips in %s are missing on disk and were skipped",
-                       len(missing), len(missing) + len(clips), root)
+        logger.warning("%d of %d selected clips in %s are missing on disk and were skipped (first: %s)",
+                       len(missing), len(missing) + len(clips), root, ", ".join(missing[:3]))
     empty = [name for name in class_names if not any(c.category == name for c in clips)]
     if empty:
         raise DatasetError(f"class(es) {', '.join(empty)} have no audio files under {audio}")

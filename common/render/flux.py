@@ -54,10 +54,7 @@ def build_tiny_pipeline(seed: int = 0):
                         tokenizer_2=None, transformer=transformer)
 
 
-def load_flux_pipeline(model: str, dtype: torch.dtype):
-    """A FLUX.1 folder (diffusers layout) without its text encoders; clear error when unavailable."""
-    from diffusers import FluxPipeline
-
+def _flux_folder(model: str) -> Path:
     path = Path(model).expanduser()
     missing = [sub for sub in ("transformer", "vae", "scheduler") if not (path / sub).is_dir()]
     if not path.is_dir() or missing:
@@ -65,6 +62,34 @@ def load_flux_pipeline(model: str, dtype: torch.dtype):
             f"render.model '{model}': not a local FLUX.1 folder (needs transformer/, vae/, scheduler/; missing "
             f"{missing or 'the folder'}). Copy FLUX.1-dev/-schnell in diffusers layout there, or use 'tiny'."
         )
+    return path
+
+
+TINY_MULTIPLE = 4  # the tiny VAE halves the image once, FLUX packs 2x2 latents
+FLUX_MULTIPLE = 16  # the real VAE's /8, FLUX packs 2x2 latents
+
+
+def check_render_settings(render) -> None:
+    """Fail at the start of a run, not after its last round: the model folder exists, the resolution fits it.
+
+    ``render``: the ``[render]`` config section. Nothing is loaded; ``when = "off"`` checks nothing.
+    """
+    if render.when == "off":
+        return
+    multiple = TINY_MULTIPLE
+    if render.model != "tiny":
+        _flux_folder(render.model)
+        multiple = FLUX_MULTIPLE
+    if render.resolution % multiple:
+        raise ModelLoadError(f"render.resolution {render.resolution} must be a multiple of {multiple} for "
+                             f"render.model '{render.model}'")
+
+
+def load_flux_pipeline(model: str, dtype: torch.dtype):
+    """A FLUX.1 folder (diffusers layout) without its text encoders; clear error when unavailable."""
+    from diffusers import FluxPipeline
+
+    path = _flux_folder(model)
     try:
         return FluxPipeline.from_pretrained(
             str(path), text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
