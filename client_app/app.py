@@ -240,7 +240,7 @@ def train(msg: Message, context: Context) -> Message:
 @_no_host_paths
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, node, targets = _setup(msg, context)
-    _carried_state(cfg, node, msg, context)
+    _, _, state_metrics = _carried_state(cfg, node, msg, context)
     data = load_node_data(cfg, node, cache_only=_cache_only(cfg), memo=NODE_DATA)
     _check_classes(targets, data.class_names, node)
     device = resolve_device(cfg)
@@ -249,6 +249,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         "num-examples": len(data.splits["test"]),
         "num_val": len(data.splits["val"]),
         "partition_id": node.partition_id,
+        **state_metrics,
     }
     settings = TrainSettings.from_config(cfg.train, seed=cfg.seed)
     for name in ("val", "test"):

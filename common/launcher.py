@@ -201,7 +201,7 @@ def tagged_pids(tag: str, marker: str | None = None) -> list[int]:
     return pids
 
 
-def _cmdline(pid: int) -> str:
+def cmdline(pid: int) -> str:
     try:
         return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
@@ -270,7 +270,7 @@ def stop_tagged(
     for sig, grace in ((signal.SIGTERM, term_grace_s), (signal.SIGKILL, kill_grace_s)):
         if _signal_and_wait(tag, marker, groups, sig, grace):
             return []
-    return [f"{pid}: {_cmdline(pid)}" for pid in tagged_pids(tag, marker)]
+    return [f"{pid}: {cmdline(pid)}" for pid in tagged_pids(tag, marker)]
 
 
 # ------------------------------------------------------------------------------- run and verdict

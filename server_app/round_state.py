@@ -105,13 +105,19 @@ def fail_if_all_failed(server_round: int, replies: list[Message], phase: str) ->
         )
 
 
-def describe_error(msg: Message) -> str:
-    """An error reply in one line: which node, Flower's error code, the last line of its reason."""
+def describe_error(msg: Message, sent_to: dict[str, int] | None = None) -> str:
+    """An error reply in one line: which node, Flower's error code, the last line of its reason.
+
+    The SuperLink itself answers for a node that stopped heartbeating, so the reply's source is the
+    SuperLink: ``sent_to`` (message id -> destination node of what the server sent) names the node.
+    """
     lines = msg.error.reason.strip().splitlines()
-    return f"node {msg.metadata.src_node_id}: error code {msg.error.code}: {lines[-1] if lines else 'no reason given'}"
+    node = (sent_to or {}).get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+    return f"node {node}: error code {msg.error.code}: {lines[-1] if lines else 'no reason given'}"
 
 
-def collect_train_replies(server_round: int, replies: Iterable[Message], validator=None) -> NodeReplies:
+def collect_train_replies(server_round: int, replies: Iterable[Message], validator=None,
+                          connected: set[int] | None = None, sent_to: dict[str, int] | None = None) -> NodeReplies:
     """Parse and check every train reply (weights, metrics, class means, generator bank).
 
     The messages stay as they are. With a ``validator`` (:class:`server_app.validation.ReplyValidator`)
@@ -123,7 +129,7 @@ def collect_train_replies(server_round: int, replies: Iterable[Message], validat
     out = NodeReplies()
     for msg in replies:
         if msg.has_error():
-            out.failures.append(describe_error(msg))
+            out.failures.append(describe_error(msg, sent_to))
             log.warning("round %d: %s", server_round, out.failures[-1])
             continue
         content = msg.content
@@ -134,7 +140,7 @@ def collect_train_replies(server_round: int, replies: Iterable[Message], validat
         except (TypeError, ValueError):
             pid = node_id
         reply = NodeReply(pid, node_id, content.get(ARRAYS), metrics)  # type: ignore[arg-type]
-        reason = validator.check_identity(node_id, pid, set(out.nodes)) if validator is not None else None
+        reason = validator.check_identity(node_id, pid, set(out.nodes), connected) if validator is not None else None
         if reason is None:
             reason = _parse_extras(reply, content, server_round)
         if reason is None and validator is not None:

@@ -68,6 +68,8 @@ class FedA2VStrategy(FedAvg):
         self.connect_timeout = connect_timeout
         self.round_offset = round_offset
         self.asked: dict[str, int] = {}  # phase -> nodes asked in the round in progress
+        self.connected: set[int] | None = None  # Flower node ids online when the round was configured
+        self.sent: dict[str, list[Message]] = {}  # phase -> the messages sent (Flower gives them ids on sending)
         self.sent_arrays: ArrayRecord | None = None  # the global adapters of the round in progress
         self.state: RoundState | None = None  # the latest round (tensors of older rounds are not kept)
 
@@ -78,8 +80,11 @@ class FedA2VStrategy(FedAvg):
             self.targets.to_records(message.content, TARGETS, TARGETS_META)
         return messages
 
+    def _sent_to(self, phase: str) -> dict[str, int]:
+        return {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent.get(phase, []) if m.metadata.message_id}
+
     def _wait_for_nodes(self, grid: Grid) -> None:
-        wait_for_nodes(grid, self.min_available_nodes, self.connect_timeout)
+        self.connected = set(wait_for_nodes(grid, self.min_available_nodes, self.connect_timeout))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
@@ -87,6 +92,7 @@ class FedA2VStrategy(FedAvg):
         self._wait_for_nodes(grid)
         messages = self._attach_targets(super().configure_train(server_round, arrays, config, grid))
         self.asked["train"] = len(messages)
+        self.sent["train"] = messages
         bank = self.state.server_bank if self.state is not None else self.initial_server_bank
         if self.send_server_generator and bank is not None:
             for message in messages:  # nodes fill thin classes with its samples (train.augment-to)
@@ -99,12 +105,13 @@ class FedA2VStrategy(FedAvg):
             self._wait_for_nodes(grid)
         messages = self._attach_targets(super().configure_evaluate(server_round, arrays, config, grid))
         self.asked["evaluate"] = len(messages)
+        self.sent["evaluate"] = messages
         return messages
 
     # ------------------------------------------------------------------ aggregate
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
-        parsed = collect_train_replies(server_round, replies, self.validator)
+        parsed = collect_train_replies(server_round, replies, self.validator, self.connected, self._sent_to("train"))
         check_quorum(server_round, "train", list(parsed.nodes), self.asked.get("train", len(parsed.nodes)),
                      self.min_replies, parsed.failures, parsed.rejected)
         state = RoundState(server_round, self.sent_arrays, parsed)
@@ -119,7 +126,7 @@ class FedA2VStrategy(FedAvg):
         failures, rejected = [], []
         for msg in replies:
             if msg.has_error():
-                failures.append(describe_error(msg))
+                failures.append(describe_error(msg, self._sent_to("evaluate")))
                 continue
             metrics = dict(msg.content[METRICS]) if METRICS in msg.content else {}
             pid = str(metrics.get("partition_id", msg.metadata.src_node_id))

@@ -4,7 +4,8 @@ A node can be buggy, out of date or hostile; one malformed reply must not crash 
 poison the global adapters. Checks, each with a reason that names the node and what is wrong:
 
 * partition ids: one reply per partition id per round, and a Flower node keeps the partition id it
-  first reported (a second node claiming it is a spoof);
+  first reported (a second node claiming it while the first is still connected is a spoof; a
+  restarted SuperNode, back under a new Flower node id, takes its partition over);
 * adapter weights: exactly the global model's array names, shapes and dtypes, all finite;
 * metrics: numbers, all finite; ``num-examples`` a positive integer;
 * class means: federation classes only, once each, the model's output shapes, finite, counts
@@ -31,7 +32,11 @@ class ReplyValidator:
         self.t5_shape = tuple(t5_shape)
         self.partition_of: dict[int, int] = {}  # Flower node id -> the partition id it reported first
 
-    def check_identity(self, node_id: int, partition_id: int, seen: set[int]) -> str | None:
+    def check_identity(self, node_id: int, partition_id: int, seen: set[int],
+                       connected: set[int] | None = None) -> str | None:
+        """``connected``: the Flower nodes online this round. A restarted SuperNode comes back with a new
+        Flower node id: it may take over its partition id once the old node is gone, never while it is
+        still connected."""
         if partition_id in seen:
             return f"partition id {partition_id} replied twice this round"
         known = self.partition_of.get(node_id)
@@ -39,7 +44,9 @@ class ReplyValidator:
             return f"Flower node {node_id} reported partition id {known} before, now {partition_id}"
         owner = next((n for n, p in self.partition_of.items() if p == partition_id and n != node_id), None)
         if owner is not None:
-            return f"partition id {partition_id} belongs to Flower node {owner}"
+            if connected is None or owner in connected:
+                return f"partition id {partition_id} belongs to Flower node {owner}"
+            del self.partition_of[owner]  # the old node left: a restart, not a spoof
         return None
 
     def remember(self, node_id: int, partition_id: int) -> None:

@@ -34,12 +34,9 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,32 +44,15 @@ from typing import Any
 
 import pytest
 
-from common import launcher
+from common import deployment, launcher
+from common.deployment import free_port, write_flower_config  # noqa: F401 - re-exported
 from common.launcher import COMPLETED, RUN_TAG_VAR, ls_command, parse_run_id, parse_run_status
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TAG_VAR = RUN_TAG_VAR
 
-# Ports that Flower uses by default: never hand them out, so a default-configured SuperLink or
-# SuperNode running on this machine does not collide with (or get reused by) a test.
-_RESERVED_PORTS = {8000, 9091, 9092, 9093, 9094, 9095, 39091, 39092, 39093, 39094}
-_HANDED_OUT: set[int] = set()
-
 TERM_GRACE_S = launcher.TERM_GRACE_S
 KILL_GRACE_S = launcher.KILL_GRACE_S
-
-
-# ------------------------------------------------------------------------------------------ ports
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now and was not handed out before in this session."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in _RESERVED_PORTS and port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
-    raise RuntimeError("could not find a free TCP port")
 
 
 # ---------------------------------------------------------------------------------------- logs
@@ -243,24 +223,12 @@ class E2EEnv:
 
     @staticmethod
     def http_ok(url: str) -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=1.0) as response:  # noqa: S310 - loopback only
-                return 200 <= response.status < 300
-        except (urllib.error.URLError, OSError, ValueError):
-            return False
+        return deployment.http_ok(url)
 
     # ------------------------------------------------------------------ flower helpers
     def write_flower_config(self, connections: Mapping[str, Mapping[str, Any]], default: str = "local") -> Path:
         """Write ``$FLWR_HOME/config.toml`` in the format Flower 1.41 creates (plus extra connections)."""
-        lines = ["[superlink]", f'default = "{default}"', "", "[superlink.local]", 'address = ":local:"', ""]
-        for name, values in connections.items():
-            lines.append(f"[superlink.{name}]")
-            for key, value in values.items():
-                lines.append(f"{key} = {json.dumps(value)}")  # JSON str/bool/int literals are valid TOML
-            lines.append("")
-        path = self.flwr_home / "config.toml"
-        path.write_text("\n".join(lines))
-        return path
+        return write_flower_config(self.flwr_home, connections, default)
 
     def flwr_run(
         self,

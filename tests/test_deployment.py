@@ -117,3 +117,45 @@ def test_loopback_deployment(e2e: E2EEnv, tmp_path: Path) -> None:
     _, meta = load_adapters(run_dir / "checkpoints" / "adapters.safetensors")
     assert meta["round"] == ROUNDS
     assert meta["class-names"] == classes
+
+
+# ------------------------------------------------------------------ fault drills (common.drills)
+FAULT_NODES = 3
+DRILL_TIMEOUT_S = 600
+
+
+def test_deployment_survives_node_death_server_crash_and_node_restart(tmp_path: Path) -> None:
+    """Real flower-superlink + 3 flower-supernode processes on loopback:
+    (a) kill -9 a SuperNode during round 2 of 4: the run completes on the others and the summary names
+        the failed node, the round and Flower's error code (5, node unavailable);
+    (b) kill -9 the ServerApp after round 2, then resume: round 3 runs, every round once in the summary
+        (bench/faults.py runs it with 4 rounds and an uninterrupted reference);
+    (c) restart a SuperNode after round 1 with aggregation 'none': it reloads its own adapters."""
+    from common import drills
+    from common.data.synth import synthesize_dataset
+    from common.deployment import LocalFederation
+
+    data = synthesize_dataset(tmp_path / "data", list(SYNTH_CLASSES[: drills.BASE_CONFIG["data.num-classes"]]),
+                              clips_per_class=drills.BASE_CONFIG["data.clips-per-class"], seed=0)
+    fed = LocalFederation(tmp_path / "fed", FAULT_NODES, data, cache_dir=tmp_path / "cache").start()
+    try:
+        out = tmp_path / "out"
+        a = drills.kill_node_mid_run(fed, out, num_rounds=4, victim=2, timeout_s=DRILL_TIMEOUT_S)
+        assert a["completed"] and a["rounds_in_summary"] == 4 and a["lost_rounds"] == 0, a
+        assert list(a["failures"]) == ["2"] and "error code 5" in a["failures"]["2"][0], a
+        fed.start_node(2)  # back to three nodes for the next drills
+
+        b = drills.kill_serverapp_then_resume(fed, out, num_rounds=3, after_round=2, timeout_s=DRILL_TIMEOUT_S,
+                                              reference=False)
+        assert b["killed_serverapp_pids"] and b["rounds_before_kill"][:2] == [1, 2], b
+        assert b["completed"] and b["rounds_in_summary"] == 3 and b["duplicate_rounds"] == 0, b
+        summary = load_summary(out / "kill-server")
+        assert summary["run"]["resumed"][0]["after_round"] in (2, 3) and summary["run"]["status"] == "completed"
+
+        c = drills.restart_node_between_rounds(fed, out, num_rounds=3, node=1, timeout_s=DRILL_TIMEOUT_S)
+        assert c["completed"] and c["lost_rounds"] == 0, c
+        assert c["restored_in"] and not c["lost_in"], c  # reloaded its own adapters; never started over
+        assert c["node_trained_in_rounds"][-1] == 3, c
+    finally:
+        leftovers = fed.close()
+    assert not leftovers, leftovers

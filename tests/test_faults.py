@@ -140,6 +140,12 @@ def test_a_node_cannot_take_another_partition_id(tmp_path):
     strategy.aggregate_train(2, [reply(1, src=10), reply(1, src=11)])  # node 10 now claims partition 1
     assert list(strategy.state.replies.nodes) == [1] and strategy.state.replies.nodes[1].node_id == 11
     assert "reported partition id 0 before" in strategy.state.replies.rejected[0]
+    strategy.connected = {10, 11, 12}
+    strategy.aggregate_train(3, [reply(0, src=12), reply(1, src=11)])  # 12 claims node 10's partition: spoof
+    assert list(strategy.state.replies.nodes) == [1] and "belongs to Flower node 10" in strategy.state.replies.rejected[0]
+    strategy.connected = {11, 12}  # node 10 is gone: 12 is node 10 restarted under a new Flower node id
+    strategy.aggregate_train(4, [reply(0, src=12), reply(1, src=11)])
+    assert sorted(strategy.state.replies.nodes) == [0, 1] and strategy.state.replies.nodes[0].node_id == 12
 
 
 def test_bad_generator_metadata_rejects_the_reply(tmp_path):
