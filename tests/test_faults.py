@@ -289,3 +289,26 @@ def test_render_settings_are_checked_before_the_run():
     with pytest.raises(Exception, match="multiple of 4"):
         check_render_settings(load_config({"render.resolution": 66}).render)
     check_render_settings(load_config({"render.model": "/nonexistent", "render.when": "off"}).render)
+
+
+def test_the_serverapp_gives_flower_the_round_deadline_and_its_quorum_settings(tmp_path, monkeypatch):
+    """A hung node costs at most round-timeout per phase: the deadline Flower's send_and_receive enforces."""
+    from flwr.serverapp.strategy import Result
+
+    import server_app.app as server_app_module
+
+    seen = {}
+
+    def fake_start(self, **kwargs):
+        seen.update(kwargs, strategy=self)
+        return Result()
+
+    monkeypatch.setattr(FedA2VStrategy, "start", fake_start)
+    run_config = {"round-timeout": 12.5, "min-replies": 2, "connect-timeout": 3, "output-dir": str(tmp_path),
+                  "run-name": "deadline", "cache-dir": str(tmp_path / "cache"), "num-rounds": 3}
+    server_app_module.main(FakeGrid([1, 2]), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                                     run_config=run_config))
+    assert seen["timeout"] == 12.5 and seen["num_rounds"] == 3
+    strategy = seen["strategy"]
+    assert (strategy.min_replies, strategy.connect_timeout, strategy.round_offset) == (2, 3, 0)
+    assert json.loads((tmp_path / "deadline" / "summary.json").read_text())["run"]["status"] == "completed"
