@@ -154,11 +154,11 @@ def _carried_state(cfg: FedA2VConfig, node: NodeRuntimeConfig, msg: Message, con
     if cfg.generator.mode in ("generator-training", "generator-only"):
         keys += (GENERATORS,)
     directory = state_dir(node_cache_dir(cfg, node), str(_round_config(msg).get(RUN_NAME, "")), node.partition_id)
-    restored = restore(context.state, directory, keys)
+    server_round = int(_round_config(msg).get("server-round", 0))
+    restored = restore(context.state, directory, keys, server_round)
     if restored:
         log.info("node %d: restored %s from %s (the SuperNode restarted)", node.partition_id, restored, directory)
     lost = [k for k in keys if k not in context.state]
-    server_round = int(_round_config(msg).get("server-round", 0))
     if lost and server_round > 1:
         log.warning("node %d round %d: %s from earlier rounds is gone (not in the node's state nor in %s): starting "
                     "them over", node.partition_id, server_round, lost, directory)
@@ -175,7 +175,10 @@ def _no_host_paths(handler):
             return handler(msg, context)
         except Exception as err:
             log.exception("node handler %s failed", handler.__name__)
-            err.args = (redact_paths(str(err)),)
+            message = redact_paths(str(err))
+            if isinstance(err, OSError):  # str() of an OSError is built from its filename, not its args
+                raise OSError(message) from None
+            err.args = (message,)
             raise
 
     return wrapper
@@ -206,7 +209,7 @@ def train(msg: Message, context: Context) -> Message:
     weights = module_to_arrays(adapters)
     if _keeps_own_adapters(msg):
         context.state[LOCAL_ADAPTERS] = weights
-    persist(context.state, state_directory, carried)
+    persist(context.state, state_directory, carried, server_round)
     shared = set(shareable_classes(cfg, node, dict(zip(class_names, counts.tolist()))))
     present = [i for i, c in enumerate(class_names) if c in shared]
     withheld = [i for i, n in enumerate(counts.tolist()) if n > 0 and class_names[i] not in shared]

@@ -433,6 +433,13 @@ class FedA2VConfig(_Strict):
         return value
 
     @model_validator(mode="after")
+    def _quorum_is_reachable(self) -> "FedA2VConfig":
+        if self.min_replies >= 1 and (self.min_replies != int(self.min_replies) or self.min_replies > self.min_nodes):
+            raise ValueError(f"min-replies={self.min_replies:g} must be a whole count <= min-nodes={self.min_nodes} "
+                             "(or a fraction below 1): a larger quorum can never be met")
+        return self
+
+    @model_validator(mode="after")
     def _explicit_needs_nodes(self) -> "FedA2VConfig":
         if self.data.partition == "explicit" and not self.nodes:
             raise ValueError("data.partition='explicit' needs [nodes.<id>] tables with 'classes'")

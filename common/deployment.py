@@ -189,7 +189,11 @@ class LocalFederation:
         return leftovers
 
     def __enter__(self) -> "LocalFederation":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()  # a SuperLink or SuperNode that did start must not outlive a failed start
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.close()

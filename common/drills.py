@@ -84,7 +84,7 @@ def kill_node_mid_run(fed: LocalFederation, out: Path, num_rounds: int = 4, vict
     name = "kill-node"
     proc = fed.submit(run_config(out, name, **{"num-rounds": num_rounds, "min-nodes": fed.num_nodes - 1,
                                                "round-timeout": round_timeout}), name)
-    wait_until("round 1 to complete", lambda: completed_rounds(out, name) == [1], timeout_s, alive=[proc])
+    wait_until("round 1 to complete", lambda: 1 in completed_rounds(out, name), timeout_s, poll_s=0.2, alive=[proc])
     fed.kill_node(victim, signal.SIGKILL)
     killed_at = time.monotonic() - t0
     status = _background_status(fed, proc, name, timeout_s)
@@ -123,7 +123,7 @@ def restart_node_between_rounds(fed: LocalFederation, out: Path, num_rounds: int
     name = "restart-node"
     proc = fed.submit(run_config(out, name, **{"num-rounds": num_rounds, "min-nodes": fed.num_nodes - 1,
                                                "aggregation": "none"}), name)
-    wait_until("round 1 to complete", lambda: completed_rounds(out, name) == [1], timeout_s, alive=[proc])
+    wait_until("round 1 to complete", lambda: 1 in completed_rounds(out, name), timeout_s, poll_s=0.2, alive=[proc])
     fed.kill_node(node, signal.SIGTERM)
     fed.start_node(node)
     status = _background_status(fed, proc, name, timeout_s)

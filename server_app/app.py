@@ -74,7 +74,7 @@ def main(grid: Grid, context: Context) -> None:
         len(class_names), (acfg.in_tokens, acfg.in_dim), acfg.clip_dim, acfg.t5_tokens, acfg.t5_dim, n_params / 1e6,
         cfg.aggregation,
     )
-    run = ServerRun(run_dir=run_dir, targets=targets, template=build_adapters(cfg, acfg), adapter_config=acfg.to_dict(),
+    run = ServerRun(run_dir=run_dir, targets=targets, template=adapters, adapter_config=acfg.to_dict(),
                     config_hash=config_hash(cfg), num_rounds=cfg.num_rounds, device=resolve_device(cfg))
     start_round = point.last_round if point is not None else 0
     if start_round >= cfg.num_rounds:

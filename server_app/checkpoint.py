@@ -1,7 +1,7 @@
 """The 'checkpoint' step: everything a round produced goes to the run directory, before any rendering.
 
 ``checkpoints/adapters.safetensors`` (+ ``_round_{r}`` copies every ``checkpoint-every`` rounds and
-at the end), or with standalone nodes ``adapters_node{id}[...]``; ``checkpoints/resume.safetensors``
+at the end), or with standalone nodes ``adapters_node{id}[...]``; ``checkpoints/resume_round_{r}.safetensors``
 (every round: what ``resume`` continues from); ``class_means.safetensors`` (the
 round's count-weighted global class means); ``generators/``: every node's uploaded bank and the
 server generator, under the same names the nodes use.

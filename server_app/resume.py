@@ -3,7 +3,7 @@
 Flower never restarts or resumes a ServerApp. Here ``resume = true`` with the same ``run-name``
 continues from the last round that completed (its summary entry is written only after the round's
 checkpoint, so an entry in ``summary.json`` means the round is on disk): the global adapters of that
-round (``checkpoints/resume.safetensors``, written every round), the round counter, the summary so
+round (``checkpoints/resume_round_{r}.safetensors``, written every round), the round counter, the summary so
 far (later, incomplete rounds dropped) and the server generator (``generators/{base}_server``).
 Every seed derives from (run seed, round), so rounds r+1..N draw what an uninterrupted run draws.
 Reusing a ``run-name`` without ``resume`` is an error, never an overwrite.
@@ -26,7 +26,8 @@ from common.generator_bank import GeneratorBank, discover_bank
 
 log = logging.getLogger(__name__)
 
-RESUME_FILE = "resume.safetensors"  # under checkpoints/: the latest completed round's global adapters
+KEEP_RESUME_FILES = 2  # checkpoints/resume_round_{r}.safetensors of the newest rounds (a kill may fall between
+# a round's checkpoint and its summary entry: the round before must still be there)
 
 
 def run_directory(cfg: FedA2VConfig, run_id: int) -> Path:
@@ -45,9 +46,19 @@ class ResumePoint:
     notes: list[str] = field(default_factory=list)
 
 
+def resume_file(run_dir: Path, server_round: int) -> Path:
+    return run_dir / "checkpoints" / f"resume_round_{server_round}.safetensors"
+
+
 def save_resume_arrays(run_dir: Path, arrays: ArrayRecord, server_round: int, run_hash: str) -> Path:
-    return save_tensors(run_dir / "checkpoints" / RESUME_FILE, arrays.to_torch_state_dict(),
+    """The round's global adapters; older resume files beyond the newest :data:`KEEP_RESUME_FILES` are removed."""
+    path = save_tensors(resume_file(run_dir, server_round), arrays.to_torch_state_dict(),
                         {"type": "resume-arrays", "round": server_round, "config-hash": run_hash})
+    for old in path.parent.glob("resume_round_*.safetensors"):
+        r = old.stem.removeprefix("resume_round_")
+        if r.isdigit() and int(r) <= server_round - KEEP_RESUME_FILES:
+            old.unlink(missing_ok=True)
+    return path
 
 
 def open_run(cfg: FedA2VConfig, run_dir: Path, generator_base: str, expected_shape: tuple[int, int] | None) -> ResumePoint | None:
@@ -75,13 +86,15 @@ def open_run(cfg: FedA2VConfig, run_dir: Path, generator_base: str, expected_sha
     point = ResumePoint(last, summary)
     if last == 0:
         return point
-    resume_file = run_dir / "checkpoints" / RESUME_FILE
-    if resume_file.is_file():
-        tensors, meta = load_tensors(resume_file)
+    path = resume_file(run_dir, last)
+    if path.is_file():
+        tensors, meta = load_tensors(path)
         if meta.get("round") != last:
-            raise CheckpointError(f"resume: {resume_file} is from round {meta.get('round')}, the summary's last "
-                                  f"completed round is {last}")
+            raise CheckpointError(f"resume: {path} is from round {meta.get('round')}, expected round {last}")
         point.arrays = ArrayRecord(tensors)
+    elif (run_dir / "checkpoints" / "adapters.safetensors").is_file():  # the run had a global model: never restart it
+        raise CheckpointError(f"resume: {path} (the global adapters after round {last}) is missing; cannot continue "
+                              f"{run_dir.name} without them")
     server_files = list((run_dir / "generators").glob(f"{generator_base}_server*.safetensors"))
     if server_files:
         point.server_bank = discover_bank(run_dir / "generators", generator_base, None, expected_shape=expected_shape)

@@ -92,7 +92,10 @@ class NodeReplies:
 def partition_id(msg: Message) -> int:
     """The node's partition id from its metrics (its Flower node id when it did not say)."""
     metrics = msg.content[METRICS] if METRICS in msg.content else {}
-    return int(metrics.get("partition_id", msg.metadata.src_node_id))  # type: ignore[union-attr]
+    try:
+        return int(metrics.get("partition_id", msg.metadata.src_node_id))  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return int(msg.metadata.src_node_id)
 
 
 def fail_if_all_failed(server_round: int, replies: list[Message], phase: str) -> None:
@@ -135,10 +138,7 @@ def collect_train_replies(server_round: int, replies: Iterable[Message], validat
         content = msg.content
         node_id = int(msg.metadata.src_node_id)
         metrics = dict(content[METRICS]) if METRICS in content else {}
-        try:
-            pid = int(metrics.get("partition_id", node_id))
-        except (TypeError, ValueError):
-            pid = node_id
+        pid = partition_id(msg)
         reply = NodeReply(pid, node_id, content.get(ARRAYS), metrics)  # type: ignore[arg-type]
         reason = validator.check_identity(node_id, pid, set(out.nodes), connected) if validator is not None else None
         if reason is None:

@@ -36,7 +36,7 @@ from common.records import METRICS, SERVER_GENERATOR, SERVER_GENERATOR_META, TAR
 from server_app.metrics import aggregate_metrics
 from server_app.pipeline import Pipeline
 from server_app.quorum import check_quorum, wait_for_nodes
-from server_app.round_state import RoundState, collect_train_replies, describe_error, fail_if_all_failed
+from server_app.round_state import RoundState, collect_train_replies, describe_error, fail_if_all_failed, partition_id
 from server_app.validation import ReplyValidator
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class FedA2VStrategy(FedAvg):
         round_offset: int = 0,
         **fedavg_kwargs: Any,
     ) -> None:
-        super().__init__(evaluate_metrics_aggr_fn=aggregate_metrics, train_metrics_aggr_fn=aggregate_metrics, **fedavg_kwargs)
+        super().__init__(**fedavg_kwargs)
         self.targets = targets
         self.round_pipeline = round_pipeline
         self.after_round_pipeline = after_round
@@ -76,8 +76,8 @@ class FedA2VStrategy(FedAvg):
     # ------------------------------------------------------------------ configure
     def _attach_targets(self, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
-        for message in messages:  # FedAvg shares one RecordDict between messages; setting twice is harmless
-            self.targets.to_records(message.content, TARGETS, TARGETS_META)
+        for content in {id(m.content): m.content for m in messages}.values():  # FedAvg shares one RecordDict
+            self.targets.to_records(content, TARGETS, TARGETS_META)
         return messages
 
     def _sent_to(self, phase: str) -> dict[str, int]:
@@ -95,8 +95,8 @@ class FedA2VStrategy(FedAvg):
         self.sent["train"] = messages
         bank = self.state.server_bank if self.state is not None else self.initial_server_bank
         if self.send_server_generator and bank is not None:
-            for message in messages:  # nodes fill thin classes with its samples (train.augment-to)
-                bank_to_records(bank, message.content, "", None, server_round - 1, SERVER_GENERATOR, SERVER_GENERATOR_META)
+            for content in {id(m.content): m.content for m in messages}.values():  # nodes fill thin classes (augment-to)
+                bank_to_records(bank, content, "", None, server_round - 1, SERVER_GENERATOR, SERVER_GENERATOR_META)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -129,13 +129,14 @@ class FedA2VStrategy(FedAvg):
                 failures.append(describe_error(msg, self._sent_to("evaluate")))
                 continue
             metrics = dict(msg.content[METRICS]) if METRICS in msg.content else {}
-            pid = str(metrics.get("partition_id", msg.metadata.src_node_id))
-            reason = ReplyValidator.check_metrics(metrics) or ("partition id replied twice" if pid in nodes else None)
+            pid = partition_id(msg)
+            reason = (ReplyValidator.check_metrics(metrics, min_examples=0)
+                      or ("partition id replied twice" if str(pid) in nodes else None))
             if reason:
                 rejected.append(f"node {msg.metadata.src_node_id} (partition {pid}): {reason}")
                 log.warning("round %d: evaluate reply rejected: %s", server_round, rejected[-1])
                 continue
-            nodes[pid] = metrics
+            nodes[str(pid)] = metrics
         if self.asked.get("evaluate"):
             check_quorum(server_round, "evaluate", [int(p) for p in nodes], self.asked["evaluate"], self.min_replies,
                          failures, rejected)

@@ -43,17 +43,19 @@ class ReplyValidator:
         if known is not None and known != partition_id:
             return f"Flower node {node_id} reported partition id {known} before, now {partition_id}"
         owner = next((n for n, p in self.partition_of.items() if p == partition_id and n != node_id), None)
-        if owner is not None:
-            if connected is None or owner in connected:
-                return f"partition id {partition_id} belongs to Flower node {owner}"
-            del self.partition_of[owner]  # the old node left: a restart, not a spoof
-        return None
+        if owner is not None and (connected is None or owner in connected):
+            return f"partition id {partition_id} belongs to Flower node {owner}"
+        return None  # no owner, or the old node left: a restart, not a spoof (remember() moves it)
 
     def remember(self, node_id: int, partition_id: int) -> None:
+        """Record an accepted reply: ``node_id`` owns ``partition_id`` (a restarted node takes it over)."""
+        for other in [n for n, p in self.partition_of.items() if p == partition_id and n != node_id]:
+            del self.partition_of[other]
         self.partition_of.setdefault(node_id, partition_id)
 
     @staticmethod
-    def check_metrics(metrics: dict[str, Any]) -> str | None:
+    def check_metrics(metrics: dict[str, Any], min_examples: int = 1) -> str | None:
+        """Numbers, finite; ``num-examples`` an integer >= ``min_examples`` (evaluation may have none)."""
         for key, value in metrics.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 return f"metric '{key}' is not a number ({type(value).__name__})"
@@ -62,8 +64,8 @@ class ReplyValidator:
         n = metrics.get("num-examples")
         if n is None:
             return "metrics lack 'num-examples'"
-        if float(n) != int(n) or int(n) < 1:
-            return f"num-examples must be a positive integer, got {n}"
+        if float(n) != int(n) or int(n) < min_examples:
+            return f"num-examples must be an integer >= {min_examples}, got {n}"
         return None
 
     def check_train(self, reply: NodeReply) -> str | None:
