@@ -31,11 +31,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.generator_bank import GeneratorBank
 from common.records import METRICS, SERVER_GENERATOR, SERVER_GENERATOR_META, TARGETS, TARGETS_META, ClassTensors, bank_to_records
 from server_app.metrics import aggregate_metrics
 from server_app.pipeline import Pipeline
 from server_app.quorum import check_quorum, wait_for_nodes
+from server_app.server_generator import ServerGeneratorStep
 from server_app.round_state import RoundState, collect_train_replies, describe_error, fail_if_all_failed, partition_id
 from server_app.validation import ReplyValidator
 
@@ -49,8 +49,7 @@ class FedA2VStrategy(FedAvg):
         targets: ClassTensors,
         round_pipeline: Pipeline,
         after_round: Pipeline,
-        send_server_generator: bool = False,
-        initial_server_bank: GeneratorBank | None = None,
+        send_generator: ServerGeneratorStep | None = None,
         validator: ReplyValidator | None = None,
         min_replies: float = 1,
         connect_timeout: float = 300.0,
@@ -61,8 +60,7 @@ class FedA2VStrategy(FedAvg):
         self.targets = targets
         self.round_pipeline = round_pipeline
         self.after_round_pipeline = after_round
-        self.send_server_generator = send_server_generator
-        self.initial_server_bank = initial_server_bank  # a resumed run's server generator, until round 1 trains it
+        self.send_generator = send_generator  # with server-generator.send-to-nodes: its latest bank goes out
         self.validator = validator
         self.min_replies = min_replies
         self.connect_timeout = connect_timeout
@@ -93,8 +91,8 @@ class FedA2VStrategy(FedAvg):
         messages = self._attach_targets(super().configure_train(server_round, arrays, config, grid))
         self.asked["train"] = len(messages)
         self.sent["train"] = messages
-        bank = self.state.server_bank if self.state is not None else self.initial_server_bank
-        if self.send_server_generator and bank is not None:
+        bank = self.send_generator.bank if self.send_generator is not None else None
+        if bank is not None:
             for content in {id(m.content): m.content for m in messages}.values():  # nodes fill thin classes (augment-to)
                 bank_to_records(bank, content, "", None, server_round - 1, SERVER_GENERATOR, SERVER_GENERATOR_META)
         return messages

@@ -179,7 +179,7 @@ def _strategy(cfg, tmp_path) -> FedA2VStrategy:
     summary = RunSummary(tmp_path / "run" / "summary.json", {})
     pipelines = build_pipelines(cfg, run, summary)
     strategy = FedA2VStrategy(targets=targets, round_pipeline=pipelines.round, after_round=pipelines.after_round,
-                              send_server_generator=cfg.server_generator.send_to_nodes)
+                              send_generator=pipelines.server_generator if cfg.server_generator.send_to_nodes else None)
     strategy.sent_arrays = module_to_arrays(template)
     strategy.summary = summary  # for the assertions below
     return strategy
