@@ -43,11 +43,12 @@ def fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success it is fsync'ed and renamed onto ``path``.
 
     For writers that want a file name (``safetensors.save_file``, ``PIL.Image.save``). On any
-    exception the temp file is removed and ``path`` is left as it was.
+    exception the temp file is removed and ``path`` is left as it was. ``mode`` (e.g. 0o600 for a
+    private key) replaces the umask-derived default; the temp file is 0600 until the rename either way.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, _FILE_MODE)
+        os.chmod(tmp, _FILE_MODE if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -66,8 +67,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
+    with atomic_path(path, mode) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 

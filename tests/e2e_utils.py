@@ -44,8 +44,9 @@ from typing import Any
 
 import pytest
 
-from common import deployment, launcher
-from common.deployment import free_port, write_flower_config  # noqa: F401 - re-exported
+from common import launcher
+from common.deploy import local as deployment
+from common.deploy.local import free_port, write_flower_config  # noqa: F401 - re-exported
 from common.launcher import COMPLETED, RUN_TAG_VAR, ls_command, parse_run_id, parse_run_status
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

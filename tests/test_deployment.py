@@ -1,34 +1,39 @@
-"""End to end on Flower's deployment runtime, over loopback: one SuperLink, two SuperNodes, ``flwr run``.
+"""End to end on Flower's deployment runtime: real ``flower-superlink`` / ``flower-supernode`` processes.
 
-The same commands a user types for a real federation (README, "Deployment"), with every port free
-and every state file in the test's tmp dir:
+The same commands README's deployment guide gives a site, with every port free and every file in the
+test's tmp dir (:class:`common.deploy.local.LocalFederation`):
 
-    flower-superlink --insecure --port P --database state.db --disable-runtime-dependency-installation
-    flower-supernode --insecure --superlink 127.0.0.1:P --port Q0 \\
-        --node-config 'partition-id=0 num-partitions=2 data-root="<data>"'
-    flower-supernode ... --port Q1 --node-config 'partition-id=1 num-partitions=2 data-root="<data>"'
-    flwr run <app> deploy --stream --run-config '...'   # [superlink.deploy] in $FLWR_HOME/config.toml
+    feda2v deploy certs pki --name 127.0.0.1 --name localhost [--name <LAN address>]
+    flower-superlink --ssl-ca-certfile pki/ca.pem --ssl-certfile pki/server.pem --ssl-keyfile pki/server.key \
+        --enable-supernode-auth --host H --port P --database state.db --disable-runtime-dependency-installation
+    feda2v deploy node-key pki/nodes supernode0
+    flwr supernode register pki/nodes/supernode0.pub local-deploy   # [superlink.local-deploy] in config.toml
+    flower-supernode --root-certificates pki/ca.pem --auth-supernode-private-key pki/nodes/supernode0 \
+        --superlink H:P --port Q0 --node-config 'partition-id=0 num-partitions=2 data-root="<data>" num-threads=1'
+    flwr run <app> local-deploy --stream --run-config '...'
 
-In Flower 1.41 the SuperLink serves its Fleet, Control and Runtime APIs over HTTP on one port
-(``--host``/``--port``; ``--control-api-address``/``--fleet-api-address`` are deprecated), and a
-SuperNode's ``--port`` is its own Runtime API for the ClientApp processes it starts.
-
-The nodes read a dataset written beforehand with ``feda2v data synth`` through their node-config
-``data-root`` (the run config's ``data.root`` names the same directory): nothing is generated on
-the fly, as on real sites. Each SuperNode gets its own FLWR_HOME, like separate machines. Rounds
-take 13-40 s here because of Flower's 3-s polling loops and because each message starts a fresh
-ClientApp process: keep it to 2 rounds.
+In Flower 1.41 the SuperLink serves its Fleet, Control and Runtime APIs on one port; with the TLS
+flags that port speaks HTTPS only. Rounds take 13-40 s here because of Flower's 3-s polling loops and
+because each message starts a fresh ClientApp process: keep runs to 2 rounds.
 """
 
 from __future__ import annotations
 
+import http.client
+import re
+import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from common.checkpoints import load_adapters
-from common.data.synth import SYNTH_CLASSES
-from e2e_utils import E2EEnv, e2e, e2e_cache, free_port, load_summary  # noqa: F401 - fixtures
+from common.data.synth import SYNTH_CLASSES, synthesize_dataset
+from common.deploy.local import LocalFederation
+from common.deploy.netns import NetnsLan
+from common.deploy.pki import make_node_key
+from e2e_utils import load_summary
 
 pytestmark = pytest.mark.slow
 
@@ -36,90 +41,116 @@ NUM_NODES = 2
 NUM_CLASSES = 4
 CLIPS_PER_CLASS = 8
 ROUNDS = 2
-# Two SuperNodes share this machine's cores: one thread each avoids OpenMP oversubscription
-# (measured: torch's default threading made local training ~20x slower with two nodes on 2 cores).
-NODE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-STARTUP_TIMEOUT_S = 60
-RUN_TIMEOUT_S = 300
+RUN_TIMEOUT_S = 420
+REFUSAL_TIMEOUT_S = 60
 
 
-def test_loopback_deployment(e2e: E2EEnv, tmp_path: Path) -> None:
-    data_root = tmp_path / "site-data"
-    synth = e2e.run(
-        "feda2v-data-synth",
-        ["feda2v", "data", "synth", "--root", str(data_root), "--num-classes", str(NUM_CLASSES),
-         "--clips-per-class", str(CLIPS_PER_CLASS)],
-        timeout=120,
-    )
-    assert synth.returncode == 0, synth.describe()
-    assert (data_root / "meta" / "esc50.csv").is_file(), synth.describe()
+def _data(tmp_path: Path) -> Path:
+    return synthesize_dataset(tmp_path / "site-data", list(SYNTH_CLASSES[:NUM_CLASSES]), clips_per_class=CLIPS_PER_CLASS,
+                              seed=0)
 
-    port = free_port()
-    superlink = e2e.start(
-        "superlink",
-        ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
-         "--database", str(tmp_path / "superlink-state.db"), "--disable-runtime-dependency-installation"],
-    )
-    e2e.wait_for(f"the SuperLink on port {port}", lambda: e2e.http_ok(f"http://127.0.0.1:{port}/health"),
-                 STARTUP_TIMEOUT_S, watch=[superlink])
 
-    nodes = []
-    for pid in range(NUM_NODES):
-        node_home = tmp_path / f"supernode{pid}-home"
-        node_home.mkdir()
-        nodes.append(e2e.start(
-            f"supernode{pid}",
-            ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-             "--node-config", f'partition-id={pid} num-partitions={NUM_NODES} data-root="{data_root}" num-threads=1'],
-            env={"FLWR_HOME": str(node_home), **NODE_ENV},
-        ))
-    superlink_log = e2e.logs / "superlink.log"
-    e2e.wait_for(
-        f"{NUM_NODES} SuperNodes to register",
-        lambda: superlink_log.read_text(errors="replace").count("Activated node_id") >= NUM_NODES,
-        STARTUP_TIMEOUT_S,
-        watch=[superlink, *nodes],
-    )
+def _run_config(out: Path, run_name: str) -> list[str]:
+    return [" ".join([f"data.num-classes={NUM_CLASSES}", f"data.clips-per-class={CLIPS_PER_CLASS}",
+                      f"num-rounds={ROUNDS}", "train.local-epochs=2", f"min-nodes={NUM_NODES}",
+                      f'output-dir="{out}"', f'run-name="{run_name}"'])]
 
-    e2e.write_flower_config({"deploy": {"address": f"127.0.0.1:{port}", "insecure": True}})
-    run_config = " ".join([
-        f'data.root="{data_root}"',
-        f"data.num-classes={NUM_CLASSES}",
-        f"data.clips-per-class={CLIPS_PER_CLASS}",
-        f"num-rounds={ROUNDS}",
-        "train.local-epochs=2",
-        f"min-nodes={NUM_NODES}",
-        f'output-dir="{e2e.out}"',
-        'run-name="deploy"',
-    ])
-    result = e2e.flwr_run(run_config, superlink="deploy", timeout=RUN_TIMEOUT_S, watch=[superlink, *nodes])
-    e2e.assert_run_completed(result, superlink="deploy")
-    assert "global test retrieval acc" in result.output, result.describe()
 
-    run_dir = e2e.out / "deploy"
+def _assert_trained(fed: LocalFederation, run_dir: Path, data_root: Path) -> dict:
+    """Every registered node trained and evaluated in every round; the checkpoint is the last round's."""
     summary = load_summary(run_dir)
     classes = list(SYNTH_CLASSES[:NUM_CLASSES])
-    assert summary["run"]["classes"] == classes
+    assert summary["run"]["classes"] == classes and summary["run"]["status"] == "completed"
     assert [r["round"] for r in summary["rounds"]] == list(range(1, ROUNDS + 1))
     for entry in summary["rounds"]:
         for phase in ("train", "evaluate"):
             node_metrics = entry[phase]["nodes"]
             assert set(node_metrics) == {str(i) for i in range(NUM_NODES)}, f"round {entry['round']} {phase}: {sorted(node_metrics)}"
             for pid, metrics in node_metrics.items():
-                assert metrics["partition_id"] == int(pid)
-                assert metrics["num-examples"] > 0
+                assert metrics["partition_id"] == int(pid) and metrics["num-examples"] > 0
         for key in ("test_retrieval_acc", "test_retrieval_acc_clip", "test_retrieval_acc_t5"):
             assert 0.0 <= entry["evaluate"]["global"][key] <= 1.0, f"round {entry['round']}: {key}"
-    # Each node read the pre-generated directory named by its node-config (the ClientApp logs it).
-    for pid in range(NUM_NODES):
-        node_log = (e2e.logs / f"supernode{pid}.log").read_text(errors="replace")
+    for pid in range(NUM_NODES):  # each node read the directory named by its node-config
+        node_log = fed.log(f"supernode{pid}")
         assert f"node {pid}/{NUM_NODES}:" in node_log and f"from {data_root}" in node_log, node_log[-3000:]
     _, meta = load_adapters(run_dir / "checkpoints" / "adapters.safetensors")
-    assert meta["round"] == ROUNDS
-    assert meta["class-names"] == classes
+    assert meta["round"] == ROUNDS and meta["class-names"] == classes
+    return summary
 
 
-# ------------------------------------------------------------------ fault drills (common.drills)
+def _plain_http_error(url: str) -> str:
+    """What a plain-HTTP request to the SuperLink gets: the error text, or '' if it was answered."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - the test's own SuperLink
+            return "" if response.status else "no status"
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError) as err:
+        return repr(err)
+
+
+def _refused(fed: LocalFederation, name: str, cmd: list[str]) -> tuple[int, str]:
+    """Start a SuperNode variant and wait (bounded) for it to give up; its exit code and log."""
+    proc = fed.start_node(0, wait=False, name=name, cmd=cmd)
+    try:
+        code = proc.wait(timeout=REFUSAL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{name} was neither admitted nor refused within {REFUSAL_TIMEOUT_S}s:\n{fed.log(name)[-3000:]}")
+    return code, fed.log(name)
+
+
+def test_secure_loopback_deployment(tmp_path: Path) -> None:
+    """TLS + SuperNode authentication on loopback: registered nodes train to `finished:completed`; an
+    unregistered node, a node without the CA and a plain-HTTP request are all refused."""
+    data_root = _data(tmp_path)
+    out = tmp_path / "out"
+    with LocalFederation(tmp_path / "fed", NUM_NODES, data_root, cache_dir=tmp_path / "cache", secure=True) as fed:
+        assert fed.address.startswith("127.0.0.1:")
+        # the port speaks HTTPS only: plain HTTP gets no answer at all
+        error = _plain_http_error(f"http://{fed.address}/health")
+        assert error and ("RemoteDisconnected" in error or "Connection" in error), error
+
+        rogue = make_node_key(tmp_path / "rogue", "rogue")  # a valid key pair nobody registered
+        code, log = _refused(fed, "unregistered", fed.node_command(0, auth_key=rogue.private))
+        assert code != 0 and "Exit Code: 305" in log and "Failed to activate SuperNode" in log, log[-3000:]
+        assert "No SuperNode found with the given public key" in fed.superlink_log()
+
+        cmd = fed.node_command(1)
+        i = cmd.index("--root-certificates")
+        del cmd[i:i + 2]  # the registered key, but no CA: the system trust store does not know ours
+        code, log = _refused(fed, "no-ca", cmd)
+        assert code != 0 and "CERTIFICATE_VERIFY_FAILED" in log, log[-3000:]
+
+        result = fed.run(_run_config(out, "secure"), timeout=RUN_TIMEOUT_S)
+        assert result.ok, f"{result.problem}\n{result.output[-3000:]}\n{fed.superlink_log()[-3000:]}"
+        assert result.status["status"] == "finished:completed"
+        assert "global test retrieval acc" in result.output
+        _assert_trained(fed, out / "secure", data_root)
+        activated = fed.superlink_log().count("Activated node_id")
+        assert activated == NUM_NODES, f"{activated} nodes activated; only the {NUM_NODES} registered ones may be"
+    assert not fed.close()
+
+
+def test_multi_host_deployment_over_tls(tmp_path: Path) -> None:
+    """SuperLink and SuperNodes on separate hosts (network namespaces this test makes), TLS and node
+    authentication by LAN address, `flwr run` from this machine: 2 rounds to `finished:completed`."""
+    data_root = _data(tmp_path)
+    out = tmp_path / "out"
+    with NetnsLan(["superlink", "site0", "site1"]) as lan:
+        superlink = lan.hosts["superlink"]
+        fed = LocalFederation(tmp_path / "fed", NUM_NODES, data_root, cache_dir=tmp_path / "cache", secure=True,
+                              superlink_host=superlink, node_hosts=[lan.hosts["site0"], lan.hosts["site1"]])
+        with fed:
+            assert fed.address.startswith(f"{superlink.address}:")
+            result = fed.run(_run_config(out, "lan"), timeout=RUN_TIMEOUT_S)
+            assert result.ok, f"{result.problem}\n{result.output[-3000:]}\n{fed.superlink_log()[-3000:]}"
+            assert result.status["status"] == "finished:completed"
+            _assert_trained(fed, out / "lan", data_root)
+            # the sites reached the SuperLink from their own addresses, over the LAN
+            peers = set(re.findall(r"(\d+\.\d+\.\d+\.\d+):\d+ - \"POST /v1/fleet/", fed.superlink_log()))
+            assert {lan.hosts["site0"].address, lan.hosts["site1"].address} <= peers, peers
+        assert not fed.close()
+
+
+# ------------------------------------------------------------------ fault drills (common.deploy.drills)
 FAULT_NODES = 3
 DRILL_TIMEOUT_S = 600
 
@@ -131,9 +162,9 @@ def test_deployment_survives_node_death_server_crash_and_node_restart(tmp_path: 
     (b) kill -9 the ServerApp after round 2, then resume: round 3 runs, every round once in the summary
         (bench/faults.py runs it with 4 rounds and an uninterrupted reference);
     (c) restart a SuperNode after round 1 with aggregation 'none': it reloads its own adapters."""
-    from common import drills
+    from common.deploy import drills
     from common.data.synth import synthesize_dataset
-    from common.deployment import LocalFederation
+    from common.deploy.local import LocalFederation
 
     data = synthesize_dataset(tmp_path / "data", list(SYNTH_CLASSES[: drills.BASE_CONFIG["data.num-classes"]]),
                               clips_per_class=drills.BASE_CONFIG["data.clips-per-class"], seed=0)

@@ -1,4 +1,4 @@
-"""Fault drills on a local deployment (:class:`common.deployment.LocalFederation`): what a federation
+"""Fault drills on a local deployment (:class:`common.deploy.local.LocalFederation`): what a federation
 must survive, run as real processes on loopback. Used by ``bench/faults.py`` and the deployment tests.
 
 * :func:`kill_node_mid_run`: ``kill -9`` one SuperNode while round 2 runs; the run must complete on the
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from common import launcher
-from common.deployment import LocalFederation, wait_until
+from common.deploy.local import LocalFederation, wait_until
 
 log = logging.getLogger(__name__)
 

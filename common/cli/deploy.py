@@ -1,0 +1,83 @@
+"""``feda2v deploy``: what a secure deployment needs, made once per federation or site.
+
+- ``certs``: a CA and the SuperLink's TLS certificate (on the SuperLink host; only ca.pem leaves it).
+- ``node-key``: a SuperNode's key pair (on the site; only the .pub goes to the operator, who registers it
+  with ``flwr supernode register``).
+- ``images``: the docker images of ``docker/`` (``--offline-base`` where Docker Hub is unreachable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _chown(paths: list[Path], owner: int | None) -> None:
+    """Make files readable inside the images (their user is uid 49999); needs root."""
+    if owner is None:
+        return
+    for path in paths:
+        os.chown(path, owner, owner)
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from common.deploy.pki import make_tls
+
+    tls = make_tls(Path(args.out), args.name, days=args.days, overwrite=args.force)
+    _chown([tls.ca_cert, tls.cert, tls.key], args.owner)  # ca.key stays root's: it never enters a container
+    for path in (tls.ca_cert, tls.cert, tls.key, tls.ca_key):
+        print(path)
+    return 0
+
+
+def cmd_node_key(args: argparse.Namespace) -> int:
+    from common.deploy.pki import make_node_key
+
+    key = make_node_key(Path(args.out), args.name, overwrite=args.force)
+    _chown([key.private, key.public], args.owner)
+    print(key.private)
+    print(key.public)
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from common.deploy.images import build_images
+
+    built = build_images(args.tag, base=args.base or None, offline=args.offline_base)
+    print(json.dumps({"images": built.images, "seconds": built.seconds, "size_mb": built.sizes_mb()}))
+    return 0
+
+
+def add_parser(sub) -> None:
+    from common.errors import FedA2VError
+
+    deploy = sub.add_parser("deploy", help="TLS certificates, SuperNode keys and docker images for a deployment")
+    deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
+
+    certs = deploy_sub.add_parser("certs", help="a CA and the SuperLink's TLS certificate")
+    certs.add_argument("out", help="output folder (ca.pem, ca.key, server.pem, server.key)")
+    certs.add_argument("--name", action="append", required=True,
+                       help="a DNS name or IP address clients use to reach the SuperLink (repeat for each)")
+    certs.add_argument("--days", type=int, default=365, help="validity in days")
+    certs.add_argument("--owner", type=int, default=None, help="chown the files a container reads to this uid (49999)")
+    certs.add_argument("--force", action="store_true", help="replace existing files (every site must then get the new ca.pem)")
+    certs.set_defaults(func=cmd_certs, user_errors=(OSError,))
+
+    node_key = deploy_sub.add_parser("node-key", help="a SuperNode's EC P-384 key pair (OpenSSH format)")
+    node_key.add_argument("out", help="output folder")
+    node_key.add_argument("name", help="file name of the private key; the public key gets .pub")
+    node_key.add_argument("--owner", type=int, default=None, help="chown both files to this uid (49999 for the images)")
+    node_key.add_argument("--force", action="store_true", help="replace existing files (re-register the node)")
+    node_key.set_defaults(func=cmd_node_key, user_errors=(OSError,))
+
+    images = deploy_sub.add_parser("images", help="build feda2v/{superlink,supernode,superexec}:TAG from docker/")
+    images.add_argument("--tag", default="0.1.0")
+    images.add_argument("--base", default="", help="one base image for all three (default: Flower's official images)")
+    images.add_argument("--offline-base", action="store_true",
+                        help="build the base from Debian's mirror (debootstrap) and forbid the package index")
+    images.set_defaults(func=cmd_images, user_errors=(FedA2VError,))
