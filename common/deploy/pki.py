@@ -80,9 +80,21 @@ def _name(common_name: str) -> x509.Name:
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _validity(builder: x509.CertificateBuilder, days: int) -> x509.CertificateBuilder:
+def _builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey, days: int) -> x509.CertificateBuilder:
+    """A certificate for ``key`` valid from 5 minutes ago (clock skew between hosts) for ``days``."""
     now = dt.datetime.now(dt.timezone.utc)
-    return builder.not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+    return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days)))
+
+
+def _save_pair(out_dir: Path, stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate,
+               overwrite: bool) -> tuple[Path, Path]:
+    """``<stem>.pem`` (public) and ``<stem>.key`` (0600); the key first, so a certificate never lacks its key."""
+    cert_path, key_path = out_dir / f"{stem}.pem", out_dir / f"{stem}.key"
+    _write(key_path, _private_pem(key), secret=True, overwrite=overwrite)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), secret=False, overwrite=overwrite)
+    return cert_path, key_path
 
 
 def make_ca(out_dir: Path, name: str = "feda2v federation CA", days: int = VALID_DAYS,
@@ -91,19 +103,14 @@ def make_ca(out_dir: Path, name: str = "feda2v federation CA", days: int = VALID
     out_dir = Path(out_dir)
     key = ec.generate_private_key(CURVE)
     subject = _name(name)
-    cert = (_validity(x509.CertificateBuilder(), days)
-            .subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
+    cert = (_builder(subject, subject, key, days)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                          content_commitment=False, key_encipherment=False, data_encipherment=False,
                                          key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA384()))
-    ca_cert, ca_key = out_dir / "ca.pem", out_dir / "ca.key"
-    _write(ca_key, _private_pem(key), secret=True, overwrite=overwrite)
-    _write(ca_cert, cert.public_bytes(serialization.Encoding.PEM), secret=False, overwrite=overwrite)
-    return ca_cert, ca_key
+    return _save_pair(out_dir, "ca", key, cert, overwrite)
 
 
 def _san(names: Sequence[str]) -> x509.SubjectAlternativeName:
@@ -128,18 +135,13 @@ def make_server_cert(ca_cert: Path, ca_key: Path, out_dir: Path, names: Sequence
     except (OSError, ValueError) as err:
         raise FedA2VError(f"cannot load the CA from {ca_cert} / {ca_key}: {err}") from err
     key = ec.generate_private_key(CURVE)
-    cert = (_validity(x509.CertificateBuilder(), days)
-            .subject_name(_name(names[0])).issuer_name(ca.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
+    cert = (_builder(_name(names[0]), ca.subject, key, days)
             .add_extension(_san(names), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False)
             .sign(signer, hashes.SHA384()))
-    cert_path, key_path = out_dir / "server.pem", out_dir / "server.key"
-    _write(key_path, _private_pem(key), secret=True, overwrite=overwrite)
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), secret=False, overwrite=overwrite)
-    return cert_path, key_path
+    return _save_pair(out_dir, "server", key, cert, overwrite)
 
 
 def make_tls(out_dir: Path, names: Sequence[str], days: int = VALID_DAYS, overwrite: bool = False) -> ServerTLS:

@@ -1,0 +1,87 @@
+"""Docker deployment costs: image build times (cold and warm), image sizes, and a compose federation
+with TLS and SuperNode authentication running 2 rounds (start, run and ``down -v`` times, the final status).
+
+``--cold`` first deletes the wheelhouse, the offline base, the feda2v images and docker's build
+cache, so the build starts from nothing but the package registries (as on a fresh CI machine).
+Prints one JSON object as its last line.
+
+    python bench/deploy.py [--cold] [--tag bench] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from common.config import default_cache_dir
+from common.deploy.compose import NUM_SITES, ComposeFederation
+from common.deploy.images import OFFLINE_BASE, ROLES, ROOTFS_IMAGE, build_images, docker_ready
+from common.logs import setup_logging
+
+log = logging.getLogger("bench.deploy")
+
+
+def forget_images(tag: str) -> None:
+    """Everything a cold build would not have."""
+    shutil.rmtree(default_cache_dir() / "wheelhouse", ignore_errors=True)
+    names = [f"feda2v/{role}:{tag}" for role in ROLES] + [OFFLINE_BASE, ROOTFS_IMAGE]
+    subprocess.run(["docker", "rmi", "-f", *names], capture_output=True, check=False, timeout=600)
+    subprocess.run(["docker", "builder", "prune", "-af"], capture_output=True, check=False, timeout=600)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cold", action="store_true")
+    parser.add_argument("--tag", default="bench")
+    parser.add_argument("--work", default="")
+    args = parser.parse_args()
+    setup_logging()
+    reason = docker_ready()
+    if reason:
+        raise SystemExit(f"needs a Docker engine: {reason}")
+    if args.cold:
+        forget_images(args.tag)
+    t0 = time.monotonic()
+    first = build_images(args.tag, offline=True)
+    first_s = round(time.monotonic() - t0, 1)
+    t0 = time.monotonic()
+    build_images(args.tag, offline=True)
+    warm_s = round(time.monotonic() - t0, 1)
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="feda2v-bench-deploy-"))
+    fed = ComposeFederation(work / "compose", args.tag, secure=True)
+    t0 = time.monotonic()
+    fed.start()
+    start_s = round(time.monotonic() - t0, 1)
+    try:
+        run_config = " ".join([f"num-rounds=2 min-nodes={NUM_SITES} data.num-classes=4 data.clips-per-class=8",
+                               'train.local-epochs=2 run-name="bench"'])
+        result = fed.run([run_config], timeout=900)
+        ps = fed.status()
+    finally:
+        t0 = time.monotonic()
+        down = fed.down()
+        down_s = round(time.monotonic() - t0, 1)
+    log.info("compose ps before down:\n%s", ps)
+    report = {
+        "build_cold" if args.cold else "build_first": {"total_s": first_s, **first.seconds},
+        "build_warm_s": warm_s,
+        "image_size_mb": first.sizes_mb(),
+        "compose": {"start_s": start_s, "run_s": round(result.seconds, 1), "down_s": down_s,
+                    "status": (result.status or {}).get("status"), "problem": result.problem,
+                    "run_id": result.run_id, "volumes_left": len(fed.volumes())},
+        "final_status_line": next((line for line in reversed(result.output.splitlines()) if line.strip()), ""),
+        "down_transcript": down.strip().splitlines()[-3:],
+    }
+    print(json.dumps(report))
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

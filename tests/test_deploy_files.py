@@ -1,0 +1,113 @@
+"""Fast checks of what a deployment is made of: certificates and node keys (:mod:`common.deploy.pki`),
+``feda2v deploy``'s errors, and the compose files (the overlays must not drift from the base file)."""
+
+from __future__ import annotations
+
+import ipaddress
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
+
+from common.cli import main
+from common.deploy.pki import make_node_key, make_tls
+from common.errors import FedA2VError
+
+DOCKER = Path(__file__).resolve().parents[1] / "docker"
+SITES = 3
+
+
+def test_tls_files_chain_to_the_ca_and_name_every_address(tmp_path: Path) -> None:
+    tls = make_tls(tmp_path, ["superlink", "localhost", "127.0.0.1", "10.0.0.7"])
+    ca = x509.load_pem_x509_certificate(tls.ca_cert.read_bytes())
+    cert = x509.load_pem_x509_certificate(tls.cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"superlink", "localhost"}
+    assert set(san.get_values_for_type(x509.IPAddress)) == {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("10.0.0.7")}
+    key = load_pem_private_key(tls.key.read_bytes(), password=None)
+    assert key.public_key().public_numbers() == cert.public_key().public_numbers()
+    for secret in (tls.key, tls.ca_key):
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+    assert stat.S_IMODE(tls.ca_cert.stat().st_mode) & 0o044  # public: readable by others
+
+
+def test_existing_files_are_never_overwritten_unless_asked(tmp_path: Path) -> None:
+    tls = make_tls(tmp_path, ["superlink"])
+    before = tls.ca_cert.read_bytes()
+    with pytest.raises(FedA2VError, match="ca.key exists"):
+        make_tls(tmp_path, ["superlink"])
+    assert tls.ca_cert.read_bytes() == before
+    assert make_tls(tmp_path, ["superlink"], overwrite=True).ca_cert.read_bytes() != before
+
+
+def test_node_key_is_what_flower_loads(tmp_path: Path) -> None:
+    from flwr.cli.supernode.register import try_load_public_key
+
+    key = make_node_key(tmp_path, "site-a")
+    private = load_ssh_private_key(key.private.read_bytes(), password=None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+    assert key.public.read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert try_load_public_key(key.public)  # what `flwr supernode register` does with the file
+    assert stat.S_IMODE(key.private.stat().st_mode) == 0o600
+
+
+def test_cli_makes_certs_and_names_the_file_it_will_not_overwrite(tmp_path: Path, capsys) -> None:
+    assert main(["deploy", "certs", str(tmp_path), "--name", "superlink", "--name", "127.0.0.1"]) == 0
+    assert main(["deploy", "node-key", str(tmp_path), "supernode-0"]) == 0
+    assert {p.name for p in tmp_path.iterdir()} == {"ca.pem", "ca.key", "server.pem", "server.key", "supernode-0",
+                                                    "supernode-0.pub"}
+    capsys.readouterr()
+    assert main(["deploy", "node-key", str(tmp_path), "supernode-0"]) == 2
+    assert f"{tmp_path / 'supernode-0'} exists" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ compose files
+def _services(name: str) -> dict:
+    return yaml.safe_load((DOCKER / name).read_text())["services"]
+
+
+def _without(command: list[str], prefixes: tuple[str, ...]) -> list[str]:
+    return [arg for arg in command if not arg.startswith(prefixes)]
+
+
+def test_compose_has_a_superlink_a_serverapp_and_three_sites_with_their_own_volumes() -> None:
+    base = _services("compose.yml")
+    assert {"superlink", "serverapp"} <= set(base)
+    assert "--isolation=process" in base["superlink"]["command"]
+    assert any(v.endswith(":/app/state") for v in base["superlink"]["volumes"])
+    partitions = []
+    for site in range(SITES):
+        node = base[f"supernode-{site}"]["command"]
+        config = node[node.index("--node-config") + 1]
+        partitions.append(config.split()[0])
+        assert f"num-partitions={SITES}" in config and "--isolation=process" in node
+        app = base[f"clientapp-{site}"]
+        assert app["command"][-1] == f"--runtime-api-address=supernode-{site}:9094"
+        mounts = {v.split(":")[0] for v in app["volumes"]}
+        assert mounts == {f"site-{site}-{kind}" for kind in ("data", "cache", "checkpoints", "images")}
+    assert partitions == [f"partition-id={i}" for i in range(SITES)]
+
+
+def test_overlays_only_change_security_flags() -> None:
+    """with-tls.yml / with-auth.yml restate commands (compose replaces lists): apart from the security
+    flags they must equal compose.yml's, and no private CA key may be mounted anywhere."""
+    base, tls, auth = _services("compose.yml"), _services("with-tls.yml"), _services("with-auth.yml")
+    security = ("--insecure", "--ssl-", "--root-certificates", "--enable-supernode-auth", "--auth-supernode-")
+    for overlay in (tls, auth):
+        for name, service in overlay.items():
+            assert _without(service["command"], security) == _without(base[name]["command"], security), name
+            assert not any("ca.key" in v for v in service.get("volumes", [])), name
+            assert "--insecure" not in service["command"], name
+    assert "--enable-supernode-auth" in auth["superlink"]["command"]
+    for site in range(SITES):
+        command = auth[f"supernode-{site}"]["command"]
+        assert f"--auth-supernode-private-key=/app/keys/supernode-{site}" in command
+        assert "--root-certificates=/app/certs/ca.pem" in command
+    assert "--root-certificates=/app/certs/ca.pem" in tls["serverapp"]["command"]
