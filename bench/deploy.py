@@ -76,7 +76,8 @@ def main() -> int:
         "compose": {"start_s": start_s, "run_s": round(result.seconds, 1), "down_s": down_s,
                     "status": (result.status or {}).get("status"), "problem": result.problem,
                     "run_id": result.run_id, "volumes_left": len(fed.volumes())},
-        "final_status_line": next((line for line in reversed(result.output.splitlines()) if line.strip()), ""),
+        "final_status": result.status,  # `flwr ls --run-id ID --format json` on the compose SuperLink
+        "compose_ps": ps.strip().splitlines(),
         "down_transcript": down.strip().splitlines()[-3:],
     }
     print(json.dumps(report))

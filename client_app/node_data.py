@@ -31,9 +31,9 @@ import torch
 
 from common.cache import EmbeddingStore, EmbedStats, ExtractionSettings, LazyEncoder, embed_clips, open_store
 from common.config import FedA2VConfig, NodeRuntimeConfig
-from common.data.esc50 import Clip, scan_esc50
+from common.data.clips import Clip
 from common.data.partition import NodeSplit
-from common.factory import dataset_root, node_splits, prepare_dataset, resolve_classes, resolve_device
+from common.factory import dataset_root, node_splits, prepare_dataset, resolve_classes, resolve_device, scan_dataset
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +162,10 @@ def node_index(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> NodeIndex:
     cache_dir = node_cache_dir(cfg, node)
     root = prepare_dataset(cfg, dataset_root(cfg, node.data_root, cache_dir))
     class_names = resolve_classes(cfg, root)
-    scan = scan_esc50(root, class_names)
+    scan = scan_dataset(cfg, root, class_names)
     clips, class_names = scan.clips, scan.class_names
     mine = node_splits(cfg, clips, class_names, node.num_partitions)[node.partition_id]
-    return NodeIndex(root, cache_dir, list(class_names), mine, list(scan.missing))
+    return NodeIndex(root, cache_dir, list(class_names), mine, [*scan.missing, *scan.skipped])
 
 
 def load_node_data(

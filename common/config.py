@@ -72,15 +72,20 @@ def _split_list(value: Any) -> Any:
 class DataConfig(_Strict):
     """Which audio, how it is loaded, and how it is split across nodes."""
 
-    dataset: Literal["synthetic", "esc50"] = Field(
+    dataset: Literal["synthetic", "esc50", "vegas", "vggsound"] = Field(
         "synthetic",
         description="'synthetic' generates an ESC-50-format dataset on first use; 'esc50' reads the "
-        "official layout (audio/*.wav, meta/esc50.csv) at data.root.",
+        "official layout (meta/esc50.csv + audio/); 'vegas' reads <class>/audios/video_*.wav; 'vggsound' "
+        "reads vggsound.csv (no header) + audio/ and keeps its official train/test split.",
     )
     root: str = Field(
         "",
         description="Dataset directory. Empty: for 'synthetic', <cache-dir>/data/synthetic-<params>; "
-        "required for 'esc50'. A node's node-config 'data-root' overrides it on that node.",
+        "required otherwise. A node's node-config 'data-root' overrides it on that node.",
+    )
+    audio_dir: str = Field(
+        "", description="Name of the audio folder inside the dataset (empty: the layout's own: 'audio' for "
+        "esc50/vggsound, 'audios' in each VEGAS class folder).",
     )
     classes: list[str] = Field(
         default_factory=list,
@@ -96,11 +101,18 @@ class DataConfig(_Strict):
         "skipped and counted, not padded with silence.",
     )
     sample_rate: int = Field(16000, ge=8000, description="Sample rate the AST expects (16 kHz for AudioSet ASTs).")
-    partition: Literal["iid", "explicit"] = Field(
+    partition: Literal["iid", "explicit", "dirichlet", "pathological"] = Field(
         "iid",
         description="'iid': every node gets a stratified share of every class; 'explicit': node "
-        "classes and sample caps from the [nodes.<id>] tables.",
+        "classes and sample caps from the [nodes.<id>] tables; 'dirichlet': label skew with "
+        "data.dirichlet-alpha; 'pathological': data.classes-per-node classes per node (both flwr-datasets "
+        "partitioners over the train clips).",
     )
+    dirichlet_alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for data.partition='dirichlet' "
+                                   "(0.1: most nodes hold one or two classes; 1.0: mild skew).")
+    classes_per_node: int = Field(2, ge=1, description="Classes per node for data.partition='pathological'.")
+    min_partition_size: int = Field(2, ge=0, description="data.partition='dirichlet' redraws until every node has at "
+                                    "least this many train clips.")
     val_fraction: float = Field(0.1, ge=0, lt=0.5, description="Per-class fraction of clips held out for validation.")
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Per-class fraction of clips held out for test.")
 
@@ -335,6 +347,10 @@ class AdapterConfigSection(_Strict):
     hidden_dim: int = Field(512, ge=8, description="Width of the token-wise MLP and the latents.")
     heads: int = Field(8, ge=1, description="Attention heads of the latent pooling.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout inside the adapters.")
+    init_from: str = Field(
+        "", description="Start from these global adapters (an adapters*.safetensors of an earlier run) instead of a "
+        "fresh initialisation; its dims and classes must match this run's.",
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "AdapterConfigSection":

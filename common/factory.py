@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from common.config import ConfigError, FedA2VConfig
-from common.data.esc50 import Clip, DatasetError, list_categories
+from common.data.clips import Clip, DatasetError, DatasetIndex
+from common.data.readers import list_classes, reader, scan
 from common.data.partition import NodeSplit, partition_nodes
 from common.data.synth import SYNTH_CLASSES, ensure_synthetic_dataset
 from common.models.adapters import AdapterConfig, Adapters
@@ -62,7 +63,8 @@ def dataset_root(cfg: FedA2VConfig, data_root_override: str = "", cache_dir: Pat
         return Path(root).expanduser()
     if cfg.data.dataset == "synthetic":
         return synthetic_root(cfg, cache_dir)
-    raise ConfigError("data.dataset='esc50' needs data.root (or a node-config 'data-root') pointing at the ESC-50 folder")
+    raise ConfigError(f"data.dataset='{cfg.data.dataset}' needs data.root (or a node-config 'data-root') pointing at "
+                      f"the dataset folder ({reader(cfg.data.dataset).describe})")
 
 
 def prepare_dataset(cfg: FedA2VConfig, root: Path) -> Path:
@@ -79,20 +81,29 @@ def prepare_dataset(cfg: FedA2VConfig, root: Path) -> Path:
 def resolve_classes(cfg: FedA2VConfig, root: Path | None = None) -> list[str]:
     """The federation's class list, in label order (targets, labels and metrics all use it).
 
-    For ESC-50 without ``data.classes`` the list is read from the dataset's csv, which the
-    server may not have: then ``data.classes`` must be given.
+    Without ``data.classes`` the list is read from the dataset (its default order, first
+    ``data.num-classes``), which the server may not have: then ``data.classes`` must be given.
     """
     if cfg.data.dataset == "synthetic":
         return synth_classes(cfg)
     if cfg.data.classes:
         return list(cfg.data.classes)
-    if root is None or not (root / "meta" / "esc50.csv").is_file():
+    if root is None or not root.is_dir():
         raise ConfigError(
-            "data.classes is empty and the ESC-50 metadata is not available here: list the federation's "
+            "data.classes is empty and the dataset is not available here: list the federation's "
             "classes in data.classes (the server needs them to compute text targets)"
         )
-    categories = list_categories(root)
+    try:
+        categories = list_classes(cfg.data.dataset, root, cfg.data.audio_dir)
+    except DatasetError as err:
+        raise ConfigError(f"data.classes is empty and the dataset's classes cannot be read: {err} (list the "
+                          "federation's classes in data.classes)") from err
     return categories[: cfg.data.num_classes]
+
+
+def scan_dataset(cfg: FedA2VConfig, root: Path, class_names: list[str] | None) -> DatasetIndex:
+    """The dataset's clips of ``class_names`` with the reader ``data.dataset`` names."""
+    return scan(cfg.data.dataset, root, class_names, cfg.data.audio_dir)
 
 
 def node_splits(cfg: FedA2VConfig, clips: list[Clip], class_names: list[str], num_nodes: int) -> list[NodeSplit]:
@@ -107,6 +118,9 @@ def node_splits(cfg: FedA2VConfig, clips: list[Clip], class_names: list[str], nu
         test_fraction=cfg.data.test_fraction,
         node_classes=cfg.node_classes(num_nodes),
         node_samples_per_class=cfg.node_samples_per_class(num_nodes),
+        dirichlet_alpha=cfg.data.dirichlet_alpha,
+        classes_per_node=cfg.data.classes_per_node,
+        min_partition_size=cfg.data.min_partition_size,
     )
 
 

@@ -12,14 +12,16 @@ import logging
 import time
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
 from common.atomic import atomic_write_json
+from common.checkpoints import CheckpointError, load_adapters
 from common.config import ConfigError, FedA2VConfig, config_hash, load_config
 from common.factory import adapter_config, build_adapters, embedding_shape, resolve_classes, resolve_device
 from common.logs import setup_logging
+from common.models.adapters import AdapterConfig, Adapters
 from common.models.text_encoders import compute_class_targets
 from common.records import CLASS_TARGETS, GLOBAL_MODEL, RUN_NAME, ClassTensors, module_to_arrays
 from common.render.flux import check_render_settings
@@ -49,6 +51,25 @@ def final_metrics(result: Result, round_offset: int = 0) -> dict:
         return {"round": None}
     last = max(history)
     return {**dict(history[last]), "round": last + round_offset}
+
+
+def initial_adapters(cfg: FedA2VConfig, acfg: AdapterConfig, class_names: list[str], fresh: Adapters) -> ArrayRecord:
+    """The round-1 global adapters: ``adapter.init-from`` (dims and classes checked) or ``fresh``."""
+    if not cfg.adapter.init_from:
+        return module_to_arrays(fresh)
+    path = Path(cfg.adapter.init_from).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"adapter.init-from: '{path}' is not a file (an adapters*.safetensors checkpoint)")
+    try:
+        loaded, meta = load_adapters(path, acfg.to_dict())
+    except CheckpointError as err:
+        raise ConfigError(f"adapter.init-from: {err}") from err
+    found = list(meta.get("class-names") or [])
+    if found != class_names:
+        raise ConfigError(f"adapter.init-from: '{path}' was trained for class-names {found}, this run has {class_names} "
+                          "(data.classes / data.num-classes must match)")
+    log.info("global adapters start from %s (round %s of its run)", path, meta.get("round"))
+    return module_to_arrays(loaded)
 
 
 @app.main()
@@ -117,7 +138,8 @@ def main(grid: Grid, context: Context) -> None:
     # Nodes get the run's directory *name* (each resolves it under its own output-dir, never a path
     # of this host) and whether a global model exists (the aggregation method says; nodes need no name).
     round_config = {RUN_NAME: run_dir.name, GLOBAL_MODEL: pipelines.aggregator.global_model}
-    initial = point.arrays if point is not None and point.arrays is not None else module_to_arrays(adapters)
+    initial = (point.arrays if point is not None and point.arrays is not None
+               else initial_adapters(cfg, acfg, class_names, adapters))
     try:
         result = strategy.start(
             grid=grid,

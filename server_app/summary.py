@@ -55,6 +55,10 @@ class RunSummary:
         if state.global_means is not None:
             means = state.global_means
             entry["class_counts"] = dict(zip(means.class_names, means.counts.tolist()))
+        # each node's class histogram (train clips per class it shared a mean for: classes under the
+        # privacy floor are withheld by the node and absent here)
+        entry["node_class_counts"] = {str(p): {c: int(n) for c, n in zip(m.class_names, m.counts.tolist()) if n > 0}
+                                      for p, m in sorted(state.replies.means.items()) if m.counts is not None}
         entry["evaluate"] = {"global": dict(state.evaluate_metrics), "nodes": dict(state.evaluate_nodes)}
         if state.evaluate_failures:
             entry["evaluate"]["failures"] = list(state.evaluate_failures)

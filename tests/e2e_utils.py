@@ -45,8 +45,7 @@ from typing import Any
 import pytest
 
 from common import launcher
-from common.deploy import local as deployment
-from common.deploy.local import free_port, write_flower_config  # noqa: F401 - re-exported
+from common.deploy.local import free_port
 from common.launcher import COMPLETED, RUN_TAG_VAR, ls_command, parse_run_id, parse_run_status
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -222,15 +221,7 @@ class E2EEnv:
                 raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{logs}")
             time.sleep(0.25)
 
-    @staticmethod
-    def http_ok(url: str) -> bool:
-        return deployment.http_ok(url)
-
     # ------------------------------------------------------------------ flower helpers
-    def write_flower_config(self, connections: Mapping[str, Mapping[str, Any]], default: str = "local") -> Path:
-        """Write ``$FLWR_HOME/config.toml`` in the format Flower 1.41 creates (plus extra connections)."""
-        return write_flower_config(self.flwr_home, connections, default)
-
     def flwr_run(
         self,
         run_config: str,

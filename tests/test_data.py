@@ -23,14 +23,8 @@ import torch
 
 from common.data import synth
 from common.data.audio import AudioLoadError, LoadedAudio, load_clip, load_clips
-from common.data.esc50 import (
-    ESC50_COLUMNS,
-    Clip,
-    DatasetError,
-    list_categories,
-    read_esc50,
-    scan_esc50,
-)
+from common.data.clips import Clip, DatasetError
+from common.data.esc50 import ESC50_COLUMNS, list_categories, read_esc50, scan_esc50
 from common.data.partition import (
     PARTITIONERS,
     NodeSplit,
@@ -568,8 +562,8 @@ class TestPartition:
 
     def test_unknown_mode_and_pluggable_registry(self, monkeypatch: pytest.MonkeyPatch) -> None:
         clips = make_clips(CLASSES, 6)
-        with pytest.raises(ValueError, match="'dirichlet'"):
-            partition_nodes(clips, CLASSES, 2, "dirichlet", 0, 0.1, 0.2)
+        with pytest.raises(ValueError, match="'by-moon-phase'"):
+            partition_nodes(clips, CLASSES, 2, "by-moon-phase", 0, 0.1, 0.2)
         monkeypatch.setattr("common.data.partition.PARTITIONERS", dict(PARTITIONERS))
 
         @register_partitioner("first-takes-all")
@@ -582,6 +576,50 @@ class TestPartition:
         assert "first-takes-all" in partition.PARTITIONERS and "first-takes-all" not in PARTITIONERS
         nodes = partition_nodes(clips, CLASSES, 2, "first-takes-all", 0, 0.1, 0.2)
         assert len(nodes[0].train) == len(split_dataset(clips, 0.1, 0.2, 0)["train"]) and not nodes[1].train
+
+    @pytest.mark.parametrize("alpha", [0.1, 1.0])
+    def test_dirichlet_label_skew_keeps_the_guarantees(self, alpha: float) -> None:
+        classes = [f"class{i}" for i in range(8)]
+        clips = make_clips(classes, 20, takes=2)
+        args = dict(seed=3, val_fraction=0.1, test_fraction=0.2, dirichlet_alpha=alpha, min_partition_size=2)
+        nodes = partition_nodes(clips, classes, 4, "dirichlet", **args)
+        assert_partition_guarantees(nodes, clips)
+        global_split = split_dataset(clips, 0.1, 0.2, seed=3)
+        union = sorted((c for n in nodes for c in n.train), key=lambda c: c.rel_path)
+        assert union == global_split["train"]  # every train clip is used exactly once
+        assert all(len(n.train) >= 2 for n in nodes)
+        for node in nodes:  # a node evaluates only classes it trains on, and every one of them
+            assert node.classes == sorted({c.category for c in node.train}, key=classes.index)
+        assert nodes == partition_nodes(clips, classes, 4, "dirichlet", **args)  # seeded
+        assert [n.train for n in nodes] != [n.train for n in partition_nodes(clips, classes, 4, "dirichlet",
+                                                                            **{**args, "seed": 4})]
+
+    def test_dirichlet_alpha_controls_skew(self) -> None:
+        classes = [f"class{i}" for i in range(10)]
+        clips = make_clips(classes, 30)
+        held = {alpha: sum(len(n.classes) for n in partition_nodes(clips, classes, 5, "dirichlet", seed=0,
+                                                                    val_fraction=0.1, test_fraction=0.2,
+                                                                    dirichlet_alpha=alpha, min_partition_size=1))
+                for alpha in (0.05, 100.0)}
+        assert held[0.05] < held[100.0] == 50  # near-IID with a large alpha: every node holds every class
+
+    def test_pathological_gives_each_node_its_classes(self) -> None:
+        classes = [f"class{i}" for i in range(6)]
+        clips = make_clips(classes, 20)
+        nodes = partition_nodes(clips, classes, 3, "pathological", seed=0, val_fraction=0.1, test_fraction=0.2,
+                                classes_per_node=2)
+        assert_partition_guarantees(nodes, clips)
+        assert all(len(n.classes) == 2 for n in nodes)
+        assert {n.classes[0] for n in nodes} <= set(classes)
+        with pytest.raises(DatasetError, match="classes-per-node"):
+            partition_nodes(clips, classes, 3, "pathological", seed=0, val_fraction=0.1, test_fraction=0.2,
+                            classes_per_node=7)
+
+    def test_dirichlet_that_cannot_fill_every_node_names_the_setting(self) -> None:
+        clips = make_clips(CLASSES, 5)
+        with pytest.raises(DatasetError, match="min-partition-size"):
+            partition_nodes(clips, CLASSES, 4, "dirichlet", seed=0, val_fraction=0.1, test_fraction=0.2,
+                            dirichlet_alpha=0.1, min_partition_size=10)
 
     def test_rejects_clips_outside_class_names(self) -> None:
         with pytest.raises(DatasetError, match="rain"):

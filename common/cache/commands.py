@@ -17,8 +17,8 @@ from typing import Any
 from common.cache.embed import ExtractionSettings, embed_clips
 from common.cache.store import EmbeddingStore, VerifyReport, list_stores
 from common.config import FedA2VConfig
-from common.data.esc50 import Clip, read_esc50
-from common.factory import dataset_root, node_splits, prepare_dataset, resolve_classes, resolve_device
+from common.data.clips import Clip
+from common.factory import dataset_root, node_splits, prepare_dataset, resolve_classes, resolve_device, scan_dataset
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,9 @@ def embeddings_root(cfg: FedA2VConfig, cache_dir: str = "") -> Path:
 
 def _clips_to_build(cfg: FedA2VConfig, root: Path, num_nodes: int | None, all_classes: bool) -> list[Clip]:
     if all_classes:
-        clips, _ = read_esc50(root, None)
-        return clips
-    clips, class_names = read_esc50(root, resolve_classes(cfg, root))
+        return scan_dataset(cfg, root, None).clips
+    index = scan_dataset(cfg, root, resolve_classes(cfg, root))
+    clips, class_names = index.clips, index.class_names
     if not num_nodes:
         return clips
     used: dict[str, Clip] = {}

@@ -30,7 +30,7 @@ import torch
 from common.cache.key import cache_key_fields
 from common.cache.store import ClipId, EmbeddingStore
 from common.data.audio import load_clips
-from common.data.esc50 import Clip
+from common.data.clips import Clip
 from common.dtypes import torch_dtype
 from common.models.audio_encoder import AudioEncoder, audio_encoder_identity
 

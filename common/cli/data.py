@@ -1,4 +1,4 @@
-"""``feda2v data synth``: a synthetic dataset in the official ESC-50 layout."""
+"""``feda2v data synth``: a synthetic dataset in the ESC-50, VEGAS or VGGSound layout."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else list(SYNTH_CLASSES[: args.num_classes])
     root = synthesize_dataset(
-        Path(args.root), classes, clips_per_class=args.clips_per_class, seed=args.seed, clip_seconds=args.clip_seconds
+        Path(args.root), classes, clips_per_class=args.clips_per_class, seed=args.seed, clip_seconds=args.clip_seconds,
+        layout=args.layout,
     )
     print(root)
     return 0
@@ -20,7 +21,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def add_parser(sub) -> None:
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    synth = data_sub.add_parser("synth", help="write a synthetic dataset in the official ESC-50 layout")
+    synth = data_sub.add_parser("synth", help="write a synthetic dataset in the ESC-50, VEGAS or VGGSound layout")
+    synth.add_argument("--layout", choices=("esc50", "vegas", "vggsound"), default="esc50",
+                       help="folder layout (read with data.dataset of the same name)")
     synth.add_argument("--root", required=True, help="output directory")
     synth.add_argument("--classes", default="", help="comma-separated class names (default: the first --num-classes)")
     synth.add_argument("--num-classes", type=int, default=10)

@@ -24,7 +24,7 @@ import torchaudio
 
 from common.errors import FedA2VError
 
-from .esc50 import Clip
+from .clips import Clip
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,9 @@ from __future__ import annotations
 import csv
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.errors import FedA2VError
+from .clips import Clip, DatasetError, DatasetIndex, select_classes
 
 logger = logging.getLogger(__name__)
 
@@ -31,36 +30,7 @@ META_RELPATH = Path("meta") / "esc50.csv"
 AUDIO_DIRNAME = "audio"
 
 
-class DatasetError(FedA2VError, ValueError):
-    """A problem with a dataset the user pointed us at; the message names the file, column or class."""
-
-
-@dataclass(frozen=True)
-class Clip:
-    """One labelled audio file.
-
-    ``rel_path`` (posix, relative to the dataset root) is the clip's identity: it does not change when the dataset
-    folder moves, so caches keyed by it survive a relocation.
-    """
-
-    path: Path
-    rel_path: str
-    category: str
-    label: int
-    fold: int
-
-
-@dataclass
-class Esc50Index:
-    """Everything the reader found: the kept clips, the label order and the rows whose file is missing."""
-
-    root: Path
-    clips: list[Clip]
-    class_names: list[str]
-    missing: list[str] = field(default_factory=list)  # rel_paths listed in the csv but absent on disk
-
-
-def _check_root(root: Path) -> tuple[Path, Path, Path]:
+def _check_root(root: Path, audio_dir: str = "") -> tuple[Path, Path, Path]:
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetError(
@@ -71,7 +41,7 @@ def _check_root(root: Path) -> tuple[Path, Path, Path]:
     meta = root / META_RELPATH
     if not meta.is_file():
         raise DatasetError(f"metadata file {str(meta)!r} is missing: {root} is not an ESC-50-format dataset")
-    audio = root / AUDIO_DIRNAME
+    audio = root / (audio_dir or AUDIO_DIRNAME)
     if not audio.is_dir():
         raise DatasetError(f"audio directory {str(audio)!r} is missing: {root} is not an ESC-50-format dataset")
     return root, meta, audio
@@ -104,9 +74,9 @@ def _parse_int(meta: Path, line: int, column: str, value: str) -> int:
         raise DatasetError(f"{meta}, line {line}: column {column!r} must be an integer, got {value!r}") from None
 
 
-def list_categories(root: Path) -> list[str]:
+def list_categories(root: Path, audio_dir: str = "") -> list[str]:
     """All categories of the dataset in csv order of first appearance (the default label order)."""
-    _, meta, _ = _check_root(root)
+    _, meta, _ = _check_root(root, audio_dir)
     return _categories(_read_rows(meta))
 
 
@@ -114,31 +84,11 @@ def _categories(rows: list[dict[str, str]]) -> list[str]:
     return list(dict.fromkeys(row["category"] for row in rows))
 
 
-def _select_classes(meta: Path, available: list[str], classes: Sequence[str] | None) -> list[str]:
-    if classes is None:
-        return list(available)
-    if isinstance(classes, str):  # a bare string would silently become a list of characters
-        raise DatasetError(f"classes must be a list of class names, got the string {classes!r}")
-    selected = [str(c).strip() for c in classes]
-    if not selected:
-        raise DatasetError("classes is empty: select at least one class (or leave it unset for all)")
-    duplicates = sorted({c for c in selected if selected.count(c) > 1})
-    if duplicates:
-        raise DatasetError(f"class(es) requested more than once: {', '.join(duplicates)}")
-    unknown = [c for c in selected if c not in available]
-    if unknown:
-        raise DatasetError(
-            f"class(es) {', '.join(repr(c) for c in unknown)} not in {meta}; "
-            f"available: {', '.join(available)}"
-        )
-    return selected
-
-
-def scan_esc50(root: Path, classes: Sequence[str] | None = None) -> Esc50Index:
+def scan_esc50(root: Path, classes: Sequence[str] | None = None, audio_dir: str = "") -> DatasetIndex:
     """Like :func:`read_esc50` but also reports which csv rows had no file (for callers that count them)."""
-    root, meta, audio = _check_root(root)
+    root, meta, audio = _check_root(root, audio_dir)
     rows = _read_rows(meta)
-    class_names = _select_classes(meta, _categories(rows), classes)
+    class_names = select_classes(meta, _categories(rows), classes)
     label_of = {name: i for i, name in enumerate(class_names)}
 
     clips: list[Clip] = []
@@ -155,7 +105,7 @@ def scan_esc50(root: Path, classes: Sequence[str] | None = None) -> Esc50Index:
             raise DatasetError(f"{meta}, line {line}: file {filename!r} is listed more than once")
         seen.add(filename)
         fold = _parse_int(meta, line, "fold", row["fold"])
-        rel_path = f"{AUDIO_DIRNAME}/{filename}"
+        rel_path = f"{audio.name}/{filename}"
         path = audio / filename
         if not path.is_file():
             logger.debug("ESC-50 row skipped: audio file %s listed in %s does not exist", path, meta)
@@ -171,7 +121,7 @@ def scan_esc50(root: Path, classes: Sequence[str] | None = None) -> Esc50Index:
         raise DatasetError(f"class(es) {', '.join(empty)} have no audio files under {audio}")
     clips.sort(key=lambda c: c.rel_path)
     logger.info("ESC-50 dataset %s: %d clips, %d classes", root, len(clips), len(class_names))
-    return Esc50Index(root=root, clips=clips, class_names=class_names, missing=missing)
+    return DatasetIndex(root=root, clips=clips, class_names=class_names, missing=missing)
 
 
 def read_esc50(root: Path, classes: Sequence[str] | None = None) -> tuple[list[Clip], list[str]]:

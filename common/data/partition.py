@@ -8,8 +8,10 @@ Splitting is stratified per class and grouped by *source recording*: ESC-50 cuts
 from one freesound recording (``{fold}-{src_file}-{take}-{target}.wav``); putting one take in train and another in
 test would leak near-identical audio into evaluation, which is why the official folds never separate takes.
 
-Partitioners live in :data:`PARTITIONERS` (mode name -> function), so a new scheme (e.g. a Dirichlet label skew
-built on flwr_datasets' ``DirichletPartitioner``) is one decorated function, with no change to callers.
+Partitioners live in :data:`PARTITIONERS` (mode name -> function), so a new scheme is one decorated function,
+with no change to callers. The non-IID schemes (``dirichlet``, ``pathological``) are flwr-datasets' own
+partitioners applied to the *train* clip table; each node then gets val/test clips of the classes it trains on,
+dealt among the nodes that hold each class.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .esc50 import Clip, DatasetError
+from .clips import Clip, DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,10 @@ def _rng(seed: int, *keys: str) -> np.random.Generator:
 
 
 def source_id(clip: Clip) -> str:
-    """The recording a clip was cut from: ESC-50's ``src_file`` when the name follows the ESC-50 pattern."""
+    """The recording a clip was cut from: the reader's ``source`` (a YouTube id), else ESC-50's ``src_file`` when
+    the name follows the ESC-50 pattern, else the clip itself."""
+    if clip.source:
+        return clip.source
     name = clip.rel_path.rsplit("/", 1)[-1]
     match = _ESC50_NAME.match(name)
     return match.group("src") if match else clip.rel_path
@@ -78,6 +83,9 @@ def split_dataset(clips: Sequence[Clip], val_fraction: float, test_fraction: flo
     and the fraction is > 0, and always at least one clip left for training). Whole source recordings are moved
     together, so counts can exceed the target by up to one recording's takes; a class with fewer than three
     recordings falls back to clip-level splitting (with a warning, since takes may then leak).
+
+    A dataset with an official split (every clip's ``split`` is "train" or "test", e.g. VGGSound) keeps it:
+    test is the official test set, ``test_fraction`` is unused, and val is carved from the official train set.
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in [0, 1) "
@@ -85,6 +93,18 @@ def split_dataset(clips: Sequence[Clip], val_fraction: float, test_fraction: flo
     names = [c.rel_path for c in clips]
     if len(set(names)) != len(names):
         raise DatasetError("split_dataset: the clip list contains the same rel_path more than once")
+    official = {c.split for c in clips}
+    if official != {""}:
+        if not official <= {"train", "test"}:
+            raise DatasetError(f"clips carry split(s) {sorted(official - {'train', 'test'})}: an official split must "
+                               "be 'train' or 'test' on every clip")
+        inner = _stratified([c for c in clips if c.split == "train"], val_fraction, 0.0, seed)
+        return {"train": inner["train"], "val": inner["val"],
+                "test": sorted((c for c in clips if c.split == "test"), key=lambda c: c.rel_path)}
+    return _stratified(clips, val_fraction, test_fraction, seed)
+
+
+def _stratified(clips: Sequence[Clip], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[Clip]]:
     by_class: dict[str, list[Clip]] = {}
     for clip in clips:
         by_class.setdefault(clip.category, []).append(clip)
@@ -262,10 +282,74 @@ def partition_explicit(splits: dict[str, list[Clip]], class_names: Sequence[str]
     return _node_splits(per_node, classes_of)
 
 
+def _flwr_partition(partitioner: Any, train: list[Clip], class_names: Sequence[str], num_nodes: int) -> list[list[Clip]]:
+    """Run a flwr-datasets partitioner over the train clip table (label + row index); each node's clips."""
+    from datasets import Dataset
+
+    labels = {name: i for i, name in enumerate(class_names)}
+    partitioner.dataset = Dataset.from_dict({"label": [labels[c.category] for c in train],
+                                             "row": list(range(len(train)))})
+    return [[train[row] for row in partitioner.load_partition(node)["row"]] for node in range(num_nodes)]
+
+
+def _label_skew(partitioner: Any, splits: dict[str, list[Clip]], class_names: Sequence[str],
+                num_nodes: int, seed: int) -> list[NodeSplit]:
+    """Train clips by ``partitioner``; a node's classes are the ones it got train clips of, and each class's
+    val/test clips are dealt among the nodes holding that class (so every node evaluates what it learned)."""
+    train = sorted(splits["train"], key=lambda c: c.rel_path)
+    try:
+        train_of = _flwr_partition(partitioner, train, class_names, num_nodes)
+    except ValueError as err:  # e.g. Dirichlet could not meet min_partition_size in its attempts
+        raise DatasetError(f"{type(partitioner).__name__} failed on {len(train)} train clips, {num_nodes} nodes: {err} "
+                           "(lower data.min-partition-size, raise data.dirichlet-alpha, or use more clips)") from err
+    classes_of = [[c for c in class_names if any(x.category == c for x in mine)] for mine in train_of]
+    owners_of: dict[str, list[int]] = {}
+    for node, names in enumerate(classes_of):
+        for name in names:
+            owners_of.setdefault(name, []).append(node)
+    held_out = {"train": [], "val": splits["val"], "test": splits["test"]}
+    per_node = _assign(held_out, class_names, owners_of, num_nodes, seed)
+    for node in range(num_nodes):
+        per_node[node]["train"] = train_of[node]
+    return _node_splits(per_node, classes_of)
+
+
+@register_partitioner("dirichlet")
+def partition_dirichlet(splits: dict[str, list[Clip]], class_names: Sequence[str], num_nodes: int, seed: int,
+                        dirichlet_alpha: float = 0.5, min_partition_size: int = 0, **_: Any) -> list[NodeSplit]:
+    """Label skew: each class's train clips are split across nodes by Dirichlet(alpha) proportions
+    (flwr-datasets' ``DirichletPartitioner``); small alpha = few classes per node."""
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    partitioner = DirichletPartitioner(num_partitions=num_nodes, partition_by="label", alpha=float(dirichlet_alpha),
+                                       min_partition_size=int(min_partition_size), self_balancing=False, shuffle=True,
+                                       seed=int(seed) & 0xFFFFFFFF)
+    return _label_skew(partitioner, splits, class_names, num_nodes, seed)
+
+
+@register_partitioner("pathological")
+def partition_pathological(splits: dict[str, list[Clip]], class_names: Sequence[str], num_nodes: int, seed: int,
+                           classes_per_node: int = 2, **_: Any) -> list[NodeSplit]:
+    """Each node holds ``classes_per_node`` classes (flwr-datasets' ``PathologicalPartitioner``: node i's first
+    class is class i, the others a seeded draw, so every class is used when nodes x classes_per_node covers
+    them); a class held by several nodes has its train clips split among them."""
+    from flwr_datasets.partitioner import PathologicalPartitioner
+
+    if not 1 <= classes_per_node <= len(class_names):
+        raise DatasetError(f"data.classes-per-node must be between 1 and the {len(class_names)} classes, "
+                           f"got {classes_per_node}")
+    partitioner = PathologicalPartitioner(num_partitions=num_nodes, partition_by="label",
+                                          num_classes_per_partition=int(classes_per_node),
+                                          class_assignment_mode="first-deterministic", shuffle=True,
+                                          seed=int(seed) & 0xFFFFFFFF)
+    return _label_skew(partitioner, splits, class_names, num_nodes, seed)
+
+
 def partition_nodes(clips: Sequence[Clip], class_names: Sequence[str], num_nodes: int, mode: str, seed: int,
                     val_fraction: float, test_fraction: float,
                     node_classes: Sequence[Sequence[str]] | None = None,
-                    node_samples_per_class: Sequence[int | None] | None = None) -> list[NodeSplit]:
+                    node_samples_per_class: Sequence[int | None] | None = None,
+                    **options: Any) -> list[NodeSplit]:
     """Split `clips` globally (:func:`split_dataset`) and assign each split to `num_nodes` nodes by `mode`.
 
     Guarantees: a clip is in at most one node's train set; val/test clips are never in any train set; a node's
@@ -284,7 +368,7 @@ def partition_nodes(clips: Sequence[Clip], class_names: Sequence[str], num_nodes
         raise DatasetError(f"clips of class(es) {', '.join(stray)} are not in class_names ({', '.join(names)})")
     splits = split_dataset(clips, val_fraction, test_fraction, seed)
     result = PARTITIONERS[mode](splits, names, num_nodes, seed, node_classes=node_classes,
-                                node_samples_per_class=node_samples_per_class)
+                                node_samples_per_class=node_samples_per_class, **options)
     for node, part in enumerate(result):
         logger.info("node %d (%s): %d train / %d val / %d test clips, %d classes", node, mode, len(part.train),
                     len(part.val), len(part.test), len(part.classes))

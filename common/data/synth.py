@@ -32,7 +32,8 @@ import numpy as np
 import soundfile as sf
 from filelock import FileLock, Timeout
 
-from .esc50 import AUDIO_DIRNAME, ESC50_COLUMNS, META_RELPATH, DatasetError
+from .clips import DatasetError
+from .esc50 import AUDIO_DIRNAME, ESC50_COLUMNS, META_RELPATH
 
 logger = logging.getLogger(__name__)
 
@@ -478,10 +479,23 @@ def synthesize_clip(category: str, index: int, seed: int = 0, clip_seconds: floa
     return x * (10 ** (peak_db / 20) / (np.max(np.abs(x)) + 1e-12))
 
 
+LAYOUTS = ("esc50", "vegas", "vggsound")
+# VGGSound-style labels for the recipes (real VGGSound labels where one fits): commas and parentheses on
+# purpose, so the csv needs quoting, as the real one does.
+VGGSOUND_LABELS = {
+    "dog": "dog barking", "rooster": "chicken crowing", "siren": "police car (siren)",
+    "engine": "engine accelerating, revving, vroom", "rain": "raining", "clock_tick": "clock ticking",
+    "chirping_birds": "birds chirping, tweeting", "church_bells": "church bell ringing",
+    "crackling_fire": "fire crackling", "car_horn": "vehicle horn, car horn, honking",
+    "helicopter": "helicopter", "door_wood_knock": "door knocking", "crickets": "cricket chirping",
+    "wind": "wind noise", "sea_waves": "sea waves", "clock_alarm": "alarm clock ringing",
+}
+
+
 def _params(classes: Sequence[str], clips_per_class: int, seed: int, clip_seconds: float, sample_rate: int,
-            num_folds: int) -> dict:
+            num_folds: int, layout: str = "esc50") -> dict:
     return {
-        "format": "feda2v-synthetic-esc50",
+        "format": f"feda2v-synthetic-{layout}",
         "generator_version": GENERATOR_VERSION,
         "classes": list(classes),
         "clips_per_class": int(clips_per_class),
@@ -519,7 +533,68 @@ def _validate(classes: Sequence[str] | None, clips_per_class: int, clip_seconds:
     return classes
 
 
+def _write_clip(path: Path, x: np.ndarray, sample_rate: int) -> None:
+    pcm = np.round(np.clip(x, -1.0, 1.0) * 32767).astype("<i2")
+    sf.write(path, pcm, sample_rate, subtype="PCM_16", format="FLAC" if path.suffix == ".flac" else "WAV")
+
+
+def _write_vegas(folder: Path, params: dict) -> None:
+    """``<class>/audios/video_NNNNN.wav`` with lengths between half and all of clip_seconds, and a
+    ``video_info.csv`` per class (YTID,start,end), as VEGAS ships them."""
+    for category in params["classes"]:
+        audio = folder / category / "audios"
+        audio.mkdir(parents=True)
+        rows = []
+        for index in range(params["clips_per_class"]):
+            rng = _clip_rng(params["seed"] + 1, category, index)
+            seconds = params["clip_seconds"] * rng.uniform(0.5, 1.0)
+            x = synthesize_clip(category, index, params["seed"], seconds, params["sample_rate"])
+            _write_clip(audio / f"video_{index:05d}.wav", x, params["sample_rate"])
+            start = int(rng.integers(0, 300))
+            rows.append((_ytid(rng), start, round(start + seconds, 2)))
+        with (folder / category / "video_info.csv").open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(("YTID", "start", "end"))
+            writer.writerows(rows)
+
+
+def _ytid(rng: np.random.Generator) -> str:
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    return "".join(alphabet[i] for i in rng.integers(0, len(alphabet), 11))
+
+
+def _write_vggsound(folder: Path, params: dict) -> None:
+    """``vggsound.csv`` without header (quoted labels) and ``audio/``: a fifth of each class is the official
+    test split; every third clip uses the ``{ytid}_{start_ms}_{end_ms}.flac`` naming, the others
+    ``{ytid}_{start:06d}.wav``."""
+    audio = folder / "audio"
+    audio.mkdir(parents=True)
+    rows = []
+    for category in params["classes"]:
+        for index in range(params["clips_per_class"]):
+            rng = _clip_rng(params["seed"] + 2, category, index)
+            ytid, start = _ytid(rng), int(rng.integers(0, 300))
+            name = (f"{ytid}_{start * 1000}_{(start + 10) * 1000}.flac" if index % 3 == 2 else f"{ytid}_{start:06d}.wav")
+            x = synthesize_clip(category, index, params["seed"], params["clip_seconds"], params["sample_rate"])
+            _write_clip(audio / name, x, params["sample_rate"])
+            rows.append((ytid, start, VGGSOUND_LABELS[category], "test" if index % 5 == 4 else "train"))
+    with (folder / "vggsound.csv").open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle, lineterminator="\n").writerows(rows)
+
+
 def _write_dataset(folder: Path, params: dict) -> None:
+    layout = params["format"].rsplit("-", 1)[-1]
+    if layout == "vegas":
+        _write_vegas(folder, params)
+    elif layout == "vggsound":
+        _write_vggsound(folder, params)
+    else:
+        _write_esc50(folder, params)
+    # Last: its presence certifies a complete dataset.
+    (folder / PARAMS_FILENAME).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _write_esc50(folder: Path, params: dict) -> None:
     audio = folder / AUDIO_DIRNAME
     audio.mkdir(parents=True)
     (folder / META_RELPATH).parent.mkdir(parents=True)
@@ -533,30 +608,31 @@ def _write_dataset(folder: Path, params: dict) -> None:
             src_file = 1_000_000 + target * 10_000 + index
             filename = f"{fold}-{src_file}-A-{target}.wav"
             x = synthesize_clip(category, index, params["seed"], params["clip_seconds"], params["sample_rate"])
-            pcm = np.round(np.clip(x, -1.0, 1.0) * 32767).astype("<i2")
-            sf.write(audio / filename, pcm, params["sample_rate"], subtype="PCM_16", format="WAV")
+            _write_clip(audio / filename, x, params["sample_rate"])
             rows.append((filename, fold, target, category, str(category in ESC10_CLASSES), src_file, "A"))
     with (folder / META_RELPATH).open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(ESC50_COLUMNS)
         writer.writerows(rows)
-    # Last: its presence certifies a complete dataset.
-    (folder / PARAMS_FILENAME).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def synthesize_dataset(root: Path, classes: Sequence[str] | None = None, clips_per_class: int = 40, seed: int = 0,
-                       clip_seconds: float = 5.0, sample_rate: int = 44100, num_folds: int = 5) -> Path:
-    """Write a synthetic dataset in the official ESC-50 layout at `root` and return its resolved path.
+                       clip_seconds: float = 5.0, sample_rate: int = 44100, num_folds: int = 5,
+                       layout: str = "esc50") -> Path:
+    """Write a synthetic dataset at `root` in the official ESC-50 layout (or ``layout`` "vegas" / "vggsound",
+    for tests and demos of those readers) and return its resolved path.
 
     ``root`` must not exist yet (or be an empty directory): the data is built in a temporary folder beside it and
     renamed into place, so readers never see a partial dataset. Not safe against concurrent callers on the same
     root -- use :func:`ensure_synthetic_dataset` for that.
     """
     classes = _validate(classes, clips_per_class, clip_seconds, sample_rate, num_folds)
+    if layout not in LAYOUTS:
+        raise DatasetError(f"unknown layout {layout!r}; available: {', '.join(LAYOUTS)}")
     root = Path(root).expanduser().absolute()
     if root.exists() and not (root.is_dir() and not any(root.iterdir())):
         raise DatasetError(f"{root} already exists and is not empty; pick another data.root or delete it")
-    params = _params(classes, clips_per_class, seed, clip_seconds, sample_rate, num_folds)
+    params = _params(classes, clips_per_class, seed, clip_seconds, sample_rate, num_folds, layout)
     root.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
@@ -568,8 +644,8 @@ def synthesize_dataset(root: Path, classes: Sequence[str] | None = None, clips_p
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("synthetic ESC-50 dataset written to %s: %d classes x %d clips x %.2g s at %d Hz in %.1f s",
-                root, len(classes), clips_per_class, clip_seconds, sample_rate, time.perf_counter() - started)
+    logger.info("synthetic %s dataset written to %s: %d classes x %d clips x %.2g s at %d Hz in %.1f s",
+                layout, root, len(classes), clips_per_class, clip_seconds, sample_rate, time.perf_counter() - started)
     return root
 
 

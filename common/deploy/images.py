@@ -137,13 +137,26 @@ def bridge_gateway() -> str:
 
 class WheelhouseServer:
     """The wheelhouse over HTTP on the docker bridge's gateway (what build containers reach), only for
-    the duration of a ``with`` block."""
+    the duration of a ``with`` block.
+
+    Builds see it as ``http://feda2v-wheelhouse:PORT/`` (``--add-host``): a build argument that changes
+    between builds would miss docker's layer cache, so the name is fixed and so is the port unless it
+    is taken (then the dependency layers rebuild once, and the log says why)."""
+
+    HOSTNAME = "feda2v-wheelhouse"
+    PORT = 39179
 
     def __init__(self, wheelhouse: Path) -> None:
         self.host = bridge_gateway()
         handler = functools.partial(_QuietHandler, directory=str(wheelhouse))
-        self.server = http.server.ThreadingHTTPServer((self.host, 0), handler)
-        self.url = f"http://{self.host}:{self.server.server_address[1]}/"
+        try:
+            self.server = http.server.ThreadingHTTPServer((self.host, self.PORT), handler)
+        except OSError as err:
+            log.warning("port %d is taken (%s): serving the wheelhouse on another port; docker's cache of the "
+                        "dependency layers will miss once", self.PORT, err)
+            self.server = http.server.ThreadingHTTPServer((self.host, 0), handler)
+        self.url = f"http://{self.HOSTNAME}:{self.server.server_address[1]}/"
+        self.build_args = ["--add-host", f"{self.HOSTNAME}:{self.host}", "--build-arg", f"WHEELHOUSE_URL={self.url}"]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> "WheelhouseServer":
@@ -176,8 +189,7 @@ def offline_base(wheels: WheelhouseServer, repo: Path = REPO, name: str = OFFLIN
     rootfs = rootfs_image()
     with tempfile.TemporaryDirectory(prefix="feda2v-base-") as tmp:  # an empty build context
         _run(["docker", "build", "-f", str(repo / "docker" / "base.Dockerfile"), "--build-arg", f"ROOTFS_IMAGE={rootfs}",
-              "--build-arg", f"FLWR_VERSION={FLWR_VERSION}", "--build-arg", f"WHEELHOUSE_URL={wheels.url}",
-              "-t", name, tmp], "docker build (offline base)", env=docker_env())
+              "--build-arg", f"FLWR_VERSION={FLWR_VERSION}", *wheels.build_args, "-t", name, tmp], "docker build (offline base)", env=docker_env())
     return name
 
 
@@ -194,7 +206,8 @@ def build_images(tag: str, repo: Path = REPO, base: str | None = None, offline: 
             t0 = time.monotonic()
             base = offline_base(wheels, repo)
             result.seconds["offline-base"] = round(time.monotonic() - t0, 1)
-        args: list[str] = ["--build-arg", f"FLWR_VERSION={FLWR_VERSION}", "--build-arg", f"WHEELHOUSE_URL={wheels.url}"]
+        args: list[str] = ["--build-arg", f"FLWR_VERSION={FLWR_VERSION}", *wheels.build_args,
+                           "--build-arg", f"DEPENDENCIES={' '.join(project_requirements(repo))}"]
         if base:
             args += [arg for role in ROLES for arg in ("--build-arg", f"{role.upper()}_BASE={base}")]
         for role in ROLES:
