@@ -199,7 +199,7 @@ def train(msg: Message, context: Context) -> Message:
         msg.content, embeddings, labels, class_names, cfg.train.augment_to, settings.seed
     )
     t0 = time.perf_counter()
-    if cfg.generator.mode == "generator-only":  # adapters untouched: FedAvg of identical weights is a no-op
+    if cfg.generator.mode == "generator-only" or cfg.generate_only:  # adapters untouched: losses only
         losses = evaluate_adapters(adapters, embeddings, labels, targets.clip, targets.t5, settings, device=device)
     else:
         losses = train_adapters(adapters, train_x, train_y, targets.clip, targets.t5, settings, device)
@@ -244,29 +244,34 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, node, targets = _setup(msg, context)
     _, _, state_metrics = _carried_state(cfg, node, msg, context)
-    data = load_node_data(cfg, node, cache_only=_cache_only(cfg), memo=NODE_DATA)
-    _check_classes(targets, data.class_names, node)
     device = resolve_device(cfg)
     adapters = _adapters(cfg, msg, context, targets)
-    metrics: dict[str, float | int] = {
-        "num-examples": len(data.splits["test"]),
-        "num_val": len(data.splits["val"]),
-        "partition_id": node.partition_id,
-        **state_metrics,
-    }
-    settings = TrainSettings.from_config(cfg.train, seed=cfg.seed)
-    for name in ("val", "test"):
-        split = data.splits[name]
-        if not len(split):  # e.g. cache-only lookup in pretrained mode with no cached clips
-            log.warning("node %d: no %s embeddings to evaluate on", node.partition_id, name)
-            continue
-        result = evaluate_adapters(adapters, split.embeddings, split.labels, targets.clip, targets.t5, settings, device=device)
-        metrics.update({f"{name}_{k}": v for k, v in result.items()})
-    log.info(
-        "node %d: test retrieval acc %.3f (clip %.3f, t5 %.3f) on %d clips",
-        node.partition_id, metrics.get("test_retrieval_acc", float("nan")), metrics.get("test_retrieval_acc_clip", float("nan")),
-        metrics.get("test_retrieval_acc_t5", float("nan")), metrics["num-examples"],
-    )
+    metrics: dict[str, float | int] = {"num-examples": 0, "num_val": 0, "partition_id": node.partition_id,
+                                       **state_metrics}
+    empty = ["val", "test"]
+    if cfg.node_holds_audio(node.partition_id):
+        data = load_node_data(cfg, node, cache_only=_cache_only(cfg), memo=NODE_DATA)
+        _check_classes(targets, data.class_names, node)
+        metrics.update({"num-examples": len(data.splits["test"]), "num_val": len(data.splits["val"])})
+        settings = TrainSettings.from_config(cfg.train, seed=cfg.seed)
+        empty = [name for name in ("val", "test") if not len(data.splits[name])]
+        for name in ("val", "test"):
+            if name in empty:  # e.g. cache-only lookup in pretrained mode with no cached clips
+                continue
+            split = data.splits[name]
+            result = evaluate_adapters(adapters, split.embeddings, split.labels, targets.clip, targets.t5, settings,
+                                       device=device)
+            metrics.update({f"{name}_{k}": v for k, v in result.items()})
+    if empty:
+        why = (f"holds no audio (nodes.{node.partition_id}.audio = false)"
+               if not cfg.node_holds_audio(node.partition_id) else "has no embeddings to evaluate on")
+        log.info("node %d %s: %s evaluation skipped", node.partition_id, why, " and ".join(empty))
+    if "test" not in empty:
+        log.info(
+            "node %d: test retrieval acc %.3f (clip %.3f, t5 %.3f) on %d clips",
+            node.partition_id, metrics["test_retrieval_acc"], metrics["test_retrieval_acc_clip"],
+            metrics["test_retrieval_acc_t5"], metrics["num-examples"],
+        )
     server_round = int(_round_config(msg).get("server-round", 0))
     if cfg.render.due(server_round, cfg.num_rounds):  # the aggregated adapters of this round draw the images
         run_name = str(_round_config(msg).get(RUN_NAME, ""))

@@ -147,9 +147,13 @@ class NodeIndex:
     class_names: list[str]
     split: NodeSplit
     missing: list[str] = field(default_factory=list)  # csv rows of the dataset whose file is absent here
+    recorded_counts: dict[str, int] | None = None  # a node without audio: its generator checkpoints' counts
 
     def train_counts(self) -> dict[str, int]:
-        """Real training clips per class this node holds (the 'auto' synthetic sample count)."""
+        """Real training clips per class this node holds (the 'auto' synthetic sample count); for a node
+        without audio, the counts its generator checkpoints recorded when they were trained."""
+        if self.recorded_counts is not None:
+            return {c: self.recorded_counts[c] for c in self.class_names if self.recorded_counts.get(c)}
         counts: dict[str, int] = {}
         for clip in self.split.train:
             name = self.class_names[clip.label]

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from client_app.generators import checkpoint_dir, encoder_key, generator_classes, shareable_classes
-from client_app.node_data import NodeDataMemo, NodeIndex, load_node_data, node_index
+from client_app.node_data import NodeDataMemo, NodeIndex, load_node_data, node_cache_dir, node_index
 from common import seeds
-from common.config import FedA2VConfig, NodeRuntimeConfig
-from common.factory import embedding_shape
-from common.generator_bank import GeneratorBank, load_bank
+from common.config import ConfigError, FedA2VConfig, NodeRuntimeConfig
+from common.data.partition import NodeSplit
+from common.factory import embedding_shape, resolve_classes
+from common.generator_bank import GeneratorBank, checkpoint_class_counts, load_bank
 from common.records import GENERATORS, bank_from_records, bank_to_records
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,26 @@ class SyntheticTrainSet:
 
     def __len__(self) -> int:
         return int(self.labels.numel())
+
+
+def audio_free_index(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> NodeIndex:
+    """The index of a node that holds no audio (``nodes.<id>.audio = false``): no dataset, no clips; its
+    classes and counts are what its generator checkpoints recorded."""
+    counts = checkpoint_class_counts(checkpoint_dir(cfg, node), cfg.generator.checkpoint_base, node.partition_id,
+                                     cfg.generator.pretrained_round or None)
+    class_names = resolve_classes(cfg, None)
+    held = [c for c in class_names if counts.get(c)]
+    if not held:
+        raise ConfigError(f"node {node.partition_id} holds no audio and no generator checkpoint under "
+                          f"{checkpoint_dir(cfg, node)} records any of the classes {class_names}")
+    log.info("node %d holds no audio: classes and counts from its generator checkpoints: %s", node.partition_id,
+             {c: counts[c] for c in held})
+    return NodeIndex(Path(), node_cache_dir(cfg, node), class_names, NodeSplit([], [], [], held),
+                     recorded_counts=counts)
+
+
+def pretrained_index(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> NodeIndex:
+    return node_index(cfg, node) if cfg.node_holds_audio(node.partition_id) else audio_free_index(cfg, node)
 
 
 def load_node_bank(cfg: FedA2VConfig, node: NodeRuntimeConfig, index: NodeIndex, state: RecordDict) -> GeneratorBank:
@@ -94,7 +116,7 @@ def synthetic_train_set(
 
     ``memo``: the ClientApp's node-data memo, used for the real share (``real-mix-ratio > 0``).
     """
-    index = node_index(cfg, node)
+    index = pretrained_index(cfg, node)
     bank = load_node_bank(cfg, node, index, state)
     counts = sample_counts(cfg, index, bank)
     seed = seeds.node_train(cfg.seed, server_round, node.partition_id)  # fresh samples every round

@@ -2,7 +2,8 @@
 
 Source ``clips``: the node's held-out test clips (cache-only in the pretrained-generator mode, so
 still no AST there); ``generator``: samples of the node's generator bank (trained this run or
-pretrained). The first ``render.images-per-class`` of each class are rendered into
+pretrained). The first ``render.images-per-class`` (``nodes.<id>.images-per-class`` wins) of each class are
+rendered into
 ``{image dir}/node_{id}/{class}_{0001}.png`` with a manifest and a contact sheet.
 """
 
@@ -44,13 +45,14 @@ def render_node_images(
     ``render.output-dir`` > ``<run_dir>/images``. ``memo``: the ClientApp's node-data memo.
     """
     r = cfg.render
+    per_class = cfg.node_images_per_class(node.partition_id)
     if r.source == "generator":
         if GENERATORS not in state:
             log.warning("node %d: render.source='generator' but this node has no generators (generator.mode='off'); "
                         "no images rendered", node.partition_id)
             return {"images_rendered": 0}
         bank, _ = bank_from_records(state, source=f"node {node.partition_id} state")
-        counts = {c: r.images_per_class for c in bank.classes if not r.classes or c in r.classes}
+        counts = {c: per_class for c in bank.classes if not r.classes or c in r.classes}
         x, y = bank.sample_dataset(counts, targets.class_names, seed=seeds.node_render_samples(cfg.seed, node.partition_id))
         row_classes = labels_to_classes(y, targets.class_names)
         per_class: dict[str, int] = {}
@@ -58,6 +60,10 @@ def render_node_images(
         for c in row_classes:
             per_class[c] = per_class.get(c, 0) + 1
             sources.append(f"generator:node{node.partition_id}#{per_class[c]}")
+    elif not cfg.node_holds_audio(node.partition_id):
+        log.warning("node %d holds no audio: render.source='clips' has nothing to draw from (use 'generator'); no "
+                    "images rendered", node.partition_id)
+        return {"images_rendered": 0}
     else:
         test = load_node_data(cfg, node, cache_only=cache_only, memo=memo).splits["test"]
         x, y = test.embeddings, test.labels
@@ -68,7 +74,8 @@ def render_node_images(
         return {"images_rendered": 0}
     cond = adapter_conditioning(adapters, x, device=device)
     out = images_dir(cfg, run_dir, node.image_dir)
-    report = render_job(cfg, node.partition_id, cond, row_classes, sources, out, server_round, targets, device)
+    report = render_job(cfg, node.partition_id, cond, row_classes, sources, out, server_round, targets, device,
+                        per_class=per_class)
     scores = score_owner(cfg, out, owner_name(node.partition_id), targets.class_names, device)
     return {"images_rendered": report.written, "images_skipped": report.skipped,
             "render_seconds": report.seconds, "render_images_per_s": report.images_per_s, **scores}

@@ -131,6 +131,11 @@ class NodeSpec(_Strict):
         default_factory=list,
         description="Classes this node trains / loads generators for (empty = every class it holds).",
     )
+    images_per_class: int = Field(0, ge=0, description="Images per class this node renders (0: render.images-per-class).")
+    audio: bool = Field(
+        True, description="False: this site holds no audio (generator.mode='use-pretrained-generators' only): its "
+        "classes and counts come from its generator checkpoints and it evaluates nothing.",
+    )
 
     _split_classes = field_validator("classes", "generator_classes", mode="before")(_split_list)
 
@@ -372,6 +377,10 @@ class TrainConfig(_Strict):
         1.0, ge=0, description="Weight of the class-contrastive term (cross-entropy over cosine to every class target)."
     )
     temperature: float = Field(0.05, gt=0, description="Temperature of the class-contrastive term.")
+    proximal_mu: float = Field(
+        0.0, ge=0, description="FedProx: weight mu of the proximal term mu/2 * ||w - w_global||^2 that keeps a node's "
+        "adapters near the round's global ones (0 = plain local training).",
+    )
     augment_to: int = Field(
         0, ge=0, description="With a server generator in the message (server-generator.send-to-nodes): classes with "
         "fewer training clips than this are filled up to it with its samples (0 = off).",
@@ -425,6 +434,11 @@ class FedA2VConfig(_Strict):
         "Without it, an existing run-name is an error, never overwritten.",
     )
     checkpoint_every: int = Field(1, ge=1, description="Save global adapters every k rounds (and at the end).")
+    generate_only: bool = Field(
+        False, description="Nobody trains: the global adapters of adapter.init-from pass through unchanged, nodes "
+        "render their classes (from their pretrained generators with render.source='generator') and the server "
+        "renders global images. The third run of the generators -> adapters -> images workflow.",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     nodes: dict[str, NodeSpec] = Field(
         default_factory=dict, description="Per-node tables for data.partition='explicit', keyed by partition id."
@@ -480,6 +494,39 @@ class FedA2VConfig(_Strict):
         if self.finetune.epochs > 0 and self.aggregation == "none":
             raise ValueError("finetune.epochs > 0 needs global adapters; aggregation='none' has none")
         return self
+
+    @model_validator(mode="after")
+    def _generate_only_has_what_it_renders(self) -> "FedA2VConfig":
+        if not self.generate_only:
+            return self
+        if not self.adapter.init_from:
+            raise ValueError("generate-only needs trained adapters: set adapter.init-from to an adapters checkpoint")
+        if self.render.when == "off":
+            raise ValueError("generate-only renders images: render.when must not be 'off'")
+        if self.generator.mode not in ("off", "use-pretrained-generators"):
+            raise ValueError(f"generate-only trains nothing: generator.mode='{self.generator.mode}' would train "
+                             "generators (use 'use-pretrained-generators' or 'off')")
+        if self.aggregation == "none":
+            raise ValueError("generate-only renders with the global adapters of adapter.init-from; aggregation='none' "
+                             "has no global adapters")
+        return self
+
+    @model_validator(mode="after")
+    def _audio_free_nodes_use_pretrained_generators(self) -> "FedA2VConfig":
+        silent = sorted(k for k, spec in self.nodes.items() if not spec.audio)
+        if silent and (self.generator.mode != "use-pretrained-generators" or self.generator.real_mix_ratio > 0):
+            raise ValueError(f"nodes {', '.join(silent)} hold no audio (nodes.<id>.audio = false): that needs "
+                             "generator.mode='use-pretrained-generators' with generator.real-mix-ratio = 0")
+        return self
+
+    def node_holds_audio(self, partition_id: int) -> bool:
+        spec = self.nodes.get(str(partition_id))
+        return spec.audio if spec else True
+
+    def node_images_per_class(self, partition_id: int) -> int:
+        """Images per class node ``partition_id`` renders (``nodes.<id>.images-per-class`` wins)."""
+        spec = self.nodes.get(str(partition_id))
+        return (spec.images_per_class if spec else 0) or self.render.images_per_class
 
     def sample_source(self) -> str:
         """Where the server's synthetic embeddings come from (``kd.samples-from`` with 'auto' resolved)."""

@@ -416,6 +416,27 @@ def _validate(
         _check(path, "type", meta.get("type"), kind)
 
 
+def checkpoint_class_counts(directory: str | Path, base: str, node_id: int | None,
+                            round: int | None = None) -> dict[str, int]:
+    """Classes and training counts recorded in an owner's generator checkpoints (latest files, or ``round``'s
+    copies), read from their metadata alone: what a node that holds no audio knows about its classes."""
+    directory = Path(directory)
+    prefix = f"{base}_{_owner(node_id)}"
+    wanted = f"_round_{int(round)}{SUFFIX}" if round is not None else None
+    counts: dict[str, int] = {}
+    for path in sorted(directory.glob(f"{prefix}*{SUFFIX}")):
+        rest = path.name[len(prefix):]
+        if not (rest.startswith(("_class_", "_group_", SUFFIX, "_round_"))):
+            continue  # another owner whose name merely starts alike (node1 vs node10)
+        if (not path.name.endswith(wanted)) if wanted else _ROUND.search(path.name):
+            continue
+        meta = _read_metadata(path)
+        counts.update({str(k): int(v) for k, v in (meta.get("class-counts") or {}).items()})
+        for c in meta.get("classes") or []:
+            counts.setdefault(str(c), 0)
+    return counts
+
+
 def load_bank(
     directory: str | Path,
     base: str,

@@ -43,6 +43,7 @@ class TrainSettings:
     cosine_weight: float
     contrastive_weight: float
     temperature: float
+    proximal_mu: float  # FedProx; 0 for the server's own training
     seed: int
 
     @classmethod
@@ -57,6 +58,7 @@ class TrainSettings:
             cosine_weight=train_cfg.cosine_weight,
             contrastive_weight=train_cfg.contrastive_weight,
             temperature=train_cfg.temperature,
+            proximal_mu=train_cfg.proximal_mu,
             seed=seed,
         )
 
@@ -185,13 +187,26 @@ def train_adapters(
     settings: TrainSettings,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """Train both branches toward the class text targets; returns last-epoch mean losses."""
+    """Train both branches toward the class text targets; returns last-epoch mean losses.
+
+    With ``settings.proximal_mu > 0`` (FedProx) each branch's loss also has ``mu/2 * ||w - w_0||^2``,
+    ``w_0`` being the weights training started from (the round's global adapters)."""
     device = torch.device(device)
     targets_clip, targets_t5 = targets_clip.to(device), targets_t5.to(device)
+    adapters.to(device)
+    branches = adapters.branch_parameters()
+    anchor = ({name: [p.detach().clone() for p in params] for name, params in branches.items()}
+              if settings.proximal_mu > 0 else None)
+
+    def proximal(name: str) -> Tensor:
+        return 0.5 * settings.proximal_mu * sum((p - a).pow(2).sum() for p, a in zip(branches[name], anchor[name]))
 
     def batch_loss(idx: Tensor) -> tuple[Tensor, Tensor]:
         out_clip, out_t5 = adapters(embeddings[idx].to(device, non_blocking=True).float())
-        return adapter_losses(out_clip, out_t5, labels[idx].to(device), targets_clip, targets_t5, settings)
+        loss_clip, loss_t5 = adapter_losses(out_clip, out_t5, labels[idx].to(device), targets_clip, targets_t5, settings)
+        if anchor is None:
+            return loss_clip, loss_t5
+        return loss_clip + proximal("clip"), loss_t5 + proximal("t5")
 
     history = fit_adapters(adapters, len(embeddings), batch_loss, settings, device)
     metrics = {k: v[-1] for k, v in history.items()}

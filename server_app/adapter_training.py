@@ -66,7 +66,7 @@ class AdapterTrainingStep:
         x, y = self.samples.draw(state, self.section.samples_per_class, seed)
         s = self.section
         settings = replace(TrainSettings.from_config(self.train, seed), epochs=s.epochs, batch_size=s.batch_size,
-                           lr_clip=s.lr, lr_t5=s.lr)
+                           lr_clip=s.lr, lr_t5=s.lr, proximal_mu=0.0)  # FedProx is a node-side term
         adapters = self.run.adapters(init)
         history = self.fit(adapters, teachers, x, y, settings, state)
         state.histories[self.prefix] = history

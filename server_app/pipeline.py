@@ -73,10 +73,11 @@ class RoundPipelines:
 def build_pipelines(cfg: FedA2VConfig, run: ServerRun, summary: RunSummary) -> RoundPipelines:
     """The one place where the configuration decides which steps a round has, in which order."""
     samples = SAMPLE_SOURCES[cfg.sample_source()](run.class_names)
-    aggregator = AGGREGATORS[cfg.aggregation](run, kd=cfg.kd, train=cfg.train, seed=cfg.seed, samples=samples)
+    method = "keep" if cfg.generate_only else cfg.aggregation  # generate-only: nobody trains, the server neither
+    aggregator = AGGREGATORS[method](run, kd=cfg.kd, train=cfg.train, seed=cfg.seed, samples=samples)
     steps: list[Step] = [AggregateStep(aggregator)]
     server_generator = None
-    if cfg.server_generator.mode != "off":
+    if cfg.server_generator.mode != "off" and not cfg.generate_only:
         sg = cfg.server_generator
         gen = cfg.generator.model_copy(update={"kind": sg.kind})
         spec = GeneratorSpec.from_config(gen, *embedding_shape(cfg))
@@ -89,10 +90,10 @@ def build_pipelines(cfg: FedA2VConfig, run: ServerRun, summary: RunSummary) -> R
             server_generator = SERVER_GENERATORS["data-free"](run, sg, spec, cfg.seed, cfg.train.cosine_weight)
         steps.append(server_generator)
     steps += aggregator.extra_steps()
-    if cfg.finetune.epochs > 0:
+    if cfg.finetune.epochs > 0 and not cfg.generate_only:
         steps.append(FinetuneStep(run, cfg.finetune, cfg.train, cfg.seed, samples))
     after: list[Step] = [
-        CheckpointStep(run, cfg.aggregation, aggregator.global_model, cfg.checkpoint_every,
+        CheckpointStep(run, method, aggregator.global_model, cfg.checkpoint_every,
                        cfg.generator.checkpoint_base, cfg.server_generator.checkpoint_frequency),
         SummaryStep(summary),
     ]

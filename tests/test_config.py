@@ -100,8 +100,25 @@ def test_explicit_partition_needs_node_tables(tmp_path):
 def test_shipped_config_files_validate():
     files = sorted((ROOT / "configs").glob("*.toml"))
     assert files, "configs/ should ship example configurations"
+    needs = {"generate_only.toml": {"adapter.init-from": "/runs/run2/checkpoints/adapters.safetensors"}}
     for f in files:
-        load_config(flat_pyproject() | {"config-file": str(f)})
+        load_config(flat_pyproject() | needs.get(f.name, {}) | {"config-file": str(f)})
+
+
+def test_generate_only_and_audio_free_nodes_say_what_they_need(tmp_path):
+    with pytest.raises(ConfigError, match="adapter.init-from"):
+        load_config({"generate-only": True})
+    with pytest.raises(ConfigError, match="generator.mode='generator-training' would train"):
+        load_config({"generate-only": True, "adapter.init-from": "a.safetensors", "generator.mode": "generator-training"})
+    with pytest.raises(ConfigError, match="render.when"):
+        load_config({"generate-only": True, "adapter.init-from": "a.safetensors", "render.when": "off"})
+    cfg = load_config({"generate-only": True, "adapter.init-from": "a.safetensors"})
+    assert cfg.node_images_per_class(0) == cfg.render.images_per_class
+    (tmp_path / "n.toml").write_text("[nodes.1]\naudio = false\nimages-per-class = 7\n")
+    with pytest.raises(ConfigError, match="nodes 1 hold no audio"):
+        load_config({"config-file": str(tmp_path / "n.toml")})
+    cfg = load_config({"config-file": str(tmp_path / "n.toml"), "generator.mode": "use-pretrained-generators"})
+    assert not cfg.node_holds_audio(1) and cfg.node_holds_audio(0) and cfg.node_images_per_class(1) == 7
 
 
 def test_node_runtime_config():

@@ -14,11 +14,13 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from common.checkpoints import load_adapters, load_tensors
 from common.data.esc50 import read_esc50
 from common.data.partition import split_dataset
-from common.data.synth import SYNTH_CLASSES
+from common.data.readers import scan
+from common.data.synth import SYNTH_CLASSES, synthesize_dataset
 from e2e_utils import E2EEnv, e2e, e2e_cache, load_summary  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow
@@ -161,11 +163,44 @@ def test_aggregation_none_keeps_per_node_adapters(e2e: E2EEnv) -> None:
         assert meta["class-names"] == classes
 
 
-def test_two_run_workflow_generators_then_pretrained(e2e: E2EEnv) -> None:
-    """Run 1 trains per-class generators on every node; run 2 trains adapters from them alone."""
-    gen = {"num-rounds": 1, "generator.granularity": "per_class", "generator.epochs": 20,
+@pytest.mark.parametrize("layout", ["vegas", "vggsound"])
+def test_simulation_on_each_dataset_layout(e2e: E2EEnv, layout: str) -> None:
+    """The VEGAS and VGGSound readers under a real run (datasets written by the synthetic writer; 10-s
+    VGGSound clips drive the AST to 998 frames)."""
+    seconds = 10.0 if layout == "vggsound" else 5.0
+    root = synthesize_dataset(e2e.out / layout, list(SYNTH_CLASSES[:NUM_CLASSES]), clips_per_class=CLIPS_PER_CLASS + 2,
+                              clip_seconds=seconds, layout=layout)
+    result = e2e.flwr_run(run_config(e2e, layout, **{"data.dataset": layout, "data.root": str(root),
+                                                     "data.clip-seconds": seconds}),
+                          federation_config=FEDERATION, timeout=RUN_TIMEOUT_S)
+    e2e.assert_run_completed(result)
+    summary = load_summary(e2e.out / layout)
+    index = scan(layout, root)
+    assert summary["run"]["classes"] == index.class_names[:NUM_CLASSES]
+    accuracy = [r["evaluate"]["global"]["test_retrieval_acc"] for r in summary["rounds"]]
+    assert len(accuracy) == 2 and all(0.0 <= a <= 1.0 for a in accuracy), accuracy
+    tested = sum(m["num-examples"] for m in summary["rounds"][-1]["evaluate"]["nodes"].values())
+    if layout == "vggsound":  # the official test split, whole
+        assert tested == sum(c.split == "test" for c in index.clips)
+    print(f"{layout}: test retrieval accuracy per round {accuracy}")
+
+
+# Run 3 of the seed workflow: per-node image counts and a site without audio travel in a config file.
+GENERATE_TOML = """
+[nodes.0]
+images-per-class = 3
+[nodes.2]
+audio = false
+"""
+
+
+def test_three_run_workflow_generators_adapters_then_images(e2e: E2EEnv) -> None:
+    """Run 1 trains per-class generators on every node; run 2 trains adapters from them alone; run 3
+    (generate-only) starts from run 2's adapters, trains nothing and only renders: each node from its
+    pretrained generators (node 2 holds no audio at all), the server its global images."""
+    gen = {"generator.granularity": "per_class", "generator.epochs": 20,
            "generator.checkpoint-dir": str(e2e.out / "node-generators")}
-    run1 = e2e.flwr_run(run_config(e2e, "run1", **gen, **{"generator.mode": "generator-only"}),
+    run1 = e2e.flwr_run(run_config(e2e, "run1", **gen, **{"num-rounds": 1, "generator.mode": "generator-only"}),
                         federation_config=FEDERATION, timeout=RUN_TIMEOUT_S)
     e2e.assert_run_completed(run1)
     classes = list(SYNTH_CLASSES[:NUM_CLASSES])
@@ -176,7 +211,8 @@ def test_two_run_workflow_generators_then_pretrained(e2e: E2EEnv) -> None:
         assert mine and all(n.removeprefix(f"generator_node{pid}_class_").removesuffix(".safetensors") in classes for n in mine)
         assert set(mine) <= set(server_files), f"server lacks node {pid}'s generators: {server_files}"
 
-    run2 = e2e.flwr_run(run_config(e2e, "run2", **gen, **{"generator.mode": "use-pretrained-generators"}),
+    run2 = e2e.flwr_run(run_config(e2e, "run2", **gen, **{"num-rounds": 1, "generator.mode": "use-pretrained-generators",
+                                                          "render.when": "off"}),
                         federation_config=FEDERATION, timeout=RUN_TIMEOUT_S)
     e2e.assert_run_completed(run2)
     summary1, summary2 = load_summary(e2e.out / "run1"), load_summary(e2e.out / "run2")
@@ -187,6 +223,34 @@ def test_two_run_workflow_generators_then_pretrained(e2e: E2EEnv) -> None:
     final = summary2["final"]
     assert 0.0 <= final["test_retrieval_acc"] <= 1.0
     assert final["num-examples"] == summary1["final"]["num-examples"]  # every test clip served by the cache
+
+    trained = e2e.out / "run2" / "checkpoints" / "adapters.safetensors"
+    config_file = e2e.out / "generate.toml"
+    config_file.write_text(GENERATE_TOML)
+    run3 = e2e.flwr_run(run_config(e2e, "run3", **gen, **{
+        "num-rounds": 1, "generate-only": True, "adapter.init-from": str(trained), "config-file": str(config_file),
+        "generator.mode": "use-pretrained-generators", "render.source": "generator"}),
+        federation_config=FEDERATION, timeout=RUN_TIMEOUT_S)
+    e2e.assert_run_completed(run3)
+    # nobody trained: the run's adapters are run 2's, bit for bit
+    before, _ = load_tensors(trained)
+    after, meta = load_tensors(e2e.out / "run3" / "checkpoints" / "adapters.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert meta["aggregation"] == "keep" and meta["round"] == 1
+    summary3 = load_summary(e2e.out / "run3")
+    evaluate = summary3["rounds"][0]["evaluate"]["nodes"]
+    assert evaluate["2"]["num-examples"] == 0 and "test_retrieval_acc" not in evaluate["2"]  # no audio, no evaluation
+    assert evaluate["0"]["num-examples"] > 0
+    train = summary3["rounds"][0]["train"]["nodes"]
+    assert train["2"]["synthetic_samples"] == real["2"]["num-examples"]  # counts from its checkpoints' metadata
+    images = e2e.out / "run3" / "images"
+    for pid, per_class in ((0, 3), (1, 2), (2, 2)):
+        held = {n.removeprefix(f"generator_node{pid}_class_").removesuffix(".safetensors")
+                for n in node_files if n.startswith(f"generator_node{pid}_class_") and "_round_" not in n}
+        pngs = sorted(p.name for p in (images / f"node_{pid}").glob("*_[0-9][0-9][0-9][0-9].png"))
+        assert pngs == sorted(f"{c}_{i:04d}.png" for c in held for i in range(1, per_class + 1)), (pid, pngs)
+        assert evaluate[str(pid)]["images_rendered"] == len(pngs)
+    assert sorted(p.name for p in (images / "server").glob("*_0001.png")) == sorted(f"{c}_0001.png" for c in classes)
 
 
 # One node holds only "dog" and, with one validation clip per class, gets none: evaluation replies then

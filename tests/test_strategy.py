@@ -94,3 +94,46 @@ def test_all_nodes_failing_stops_the_run(tmp_path):
     failed = Message(Error(code=0, reason="boom: dataset missing"), metadata=meta)
     with pytest.raises(RuntimeError, match="all 1 nodes failed in train.*dataset missing"):
         strategy.aggregate_train(1, [failed])
+
+
+def test_generate_only_round_keeps_the_sent_adapters(tmp_path):
+    """generate-only: the 'keep' step passes the round's global adapters through; means still merge."""
+    targets = ClassTensors(NAMES, torch.randn(3, 6), torch.randn(3, 2, 5))
+    cfg = load_config({"generate-only": True, "adapter.init-from": "x.safetensors", "aggregation": "kd",
+                       "generator.mode": "use-pretrained-generators", "finetune.epochs": 3, "render.when": "final",
+                       "render.server": False, "num-rounds": 1})
+    run = ServerRun(run_dir=tmp_path, targets=targets, template=Adapters(ACFG), adapter_config=ACFG.to_dict(),
+                    config_hash="abc", num_rounds=1, device=torch.device("cpu"))
+    pipelines = build_pipelines(cfg, run, RunSummary(tmp_path / "summary.json", {"classes": NAMES}))
+    assert pipelines.round.step_names == ["aggregate adapters"]  # no distillation, no fine-tuning
+    strategy = FedA2VStrategy(targets=targets, round_pipeline=pipelines.round, after_round=pipelines.after_round)
+    torch.manual_seed(1)
+    sent = module_to_arrays(Adapters(ACFG))
+    strategy.sent_arrays = sent
+    m = ClassTensors(["dog"], torch.ones(1, 6), torch.ones(1, 2, 5), torch.tensor([2]))
+    arrays, _ = strategy.aggregate_train(1, [reply(0, Adapters(ACFG), 4, m), reply(1, Adapters(ACFG), 2, m)])
+    assert arrays is sent
+    assert strategy.state.global_means.counts.tolist() == [4]
+    strategy.after_round(1, arrays)
+    _, meta = load_adapters(tmp_path / "checkpoints" / "adapters.safetensors", ACFG.to_dict())
+    assert meta["aggregation"] == "keep"
+
+
+def test_init_from_checks_dims_and_classes(tmp_path):
+    from common.checkpoints import save_adapters
+    from common.config import ConfigError
+    from server_app.app import initial_adapters
+
+    torch.manual_seed(2)
+    trained = Adapters(ACFG)
+    path = save_adapters(tmp_path / "adapters.safetensors", trained, ACFG.to_dict(), NAMES, 3, "abc")
+    cfg = load_config({"adapter.init-from": str(path)})
+    arrays = initial_adapters(cfg, ACFG, NAMES, Adapters(ACFG))
+    assert torch.equal(arrays.to_torch_state_dict()["clip.out.1.weight"], trained.state_dict()["clip.out.1.weight"])
+    with pytest.raises(ConfigError, match=r"class-names \['dog', 'siren', 'rain'\], this run has \['dog', 'rain'\]"):
+        initial_adapters(cfg, ACFG, ["dog", "rain"], Adapters(ACFG))
+    wider = AdapterConfig(**{**ACFG.to_dict(), "hidden_dim": 32})
+    with pytest.raises(ConfigError, match=r"adapter-config.hidden_dim is 16, expected 32"):
+        initial_adapters(cfg, wider, NAMES, Adapters(wider))
+    with pytest.raises(ConfigError, match="is not a file"):
+        initial_adapters(load_config({"adapter.init-from": str(tmp_path / "nope.safetensors")}), ACFG, NAMES, Adapters(ACFG))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -37,7 +39,7 @@ def _adapters(seed: int = 0) -> Adapters:
 
 def _settings(**kw) -> TrainSettings:
     base = dict(epochs=30, batch_size=8, lr_clip=3e-3, lr_t5=3e-3, weight_decay=0.0, cosine_weight=0.5,
-                contrastive_weight=0.0, temperature=0.1, seed=0)
+                contrastive_weight=0.0, temperature=0.1, proximal_mu=0.0, seed=0)
     base.update(kw)
     return TrainSettings(**base)
 
@@ -138,3 +140,17 @@ def test_class_mean_outputs_match_manual_means():
         assert torch.allclose(clip_m[c], out_clip[y == c].mean(0), atol=1e-5)
         assert torch.allclose(t5_m[c], out_t5[y == c].mean(0), atol=1e-5)
     assert torch.all(clip_m[C] == 0)
+
+
+def test_proximal_term_keeps_weights_near_where_training_started():
+    x, y, t_clip, t_t5 = _toy()
+    start = _adapters()
+    initial = [p.detach().clone() for p in start.parameters()]
+
+    def drift(mu: float) -> float:
+        adapters = copy.deepcopy(start)
+        train_adapters(adapters, x, y, t_clip, t_t5, _settings(epochs=10, proximal_mu=mu))
+        return sum((p.detach() - q).pow(2).sum().item() for p, q in zip(adapters.parameters(), initial)) ** 0.5
+
+    free, held = drift(0.0), drift(10.0)
+    assert held < 0.5 * free, (free, held)  # FedProx: the anchor pulls each branch back toward the start
