@@ -45,14 +45,14 @@ def render_node_images(
     ``render.output-dir`` > ``<run_dir>/images``. ``memo``: the ClientApp's node-data memo.
     """
     r = cfg.render
-    per_class = cfg.node_images_per_class(node.partition_id)
+    wanted = cfg.node_images_per_class(node.partition_id)  # images per class
     if r.source == "generator":
         if GENERATORS not in state:
             log.warning("node %d: render.source='generator' but this node has no generators (generator.mode='off'); "
                         "no images rendered", node.partition_id)
             return {"images_rendered": 0}
         bank, _ = bank_from_records(state, source=f"node {node.partition_id} state")
-        counts = {c: per_class for c in bank.classes if not r.classes or c in r.classes}
+        counts = {c: wanted for c in bank.classes if not r.classes or c in r.classes}
         x, y = bank.sample_dataset(counts, targets.class_names, seed=seeds.node_render_samples(cfg.seed, node.partition_id))
         row_classes = labels_to_classes(y, targets.class_names)
         per_class: dict[str, int] = {}
@@ -75,7 +75,7 @@ def render_node_images(
     cond = adapter_conditioning(adapters, x, device=device)
     out = images_dir(cfg, run_dir, node.image_dir)
     report = render_job(cfg, node.partition_id, cond, row_classes, sources, out, server_round, targets, device,
-                        per_class=per_class)
+                        per_class=wanted)
     scores = score_owner(cfg, out, owner_name(node.partition_id), targets.class_names, device)
     return {"images_rendered": report.written, "images_skipped": report.skipped,
             "render_seconds": report.seconds, "render_images_per_s": report.images_per_s, **scores}
