@@ -145,3 +145,26 @@ def test_cache_only_evaluation_without_cached_clips_is_a_logged_skip(run1, no_as
         metrics = evaluate(make_message(server_content(cfg, 1)), _context(rc, ckpt)).content["metrics"]
     assert metrics["num-examples"] == 0 and "test_retrieval_acc" not in metrics
     assert any("not in the embedding cache" in r.getMessage() for r in caplog.records)
+
+
+def test_node_without_audio_takes_classes_and_counts_from_its_checkpoints(run1, no_ast_no_audio, tmp_path, caplog):
+    rc, ckpt = run1
+    cfg_with_audio = load_config({**rc, "generator.mode": "use-pretrained-generators"})
+    real = node_data.node_index(cfg_with_audio, NodeRuntimeConfig(partition_id=0, num_partitions=NODES)).train_counts()
+    # the site has no dataset at all: data.root points nowhere, nodes.0.audio = false
+    rc = {**rc, "generator.mode": "use-pretrained-generators", "nodes.0.audio": False,
+          "data.root": str(tmp_path / "no-such-dataset")}
+    cfg = load_config(rc)
+    ctx = _context(rc, ckpt)
+    reply = train(make_message(server_content(cfg, 1)), ctx).content["metrics"]
+    assert reply["synthetic_samples"] == sum(real.values())  # 'auto' = the counts its checkpoints recorded
+    with caplog.at_level(logging.INFO):
+        ev = evaluate(make_message(server_content(cfg, 1)), ctx).content["metrics"]
+    assert ev["num-examples"] == 0 and "test_retrieval_acc" not in ev
+    skips = [r.getMessage() for r in caplog.records if "evaluation skipped" in r.getMessage()]
+    assert skips == ["node 0 holds no audio (nodes.0.audio = false): val and test evaluation skipped"]
+    empty = {**rc, "generator.checkpoint-dir": str(tmp_path / "empty")}
+    with pytest.raises(ConfigError, match="holds no audio and no generator checkpoint"):
+        train(make_message(server_content(load_config(empty), 1)),
+              Context(run_id=1, node_id=7, state=RecordDict(), run_config=empty,
+                      node_config={"partition-id": 0, "num-partitions": NODES}))
