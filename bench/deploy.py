@@ -57,9 +57,9 @@ def main() -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="feda2v-bench-deploy-"))
     fed = ComposeFederation(work / "compose", args.tag, secure=True)
     t0 = time.monotonic()
-    fed.start()
-    start_s = round(time.monotonic() - t0, 1)
     try:
+        fed.start()
+        start_s = round(time.monotonic() - t0, 1)
         run_config = " ".join([f"num-rounds=2 min-nodes={NUM_SITES} data.num-classes=4 data.clips-per-class=8",
                                'train.local-epochs=2 run-name="bench"'])
         result = fed.run([run_config], timeout=900)

@@ -114,9 +114,17 @@ class DataConfig(_Strict):
     min_partition_size: int = Field(2, ge=0, description="data.partition='dirichlet' redraws until every node has at "
                                     "least this many train clips.")
     val_fraction: float = Field(0.1, ge=0, lt=0.5, description="Per-class fraction of clips held out for validation.")
-    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Per-class fraction of clips held out for test.")
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Per-class fraction of clips held out for test "
+                                 "(unused by datasets with an official split: VGGSound's test set is its own).")
 
     _split_classes = field_validator("classes", mode="before")(_split_list)
+
+    @field_validator("audio_dir")
+    @classmethod
+    def _one_folder_name(cls, value: str) -> str:
+        if value and (value in (".", "..") or "/" in value or "\\" in value):
+            raise ValueError(f"data.audio-dir must be one folder name inside the dataset (no '/', not '..'), got {value!r}")
+        return value
 
 
 class NodeSpec(_Strict):
@@ -353,8 +361,8 @@ class AdapterConfigSection(_Strict):
     heads: int = Field(8, ge=1, description="Attention heads of the latent pooling.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout inside the adapters.")
     init_from: str = Field(
-        "", description="Start from these global adapters (an adapters*.safetensors of an earlier run) instead of a "
-        "fresh initialisation; its dims and classes must match this run's.",
+        "", description="Start from these global adapters (an adapters*.safetensors of an earlier run; a path on the "
+        "ServerApp's host, best absolute) instead of a fresh initialisation; its dims and classes must match.",
     )
 
     @model_validator(mode="after")
@@ -441,7 +449,8 @@ class FedA2VConfig(_Strict):
     )
     data: DataConfig = Field(default_factory=DataConfig)
     nodes: dict[str, NodeSpec] = Field(
-        default_factory=dict, description="Per-node tables for data.partition='explicit', keyed by partition id."
+        default_factory=dict, description="Per-node tables keyed by partition id: classes and caps for "
+        "data.partition='explicit', generator settings, images-per-class, audio."
     )
     audio_encoder: AudioEncoderConfig = Field(default_factory=AudioEncoderConfig)
     text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
@@ -509,6 +518,9 @@ class FedA2VConfig(_Strict):
         if self.aggregation == "none":
             raise ValueError("generate-only renders with the global adapters of adapter.init-from; aggregation='none' "
                              "has no global adapters")
+        if self.render.source == "generator" and self.generator.mode != "use-pretrained-generators":
+            raise ValueError("generate-only with render.source='generator' draws from the nodes' pretrained "
+                             "generators: set generator.mode='use-pretrained-generators'")
         return self
 
     @model_validator(mode="after")

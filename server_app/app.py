@@ -25,7 +25,7 @@ from common.models.adapters import AdapterConfig, Adapters
 from common.models.text_encoders import compute_class_targets
 from common.records import CLASS_TARGETS, GLOBAL_MODEL, RUN_NAME, ClassTensors, module_to_arrays
 from common.render.flux import check_render_settings
-from server_app.pipeline import build_pipelines
+from server_app.pipeline import aggregation_method, build_pipelines
 from server_app.resume import open_run, run_directory
 from server_app.run_context import ServerRun
 from server_app.strategy import FedA2VStrategy
@@ -109,7 +109,7 @@ def main(grid: Grid, context: Context) -> None:
             "config_hash": run.config_hash,
             "classes": class_names,
             "num_rounds": cfg.num_rounds,
-            "aggregation": cfg.aggregation,
+            "aggregation": aggregation_method(cfg),
             "server_generator": cfg.server_generator.mode,
             "finetune_epochs": cfg.finetune.epochs,
             "adapter_params": n_params,

@@ -70,10 +70,15 @@ class RoundPipelines:
     server_generator: ServerGeneratorStep | None
 
 
+def aggregation_method(cfg: FedA2VConfig) -> str:
+    """The aggregator a run uses: ``aggregation``, or ``keep`` in generate-only runs (nobody trains)."""
+    return "keep" if cfg.generate_only else cfg.aggregation
+
+
 def build_pipelines(cfg: FedA2VConfig, run: ServerRun, summary: RunSummary) -> RoundPipelines:
     """The one place where the configuration decides which steps a round has, in which order."""
     samples = SAMPLE_SOURCES[cfg.sample_source()](run.class_names)
-    method = "keep" if cfg.generate_only else cfg.aggregation  # generate-only: nobody trains, the server neither
+    method = aggregation_method(cfg)
     aggregator = AGGREGATORS[method](run, kd=cfg.kd, train=cfg.train, seed=cfg.seed, samples=samples)
     steps: list[Step] = [AggregateStep(aggregator)]
     server_generator = None

@@ -112,6 +112,10 @@ def test_generate_only_and_audio_free_nodes_say_what_they_need(tmp_path):
         load_config({"generate-only": True, "adapter.init-from": "a.safetensors", "generator.mode": "generator-training"})
     with pytest.raises(ConfigError, match="render.when"):
         load_config({"generate-only": True, "adapter.init-from": "a.safetensors", "render.when": "off"})
+    with pytest.raises(ConfigError, match="render.source='generator' draws from the nodes' pretrained generators"):
+        load_config({"generate-only": True, "adapter.init-from": "a.safetensors", "render.source": "generator"})
+    with pytest.raises(ConfigError, match="one folder name"):
+        load_config({"data.audio-dir": "../elsewhere"})
     cfg = load_config({"generate-only": True, "adapter.init-from": "a.safetensors"})
     assert cfg.node_images_per_class(0) == cfg.render.images_per_class
     (tmp_path / "n.toml").write_text("[nodes.1]\naudio = false\nimages-per-class = 7\n")

@@ -610,7 +610,10 @@ class TestPartition:
                                 classes_per_node=2)
         assert_partition_guarantees(nodes, clips)
         assert all(len(n.classes) == 2 for n in nodes)
-        assert {n.classes[0] for n in nodes} <= set(classes)
+        assert [n.classes[0] for n in nodes] == classes[:3]  # first-deterministic: node i's first class is class i
+        covering = partition_nodes(clips, classes, 6, "pathological", seed=0, val_fraction=0.1, test_fraction=0.2,
+                                   classes_per_node=1)
+        assert sorted(c for n in covering for c in n.classes) == classes  # nodes x k covers every class
         with pytest.raises(DatasetError, match="classes-per-node"):
             partition_nodes(clips, classes, 3, "pathological", seed=0, val_fraction=0.1, test_fraction=0.2,
                             classes_per_node=7)

@@ -58,6 +58,16 @@ def test_node_key_is_what_flower_loads(tmp_path: Path) -> None:
     assert stat.S_IMODE(key.private.stat().st_mode) == 0o600
 
 
+def test_secret_is_private_random_and_never_overwritten(tmp_path: Path) -> None:
+    from common.deploy.pki import make_secret
+
+    path = make_secret(tmp_path, "site-0")
+    assert path.name == "site-0.secret" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(path.read_bytes()) == 64 and path.read_bytes() != make_secret(tmp_path, "site-1").read_bytes()
+    with pytest.raises(FedA2VError, match="site-0.secret exists"):
+        make_secret(tmp_path, "site-0")
+
+
 def test_cli_makes_certs_and_names_the_file_it_will_not_overwrite(tmp_path: Path, capsys) -> None:
     assert main(["deploy", "certs", str(tmp_path), "--name", "superlink", "--name", "127.0.0.1"]) == 0
     assert main(["deploy", "node-key", str(tmp_path), "supernode-0"]) == 0
@@ -99,15 +109,31 @@ def test_overlays_only_change_security_flags() -> None:
     """with-tls.yml / with-auth.yml restate commands (compose replaces lists): apart from the security
     flags they must equal compose.yml's, and no private CA key may be mounted anywhere."""
     base, tls, auth = _services("compose.yml"), _services("with-tls.yml"), _services("with-auth.yml")
-    security = ("--insecure", "--ssl-", "--root-certificates", "--enable-supernode-auth", "--auth-supernode-")
+    security = ("--insecure", "--ssl-", "--root-certificates", "--enable-supernode-auth", "--auth-supernode-",
+                "--superexec-auth-secret-file")
     for overlay in (tls, auth):
         for name, service in overlay.items():
             assert _without(service["command"], security) == _without(base[name]["command"], security), name
             assert not any("ca.key" in v for v in service.get("volumes", [])), name
-            assert "--insecure" not in service["command"], name
+            if not name.startswith("clientapp-"):  # a SuperNode's own Runtime API stays on its site network
+                assert "--insecure" not in service["command"], name
     assert "--enable-supernode-auth" in auth["superlink"]["command"]
     for site in range(SITES):
         command = auth[f"supernode-{site}"]["command"]
         assert f"--auth-supernode-private-key=/app/keys/supernode-{site}" in command
         assert "--root-certificates=/app/certs/ca.pem" in command
     assert "--root-certificates=/app/certs/ca.pem" in tls["serverapp"]["command"]
+    # every Runtime API demands its SuperExec's shared secret: the server's, and each site's own
+    secret = "--superexec-auth-secret-file=/app/secrets/{}.secret"
+    assert secret.format("superexec") in auth["superlink"]["command"] and secret.format("superexec") in auth["serverapp"]["command"]
+    for site in range(SITES):
+        assert secret.format(f"site-{site}") in auth[f"supernode-{site}"]["command"]
+        assert secret.format(f"site-{site}") in auth[f"clientapp-{site}"]["command"]
+
+
+def test_sites_cannot_reach_each_others_supernodes() -> None:
+    base = _services("compose.yml")
+    assert base["superlink"]["networks"] == ["federation"] and base["serverapp"]["networks"] == ["federation"]
+    for site in range(SITES):
+        assert base[f"supernode-{site}"]["networks"] == ["federation", f"site-{site}"]
+        assert base[f"clientapp-{site}"]["networks"] == [f"site-{site}"]

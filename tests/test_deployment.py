@@ -20,6 +20,7 @@ because each message starts a fresh ClientApp process: keep runs to 2 rounds.
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import subprocess
 import urllib.error
@@ -30,7 +31,7 @@ import pytest
 
 from common.checkpoints import load_adapters
 from common.data.synth import SYNTH_CLASSES, synthesize_dataset
-from common.deploy.local import LocalFederation
+from common.deploy.local import LocalFederation, free_port, write_flower_config
 from common.deploy.netns import NetnsLan
 from common.deploy.pki import make_node_key
 from e2e_utils import load_summary
@@ -119,6 +120,22 @@ def test_secure_loopback_deployment(tmp_path: Path) -> None:
         code, log = _refused(fed, "no-ca", cmd)
         assert code != 0 and "CERTIFICATE_VERIFY_FAILED" in log, log[-3000:]
 
+        # the operator's `flwr` without the CA cannot talk to the SuperLink either
+        write_flower_config(fed.flwr_home, {fed.CONNECTION: {"address": fed.address,
+                                                             "root-certificates": str(fed.tls.ca_cert)},
+                                            "no-ca": {"address": fed.address}})
+        ls = subprocess.run(["flwr", "ls", "no-ca", "--format", "json"], env=fed.env, capture_output=True, text=True,
+                            timeout=120, check=False)
+        reply = json.loads(ls.stdout[ls.stdout.index("{"):]) if "{" in ls.stdout else {}
+        assert reply.get("success") is False and "unavailable" in str(reply).lower(), ls.stdout + ls.stderr
+
+        # node authentication without TLS is refused by the SuperLink itself (Flower exit code 104)
+        insecure = subprocess.run(
+            ["flower-superlink", "--insecure", "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(free_port()),
+             "--database", ":memory:"], env=fed.env, capture_output=True, text=True, timeout=120, check=False)
+        out = insecure.stdout + insecure.stderr
+        assert insecure.returncode != 0 and "ref-exit-codes/104" in out and "enable-supernode-auth" in out, out
+
         result = fed.run(_run_config(out, "secure"), timeout=RUN_TIMEOUT_S)
         assert result.ok, f"{result.problem}\n{result.output[-3000:]}\n{fed.superlink_log()[-3000:]}"
         assert result.status["status"] == "finished:completed"
@@ -164,12 +181,13 @@ def test_deployment_survives_node_death_server_crash_and_node_restart(tmp_path: 
     (c) restart a SuperNode after round 1 with aggregation 'none': it reloads its own adapters."""
     from common.deploy import drills
     from common.data.synth import synthesize_dataset
-    from common.deploy.local import LocalFederation
+    from common.deploy.local import LocalFederation, free_port, write_flower_config
 
     data = synthesize_dataset(tmp_path / "data", list(SYNTH_CLASSES[: drills.BASE_CONFIG["data.num-classes"]]),
                               clips_per_class=drills.BASE_CONFIG["data.clips-per-class"], seed=0)
-    fed = LocalFederation(tmp_path / "fed", FAULT_NODES, data, cache_dir=tmp_path / "cache").start()
+    fed = LocalFederation(tmp_path / "fed", FAULT_NODES, data, cache_dir=tmp_path / "cache")
     try:
+        fed.start()
         out = tmp_path / "out"
         a = drills.kill_node_mid_run(fed, out, num_rounds=4, victim=2, timeout_s=DRILL_TIMEOUT_S)
         assert a["completed"] and a["rounds_in_summary"] == 4 and a["lost_rounds"] == 0, a

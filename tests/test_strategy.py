@@ -71,6 +71,7 @@ def test_aggregate_train_merges_class_means_by_count_and_checkpoints(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["rounds"][0]["train"]["nodes"]["1"]["train_loss"] == 1.0
     assert summary["rounds"][0]["class_counts"] == {"dog": 1, "siren": 4}
+    assert summary["rounds"][0]["node_class_counts"] == {"0": {"dog": 1, "siren": 3}, "1": {"siren": 1}}
 
 
 def test_aggregation_none_keeps_no_global_weights_and_saves_node_adapters(tmp_path):

@@ -3,6 +3,8 @@
 - ``certs``: a CA and the SuperLink's TLS certificate (on the SuperLink host; only ca.pem leaves it).
 - ``node-key``: a SuperNode's key pair (on the site; only the .pub goes to the operator, who registers it
   with ``flwr supernode register``).
+- ``secret``: a SuperExec shared secret (one between the SuperLink and the ServerApp's SuperExec, one per
+  site between its SuperNode and its ClientApp SuperExec).
 - ``images``: the docker images of ``docker/`` (``--offline-base`` where Docker Hub is unreachable).
 """
 
@@ -14,11 +16,20 @@ import logging
 import os
 from pathlib import Path
 
+from common.errors import FedA2VError
+
 log = logging.getLogger(__name__)
 
 
+def _can_chown(owner: int | None) -> None:
+    """Checked before anything is written, so a refused chown never leaves files behind."""
+    if owner is not None and os.geteuid() != 0 and owner != os.geteuid():
+        raise FedA2VError(f"--owner {owner} needs root (sudo), or run as uid {owner}: the images' user must be "
+                          "able to read the files it mounts")
+
+
 def _chown(paths: list[Path], owner: int | None) -> None:
-    """Make files readable inside the images (their user is uid 49999); needs root."""
+    """Make files readable inside the images (their user is uid 49999)."""
     if owner is None:
         return
     for path in paths:
@@ -28,6 +39,7 @@ def _chown(paths: list[Path], owner: int | None) -> None:
 def cmd_certs(args: argparse.Namespace) -> int:
     from common.deploy.pki import make_tls
 
+    _can_chown(args.owner)
     tls = make_tls(Path(args.out), args.name, days=args.days, overwrite=args.force)
     _chown([tls.ca_cert, tls.cert, tls.key], args.owner)  # ca.key stays root's: it never enters a container
     for path in (tls.ca_cert, tls.cert, tls.key, tls.ca_key):
@@ -38,10 +50,21 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def cmd_node_key(args: argparse.Namespace) -> int:
     from common.deploy.pki import make_node_key
 
+    _can_chown(args.owner)
     key = make_node_key(Path(args.out), args.name, overwrite=args.force)
     _chown([key.private, key.public], args.owner)
     print(key.private)
     print(key.public)
+    return 0
+
+
+def cmd_secret(args: argparse.Namespace) -> int:
+    from common.deploy.pki import make_secret
+
+    _can_chown(args.owner)
+    path = make_secret(Path(args.out), args.name, overwrite=args.force)
+    _chown([path], args.owner)
+    print(path)
     return 0
 
 
@@ -54,8 +77,6 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    from common.errors import FedA2VError
-
     deploy = sub.add_parser("deploy", help="TLS certificates, SuperNode keys and docker images for a deployment")
     deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
 
@@ -74,6 +95,13 @@ def add_parser(sub) -> None:
     node_key.add_argument("--owner", type=int, default=None, help="chown both files to this uid (49999 for the images)")
     node_key.add_argument("--force", action="store_true", help="replace existing files (re-register the node)")
     node_key.set_defaults(func=cmd_node_key, user_errors=(OSError,))
+
+    secret = deploy_sub.add_parser("secret", help="a SuperExec shared secret (--superexec-auth-secret-file)")
+    secret.add_argument("out", help="output folder")
+    secret.add_argument("name", help="file name; '.secret' is appended")
+    secret.add_argument("--owner", type=int, default=None, help="chown it to this uid (49999 for the images)")
+    secret.add_argument("--force", action="store_true", help="replace an existing file (restart both sides)")
+    secret.set_defaults(func=cmd_secret, user_errors=(OSError,))
 
     images = deploy_sub.add_parser("images", help="build feda2v/{superlink,supernode,superexec}:TAG from docker/")
     images.add_argument("--tag", default="0.1.0")

@@ -19,7 +19,7 @@ from typing import Any
 
 from common import launcher
 from common.deploy.local import free_port, http_ok, register_node, wait_until, write_flower_config
-from common.deploy.pki import make_node_key, make_tls
+from common.deploy.pki import make_node_key, make_secret, make_tls
 from common.errors import FedA2VError
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class ComposeFederation:
 
     def __init__(self, root: Path, tag: str, secure: bool = True, project: str | None = None,
                  startup_timeout_s: float = 180.0) -> None:
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # compose resolves relative mounts against docker/, not here
         self.root.mkdir(parents=True, exist_ok=True)
         self.tag = tag
         self.secure = secure
@@ -84,15 +84,19 @@ class ComposeFederation:
 
     # ------------------------------------------------------------------ lifecycle
     def make_secrets(self) -> None:
-        """CA + server certificate for every name a client dials, and one key pair per SuperNode."""
+        """CA + server certificate for every name a client dials, one key pair per SuperNode, the SuperExec
+        secrets; all owned by the images' user (uid 49999), who must read them inside the containers."""
+        if os.geteuid() not in (0, IMAGE_UID):
+            raise FedA2VError(f"the compose federation mounts private keys (mode 0600) that the containers' user "
+                              f"(uid {IMAGE_UID}) must read: run as root, or make the secrets as README shows with "
+                              "`--owner 49999` under sudo")
         tls = make_tls(self.secrets, ["superlink", "localhost", "127.0.0.1"], overwrite=True)
-        files = [tls.ca_cert, tls.cert, tls.key]
+        files = [tls.ca_cert, tls.cert, tls.key, make_secret(self.secrets, "superexec", overwrite=True)]
         for site in range(NUM_SITES):
             key = make_node_key(self.secrets, f"supernode-{site}", overwrite=True)
-            files += [key.private, key.public]
-        if os.geteuid() == 0:  # as a normal user the files are already the user's own
-            for path in files:
-                os.chown(path, IMAGE_UID, IMAGE_UID)
+            files += [key.private, key.public, make_secret(self.secrets, f"site-{site}", overwrite=True)]
+        for path in files:
+            os.chown(path, IMAGE_UID, IMAGE_UID)
 
     def start(self) -> "ComposeFederation":
         connection: dict[str, Any] = {"address": self.address}
@@ -106,15 +110,21 @@ class ComposeFederation:
         self.compose("up", "-d", "--no-build", "superlink")
         scheme = "https" if self.secure else "http"
         cafile = self.secrets / "ca.pem" if self.secure else None
-        wait_until(f"the SuperLink container at {self.address}", lambda: http_ok(f"{scheme}://{self.address}/health", cafile),
-                   self.startup_timeout_s)
+        try:
+            wait_until(f"the SuperLink container at {self.address}",
+                       lambda: http_ok(f"{scheme}://{self.address}/health", cafile), self.startup_timeout_s)
+        except TimeoutError as err:
+            raise TimeoutError(f"{err}\n--- superlink ---\n{self.logs('superlink')[-2000:]}") from None
         if self.secure:
             for site in range(NUM_SITES):
                 register_node(self.secrets / f"supernode-{site}.pub", self.CONNECTION, self.env, self.root)
         self.compose("up", "-d", "--no-build")
-        wait_until(f"{NUM_SITES} SuperNodes to be activated",
-                   lambda: self.logs("superlink").count("Activated node_id") >= NUM_SITES, self.startup_timeout_s,
-                   poll_s=2.0)
+        try:
+            wait_until(f"{NUM_SITES} SuperNodes to be activated",
+                       lambda: self.logs("superlink").count("Activated node_id") >= NUM_SITES, self.startup_timeout_s,
+                       poll_s=2.0)
+        except TimeoutError as err:
+            raise TimeoutError(f"{err}\n{self.status()}\n--- superlink ---\n{self.logs('superlink')[-2000:]}") from None
         return self
 
     def run(self, run_config: Sequence[str], timeout: float = 900, quiet: bool = True) -> launcher.LaunchResult:

@@ -21,6 +21,7 @@ import ipaddress
 import json
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -108,7 +109,9 @@ def fill_wheelhouse(repo: Path = REPO, wheelhouse: Path | None = None) -> Path:
     wheelhouse = Path(wheelhouse or default_cache_dir() / "wheelhouse")
     wheelhouse.mkdir(parents=True, exist_ok=True)
     wanted = [*project_requirements(repo), *BUILD_TOOLS]
-    key = hashlib.sha256(json.dumps(wanted).encode()).hexdigest()[:16]
+    # wheels are for the interpreter and platform that download them: part of what the stamp remembers
+    host = [sys.implementation.name, f"{sys.version_info.major}.{sys.version_info.minor}", platform.machine(), sys.platform]
+    key = hashlib.sha256(json.dumps([wanted, host]).encode()).hexdigest()[:16]
     stamp = wheelhouse / ".complete"
     if stamp.is_file() and stamp.read_text().strip() == key:
         log.info("wheelhouse %s is complete (%s)", wheelhouse, key)
@@ -179,8 +182,10 @@ def rootfs_image(name: str = ROOTFS_IMAGE, suite: str = "bookworm") -> str:
         rootfs = Path(tmp) / "rootfs"
         _run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates", suite, str(rootfs)],
              "debootstrap", timeout=1800)
-        tar = subprocess.run(["tar", "-C", str(rootfs), "-c", "."], capture_output=True, check=True, timeout=600).stdout
-        _run(["docker", "import", "-", name], "docker import", stdin=tar)
+        tar = subprocess.run(["tar", "-C", str(rootfs), "-c", "."], capture_output=True, check=False, timeout=600)
+        if tar.returncode != 0:
+            raise FedA2VError(f"packing {rootfs} failed: {tar.stderr.decode(errors='replace')[-2000:]}")
+        _run(["docker", "import", "-", name], "docker import", stdin=tar.stdout)
     return name
 
 
@@ -197,6 +202,14 @@ def build_images(tag: str, repo: Path = REPO, base: str | None = None, offline: 
     """``feda2v/{superlink,supernode,superexec}:tag`` from ``docker/Dockerfile``.
 
     ``base`` replaces all three official bases; ``offline`` builds the offline base here (and uses it)."""
+    reason = docker_ready()
+    if reason:
+        raise FedA2VError(f"cannot build images: {reason}")
+    if offline and (sys.version_info[:2] != (3, 11) or platform.machine() != "x86_64" or sys.platform != "linux"):
+        raise FedA2VError(f"the offline base runs Debian bookworm's Python 3.11 on x86_64, but the wheelhouse is "
+                          f"filled by this Python {sys.version_info.major}.{sys.version_info.minor} on "
+                          f"{sys.platform}/{platform.machine()}: build from a Linux x86_64 host with Python 3.11, "
+                          "or use Flower's official bases (no --offline-base)")
     result = ImageSet(tag)
     t0 = time.monotonic()
     wheelhouse = fill_wheelhouse(repo)

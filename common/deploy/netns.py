@@ -60,10 +60,10 @@ class NetnsLan:
         self.token = secrets.token_hex(3)
         self.subnet = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}"
         self.switch = f"fa2v-{self.token}-sw"
-        self.operator_link = f"fa2v{self.token}op"
         self.hosts: dict[str, Host] = {}
         self.operator_address = f"{self.subnet}.254"
         self._namespaces: list[str] = []
+        self._links: list[str] = []
 
     def _namespace(self, name: str) -> str:
         _ip("netns", "add", name)
@@ -75,6 +75,7 @@ class NetnsLan:
         """A veth pair from ``namespace`` (None: this machine's) to the switch's bridge."""
         outer, inner = f"fa2v{self.token}s{index}", f"fa2v{self.token}h{index}"
         _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+        self._links.append(inner)  # in this machine's namespace until moved: close() deletes it if still here
         _ip("link", "set", outer, "netns", self.switch)
         _ip("-n", self.switch, "link", "set", outer, "master", "br0")
         _ip("-n", self.switch, "link", "set", outer, "up")
@@ -99,13 +100,21 @@ class NetnsLan:
         return self
 
     def close(self) -> None:
-        """Delete every namespace made here (their veth ends go with them)."""
+        """Delete every namespace made here (their veth ends go with them), then any veth end still in this
+        machine's namespace (the operator's, or one a failed start left behind)."""
         for namespace in reversed(self._namespaces):
             try:
                 _ip("netns", "del", namespace)
             except FedA2VError as err:
                 log.warning("%s", err)
         self._namespaces.clear()
+        for link in self._links:
+            if subprocess.run(["ip", "link", "show", link], capture_output=True, timeout=30, check=False).returncode == 0:
+                try:
+                    _ip("link", "del", link)
+                except FedA2VError as err:
+                    log.warning("%s", err)
+        self._links.clear()
 
     def __enter__(self) -> "NetnsLan":
         try:

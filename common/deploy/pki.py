@@ -14,6 +14,10 @@ What Flower 1.41 expects, and who holds what:
   the operator registers the public key (OpenSSH format) with ``flwr supernode register KEY.pub``.
   A node whose key is not registered is refused by the SuperLink.
 
+- **SuperExec shared secrets** (``--superexec-auth-secret-file`` on the SuperLink/SuperNode and the
+  SuperExec that takes tasks from it, process isolation): random bytes both sides hold, so a process
+  that merely reaches a Runtime API cannot take tasks (the ServerApp's, or a site's ClientApps').
+
 Keys are written with mode 0600, every file atomically; existing files are never overwritten unless
 asked (a regenerated CA would silently invalidate every site's trust).
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import logging
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +42,7 @@ from common.errors import FedA2VError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NodeKey", "ServerTLS", "make_ca", "make_node_key", "make_server_cert", "make_tls"]
+__all__ = ["NodeKey", "ServerTLS", "make_ca", "make_node_key", "make_secret", "make_server_cert", "make_tls"]
 
 VALID_DAYS = 365
 CURVE = ec.SECP384R1()  # the curve Flower's own examples use for SuperNode keys; TLS keys use it too
@@ -163,3 +168,10 @@ def make_node_key(out_dir: Path, name: str, overwrite: bool = False) -> NodeKey:
     _write(node.private, private, secret=True, overwrite=overwrite)
     _write(node.public, public + f" {name}\n".encode(), secret=False, overwrite=overwrite)
     return node
+
+
+def make_secret(out_dir: Path, name: str, overwrite: bool = False) -> Path:
+    """``<name>.secret``: 32 random bytes (0600) for ``--superexec-auth-secret-file`` on both sides."""
+    path = Path(out_dir) / f"{name}.secret"
+    _write(path, secrets.token_hex(32).encode(), secret=True, overwrite=overwrite)
+    return path
