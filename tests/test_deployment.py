@@ -133,8 +133,8 @@ def test_secure_loopback_deployment(tmp_path: Path) -> None:
         insecure = subprocess.run(
             ["flower-superlink", "--insecure", "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(free_port()),
              "--database", ":memory:"], env=fed.env, capture_output=True, text=True, timeout=120, check=False)
-        out = insecure.stdout + insecure.stderr
-        assert insecure.returncode != 0 and "ref-exit-codes/104" in out and "enable-supernode-auth" in out, out
+        said = insecure.stdout + insecure.stderr
+        assert insecure.returncode != 0 and "ref-exit-codes/104" in said and "enable-supernode-auth" in said, said
 
         result = fed.run(_run_config(out, "secure"), timeout=RUN_TIMEOUT_S)
         assert result.ok, f"{result.problem}\n{result.output[-3000:]}\n{fed.superlink_log()[-3000:]}"
