@@ -235,19 +235,31 @@ def stop_groups(procs: Sequence[subprocess.Popen], term_grace_s: float = TERM_GR
                 proc.wait(timeout=kill_grace_s)
 
 
+def _exiting_or_running(pid: int) -> bool:
+    """A process still exists and is not a zombie. (An exiting process loses its environment before it
+    is gone, so :func:`tagged_pids` alone would call it stopped a moment too early.)"""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def _signal_and_wait(tag: str, marker: str | None, groups: Sequence[subprocess.Popen], sig: int, grace_s: float) -> bool:
     """Send ``sig`` to ``groups`` and the tagged processes; True once all are gone (within ``grace_s``)."""
     for proc in groups:
         if proc.poll() is None:
             _signal_group(proc, sig)
-    for pid in tagged_pids(tag, marker):
+    signalled = tagged_pids(tag, marker)
+    for pid in signalled:
         _signal_pid(pid, sig)
     deadline = time.monotonic() + grace_s
     while True:
         for proc in groups:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=0.05)  # reap our own children
-        if all(p.returncode is not None for p in groups) and not tagged_pids(tag, marker):
+        if (all(p.returncode is not None for p in groups) and not tagged_pids(tag, marker)
+                and not any(_exiting_or_running(pid) for pid in signalled)):
             return True
         if time.monotonic() >= deadline:
             return False
