@@ -76,6 +76,16 @@ def cmd_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def _named_file_command(sub, command: str, help_text: str, name_help: str, force_note: str, func) -> None:
+    """``feda2v deploy <command> OUT NAME [--owner UID] [--force]``."""
+    parser = sub.add_parser(command, help=help_text)
+    parser.add_argument("out", help="output folder")
+    parser.add_argument("name", help=name_help)
+    parser.add_argument("--owner", type=int, default=None, help="chown the file(s) to this uid (49999 for the images)")
+    parser.add_argument("--force", action="store_true", help=f"replace existing files ({force_note})")
+    parser.set_defaults(func=func, user_errors=(OSError,))
+
+
 def add_parser(sub) -> None:
     deploy = sub.add_parser("deploy", help="TLS certificates, SuperNode keys and docker images for a deployment")
     deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
@@ -89,19 +99,10 @@ def add_parser(sub) -> None:
     certs.add_argument("--force", action="store_true", help="replace existing files (every site must then get the new ca.pem)")
     certs.set_defaults(func=cmd_certs, user_errors=(OSError,))
 
-    node_key = deploy_sub.add_parser("node-key", help="a SuperNode's EC P-384 key pair (OpenSSH format)")
-    node_key.add_argument("out", help="output folder")
-    node_key.add_argument("name", help="file name of the private key; the public key gets .pub")
-    node_key.add_argument("--owner", type=int, default=None, help="chown both files to this uid (49999 for the images)")
-    node_key.add_argument("--force", action="store_true", help="replace existing files (re-register the node)")
-    node_key.set_defaults(func=cmd_node_key, user_errors=(OSError,))
-
-    secret = deploy_sub.add_parser("secret", help="a SuperExec shared secret (--superexec-auth-secret-file)")
-    secret.add_argument("out", help="output folder")
-    secret.add_argument("name", help="file name; '.secret' is appended")
-    secret.add_argument("--owner", type=int, default=None, help="chown it to this uid (49999 for the images)")
-    secret.add_argument("--force", action="store_true", help="replace an existing file (restart both sides)")
-    secret.set_defaults(func=cmd_secret, user_errors=(OSError,))
+    _named_file_command(deploy_sub, "node-key", "a SuperNode's EC P-384 key pair (OpenSSH format)",
+                        "file name of the private key; the public key gets .pub", "re-register the node", cmd_node_key)
+    _named_file_command(deploy_sub, "secret", "a SuperExec shared secret (--superexec-auth-secret-file)",
+                        "file name; '.secret' is appended", "restart both sides", cmd_secret)
 
     images = deploy_sub.add_parser("images", help="build feda2v/{superlink,supernode,superexec}:TAG from docker/")
     images.add_argument("--tag", default="0.1.0")

@@ -8,13 +8,16 @@ train/test column) travels with the clip so that validation is carved from train
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import FedA2VError
 
-__all__ = ["Clip", "DatasetError", "DatasetIndex", "select_classes"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["Clip", "DatasetError", "DatasetIndex", "dataset_files", "finish_index", "select_classes"]
 
 
 class DatasetError(FedA2VError, ValueError):
@@ -69,3 +72,35 @@ def select_classes(source: Path | str, available: Sequence[str], classes: Sequen
             f"class(es) {', '.join(repr(c) for c in unknown)} not in {source}; available: {', '.join(available)}"
         )
     return selected
+
+
+def dataset_files(root: Path, expected: str, meta_relpath: str | Path | None, audio_dir: str,
+                  layout: str) -> tuple[Path, Path | None, Path]:
+    """``(root, metadata file, audio folder)`` of a dataset, resolved; each missing piece is an error that
+    names it and what the folder should hold (``expected``). ``meta_relpath=None``: no metadata file."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {str(root)!r} does not exist or is not a directory (expected {expected})")
+    root = root.resolve()
+    meta = root / meta_relpath if meta_relpath is not None else None
+    if meta is not None and not meta.is_file():
+        raise DatasetError(f"metadata file {str(meta)!r} is missing: {root} is not a {layout} dataset")
+    audio = root / audio_dir
+    if not audio.is_dir():
+        raise DatasetError(f"audio directory {str(audio)!r} is missing: {root} is not a {layout} dataset "
+                           "(set data.audio-dir if the audio folder has another name)")
+    return root, meta, audio
+
+
+def finish_index(root: Path, audio: Path, clips: list[Clip], class_names: list[str], missing: list[str],
+                 skipped: list[str] | None = None, log: logging.Logger = logger) -> DatasetIndex:
+    """The reader's result: missing files reported once (on the reader's ``log``), a selected class without
+    any file an error naming it, clips sorted by their identity."""
+    if missing:
+        log.warning("%d of %d selected clips in %s are missing on disk and were skipped (first: %s)",
+                       len(missing), len(missing) + len(clips), root, ", ".join(missing[:3]))
+    empty = [name for name in class_names if not any(c.category == name for c in clips)]
+    if empty:
+        raise DatasetError(f"class(es) {', '.join(repr(n) for n in empty)} have no audio files under {audio}")
+    clips.sort(key=lambda c: c.rel_path)
+    return DatasetIndex(root=root, clips=clips, class_names=class_names, missing=missing, skipped=list(skipped or []))

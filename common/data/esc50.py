@@ -21,7 +21,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from .clips import Clip, DatasetError, DatasetIndex, select_classes
+from .clips import Clip, DatasetError, DatasetIndex, dataset_files, finish_index, select_classes
 
 logger = logging.getLogger(__name__)
 
@@ -31,20 +31,9 @@ AUDIO_DIRNAME = "audio"
 
 
 def _check_root(root: Path, audio_dir: str = "") -> tuple[Path, Path, Path]:
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DatasetError(
-            f"dataset root {str(root)!r} does not exist or is not a directory "
-            f"(expected an ESC-50-format folder with {META_RELPATH.as_posix()} and {AUDIO_DIRNAME}/)"
-        )
-    root = root.resolve()
-    meta = root / META_RELPATH
-    if not meta.is_file():
-        raise DatasetError(f"metadata file {str(meta)!r} is missing: {root} is not an ESC-50-format dataset")
-    audio = root / (audio_dir or AUDIO_DIRNAME)
-    if not audio.is_dir():
-        raise DatasetError(f"audio directory {str(audio)!r} is missing: {root} is not an ESC-50-format dataset")
-    return root, meta, audio
+    root, meta, audio = dataset_files(root, f"an ESC-50-format folder with {META_RELPATH.as_posix()} and "
+                                      f"{AUDIO_DIRNAME}/", META_RELPATH, audio_dir or AUDIO_DIRNAME, "ESC-50-format")
+    return root, meta, audio  # type: ignore[return-value]
 
 
 def _read_rows(meta: Path) -> list[dict[str, str]]:
@@ -113,15 +102,9 @@ def scan_esc50(root: Path, classes: Sequence[str] | None = None, audio_dir: str 
             continue
         clips.append(Clip(path=path, rel_path=rel_path, category=category, label=label_of[category], fold=fold))
 
-    if missing:
-        logger.warning("%d of %d selected clips in %s are missing on disk and were skipped (first: %s)",
-                       len(missing), len(missing) + len(clips), root, ", ".join(missing[:3]))
-    empty = [name for name in class_names if not any(c.category == name for c in clips)]
-    if empty:
-        raise DatasetError(f"class(es) {', '.join(empty)} have no audio files under {audio}")
-    clips.sort(key=lambda c: c.rel_path)
+    index = finish_index(root, audio, clips, class_names, missing, log=logger)
     logger.info("ESC-50 dataset %s: %d clips, %d classes", root, len(clips), len(class_names))
-    return DatasetIndex(root=root, clips=clips, class_names=class_names, missing=missing)
+    return index
 
 
 def read_esc50(root: Path, classes: Sequence[str] | None = None) -> tuple[list[Clip], list[str]]:

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from .clips import Clip, DatasetError, DatasetIndex, select_classes
+from .clips import Clip, DatasetError, DatasetIndex, dataset_files, finish_index, select_classes
 
 logger = logging.getLogger(__name__)
 
@@ -33,18 +33,9 @@ SPLITS = ("train", "test")
 
 
 def _paths(root: Path, audio_dir: str) -> tuple[Path, Path, Path]:
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DatasetError(f"dataset root {str(root)!r} does not exist or is not a directory (expected {CSV_NAME} "
-                           f"and {audio_dir or AUDIO_DIRNAME}/)")
-    root = root.resolve()
-    meta = root / CSV_NAME
-    if not meta.is_file():
-        raise DatasetError(f"metadata file {str(meta)!r} is missing: {root} is not a VGGSound-layout dataset")
-    audio = root / (audio_dir or AUDIO_DIRNAME)
-    if not audio.is_dir():
-        raise DatasetError(f"audio directory {str(audio)!r} is missing (set data.audio-dir if it has another name)")
-    return root, meta, audio
+    audio_dir = audio_dir or AUDIO_DIRNAME
+    root, meta, audio = dataset_files(root, f"{CSV_NAME} and {audio_dir}/", CSV_NAME, audio_dir, "VGGSound-layout")
+    return root, meta, audio  # type: ignore[return-value]
 
 
 def _rows(meta: Path) -> tuple[list[tuple[int, str, int, str, str]], list[str]]:
@@ -117,13 +108,7 @@ def scan_vggsound(root: Path, classes: Sequence[str] | None = None, audio_dir: s
                           source=ytid, split=split))
     if bad:
         logger.warning("%s: %d malformed row(s) skipped (first: %s)", meta, len(bad), "; ".join(bad[:3]))
-    if missing:
-        logger.warning("%d of %d selected clips in %s are missing on disk and were skipped (first: %s)",
-                       len(missing), len(missing) + len(clips), root, ", ".join(missing[:3]))
-    empty = [name for name in class_names if not any(c.category == name for c in clips)]
-    if empty:
-        raise DatasetError(f"class(es) {', '.join(repr(n) for n in empty)} have no audio files under {audio}")
-    clips.sort(key=lambda c: c.rel_path)
+    index = finish_index(root, audio, clips, class_names, missing, bad, log=logger)
     logger.info("VGGSound dataset %s: %d clips (%d train, %d test), %d classes", root, len(clips),
                 sum(c.split == "train" for c in clips), sum(c.split == "test" for c in clips), len(class_names))
-    return DatasetIndex(root=root, clips=clips, class_names=class_names, missing=missing, skipped=bad)
+    return index
