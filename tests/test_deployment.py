@@ -180,8 +180,6 @@ def test_deployment_survives_node_death_server_crash_and_node_restart(tmp_path: 
         (bench/faults.py runs it with 4 rounds and an uninterrupted reference);
     (c) restart a SuperNode after round 1 with aggregation 'none': it reloads its own adapters."""
     from common.deploy import drills
-    from common.data.synth import synthesize_dataset
-    from common.deploy.local import LocalFederation, free_port, write_flower_config
 
     data = synthesize_dataset(tmp_path / "data", list(SYNTH_CLASSES[: drills.BASE_CONFIG["data.num-classes"]]),
                               clips_per_class=drills.BASE_CONFIG["data.clips-per-class"], seed=0)
