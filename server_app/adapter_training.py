@@ -10,6 +10,7 @@ per-epoch losses and puts the trained weights back on the round state.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 
 from flwr.app import ArrayRecord
@@ -68,7 +69,9 @@ class AdapterTrainingStep:
         settings = replace(TrainSettings.from_config(self.train, seed), epochs=s.epochs, batch_size=s.batch_size,
                            lr_clip=s.lr, lr_t5=s.lr, proximal_mu=0.0)  # FedProx is a node-side term
         adapters = self.run.adapters(init)
+        t0 = time.perf_counter()
         history = self.fit(adapters, teachers, x, y, settings, state)
+        state.metrics[f"{self.prefix}_seconds"] = time.perf_counter() - t0
         state.histories[self.prefix] = history
         state.metrics.update(loss_metrics(history, self.prefix))
         state.metrics[f"{self.prefix}_samples"] = float(len(y))

@@ -60,21 +60,22 @@ def finetune(
             a_clip[index[name]] = anchors.clip[row].to(device)
             a_t5[index[name]] = anchors.t5[row].to(device)
             has[index[name]] = True
-    if teachers is not None:
-        teachers.to(device)
+    embeddings, labels = embeddings.to(device).float(), labels.to(device)
+    teacher = None
+    if target in ("teacher", "both"):
+        teacher = teachers.to(device).lookup(embeddings, labels)  # type: ignore[union-attr]
 
     def batch_loss(idx: Tensor) -> tuple[Tensor, Tensor]:
-        x = embeddings[idx].to(device).float()
-        y = labels[idx].to(device)
+        idx = idx.to(device)
+        x, y = embeddings[idx], labels[idx]
         out_clip, out_t5 = adapters(x)
         loss_clip = out_clip.sum() * 0.0
         loss_t5 = out_t5.sum() * 0.0
         if target in ("text", "both"):
             lc, lt = adapter_losses(out_clip, out_t5, y, t_clip, t_t5, settings)
             loss_clip, loss_t5 = loss_clip + lc, loss_t5 + lt
-        if target in ("teacher", "both"):
-            with torch.no_grad():
-                tc, tt = teachers.outputs(x, y)  # type: ignore[union-attr]
+        if teacher is not None:
+            tc, tt = teacher(idx)
             loss_clip = loss_clip + match_loss(out_clip, tc, settings.cosine_weight)
             loss_t5 = loss_t5 + match_loss(out_t5, tt, settings.cosine_weight)
         if anchor_weight > 0 and bool(has.any()):

@@ -10,6 +10,7 @@ else: a node without ``y`` has exactly zero influence on it (tested).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,8 @@ from common.models.adapters import Adapters
 from common.records import ClassTensors
 
 log = logging.getLogger(__name__)
+
+MAX_CACHED_BYTES = 1 << 30  # teacher outputs kept for a whole training step when they fit in this much memory
 
 
 @dataclass
@@ -88,3 +91,29 @@ class OwnerTeachers:
         if clip is None:
             raise ValueError("no teacher owns any of the requested classes")
         return clip, t5
+
+    def lookup(self, x: Tensor, labels: Tensor, chunk: int = 256) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        """``idx -> (clip, t5)`` teacher outputs of the rows ``idx`` of ``(x, labels)``, without gradients.
+
+        Why: the teachers are frozen (eval mode, no dropout) and a server training step draws its
+        samples once, so every epoch would recompute exactly the same outputs; they are computed once
+        here, in chunks, and indexed per batch (the same numbers, many epochs cheaper). When all rows
+        would take more than :data:`MAX_CACHED_BYTES`, outputs are computed per batch instead.
+        """
+        if not len(x):
+            raise ValueError("no samples to compute teacher outputs for")
+        with torch.no_grad():
+            probe = self.outputs(x[:1], labels[:1])
+            per_row = sum(t[0].numel() * t.element_size() for t in probe)
+            if per_row * len(x) > MAX_CACHED_BYTES:
+                log.info("teacher outputs of %d samples need %.1f GB: computed per batch", len(x), per_row * len(x) / 1e9)
+
+                def per_batch(idx: Tensor) -> tuple[Tensor, Tensor]:
+                    with torch.no_grad():
+                        return self.outputs(x[idx], labels[idx])
+
+                return per_batch
+            parts = [self.outputs(x[i : i + chunk], labels[i : i + chunk]) for i in range(0, len(x), chunk)]
+        clip = torch.cat([p[0] for p in parts])
+        t5 = torch.cat([p[1] for p in parts])
+        return lambda idx: (clip[idx], t5[idx])

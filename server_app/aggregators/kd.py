@@ -42,12 +42,13 @@ def distill(
     """Train ``student`` toward the teachers' outputs on ``(embeddings, labels)``; per-epoch losses."""
     device = torch.device(device)
     teachers.to(device)
+    embeddings, labels = embeddings.to(device).float(), labels.to(device)
+    teacher = teachers.lookup(embeddings, labels)  # once per round: frozen teachers, fixed samples
 
     def batch_loss(idx: Tensor) -> tuple[Tensor, Tensor]:
-        x = embeddings[idx].to(device).float()
-        y = labels[idx].to(device)
-        with torch.no_grad():
-            t_clip, t_t5 = teachers.outputs(x, y)
+        idx = idx.to(device)
+        x = embeddings[idx]
+        t_clip, t_t5 = teacher(idx)
         s_clip, s_t5 = student(x)
         return match_loss(s_clip, t_clip, settings.cosine_weight), match_loss(s_t5, t_t5, settings.cosine_weight)
 
