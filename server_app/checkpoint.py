@@ -1,7 +1,8 @@
 """The 'checkpoint' step: everything a round produced goes to the run directory, before any rendering.
 
 ``checkpoints/adapters.safetensors`` (+ ``_round_{r}`` copies every ``checkpoint-every`` rounds and
-at the end), or with standalone nodes ``adapters_node{id}[...]``; ``checkpoints/resume_round_{r}.safetensors``
+at the end; ``adapters_best.safetensors``: the round with the best global *validation* retrieval
+accuracy so far — model selection on the nodes' validation clips, never on test clips), or with standalone nodes ``adapters_node{id}[...]``; ``checkpoints/resume_round_{r}.safetensors``
 (every round: what ``resume`` continues from); ``class_means.safetensors`` (the
 round's count-weighted global class means); ``generators/``: every node's uploaded bank and the
 server generator, under the same names the nodes use.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from common.checkpoints import save_adapters
+from common.checkpoints import CheckpointError, load_adapters, save_adapters
 from common.generator_bank import save_bank
 from common.records import CLASS_MEANS_FILE
 from server_app.resume import save_resume_arrays
@@ -33,6 +34,21 @@ class CheckpointStep:
         self.checkpoint_every = checkpoint_every
         self.generator_base = generator_base
         self.server_generator_frequency = server_generator_frequency
+        self.best: float | None = self._previous_best()  # a resumed run keeps competing with its earlier best
+
+    SELECT_BY = "val_retrieval_acc"
+
+    def _previous_best(self) -> float | None:
+        path = self.ckpt_dir / "adapters_best.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            _, meta = load_adapters(path)
+        except CheckpointError as err:
+            log.warning("%s unreadable (%s): the best checkpoint starts over", path, err)
+            return None
+        value = meta.get(self.SELECT_BY)
+        return float(value) if value is not None else None
 
     @property
     def ckpt_dir(self) -> Path:
@@ -62,6 +78,7 @@ class CheckpointStep:
                                {"aggregation": self.aggregation, "node": pid})
         if self.global_model and state.arrays is not None:  # every round: what a resumed run starts from
             save_resume_arrays(self.run.run_dir, state.arrays, r, self.run.config_hash)
+            self._keep_best(state)
         if state.global_means is not None:
             state.global_means.save(self.run.run_dir / "class_means.safetensors", CLASS_MEANS_FILE, {"round": r})
         generators = self.run.run_dir / "generators"
@@ -72,3 +89,14 @@ class CheckpointStep:
             paths = save_bank(state.server_bank, generators, self.generator_base, None, r,
                               self.server_generator_frequency, state.replies.encoder_key)
             log.info("round %d: server generator saved: %s", r, [p.name for p in paths])
+
+    def _keep_best(self, state: RoundState) -> None:
+        """``adapters_best.safetensors`` when this round's global validation accuracy beats every earlier round's."""
+        value = state.evaluate_metrics.get(self.SELECT_BY)
+        if value is None or (self.best is not None and value <= self.best):
+            return
+        self.best = float(value)
+        self._save(state.arrays, ["adapters_best"], state.server_round,
+                   {"aggregation": self.aggregation, "selected-by": self.SELECT_BY, self.SELECT_BY: float(value)})
+        log.info("round %d: best global %s so far (%.4f): adapters_best.safetensors", state.server_round,
+                 self.SELECT_BY, value)

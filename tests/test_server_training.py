@@ -309,3 +309,41 @@ def test_data_free_kd_round_needs_no_uploaded_generators(data_root, tmp_path):  
     strategy.after_round(1, arrays)
     assert (tmp_path / "run" / "generators" / "generator_server_round_1.safetensors").is_file()
     assert strategy.state.server_bank.classes == CLASSES
+
+
+def test_best_checkpoint_follows_validation_accuracy(tmp_path) -> None:
+    """adapters_best.safetensors: the round with the best global validation accuracy, kept across a resume."""
+    from common.checkpoints import load_adapters
+    from common.config import load_config
+    from common.factory import adapter_config, build_adapters
+    from common.records import module_to_arrays
+    from server_app.checkpoint import CheckpointStep
+    from server_app.round_state import NodeReplies, RoundState
+    from server_app.run_context import ServerRun
+
+    cfg = load_config({"adapter.hidden-dim": 16, "adapter.heads": 2, "text-encoder.t5-tokens": 2})
+    names = ["dog", "rain"]
+    targets = ClassTensors(names, torch.randn(2, 768), torch.randn(2, 2, 4096))
+    acfg = adapter_config(cfg, 768, 4096)
+    run = ServerRun(run_dir=tmp_path, targets=targets, template=build_adapters(cfg, acfg), adapter_config=acfg.to_dict(),
+                    config_hash="h", num_rounds=4, device=torch.device("cpu"))
+
+    def round_state(r: int, val: float | None) -> RoundState:
+        state = RoundState(r, None, NodeReplies(), arrays=module_to_arrays(build_adapters(cfg, acfg)))
+        if val is not None:
+            state.evaluate_metrics = {"val_retrieval_acc": val, "test_retrieval_acc": 1.0 - val}
+        return state
+
+    step = CheckpointStep(run, "kd", True, 1, "generator", 5)
+    best = tmp_path / "checkpoints" / "adapters_best.safetensors"
+    step(round_state(1, None))
+    assert not best.exists()  # no validation clips: nothing to select by
+    for r, val in ((2, 0.5), (3, 0.4), (4, 0.5)):
+        step(round_state(r, val))
+    _, meta = load_adapters(best)
+    assert meta["round"] == 2 and meta["val_retrieval_acc"] == 0.5  # ties keep the earlier round
+    resumed = CheckpointStep(run, "kd", True, 1, "generator", 5)  # a resumed run competes with the earlier best
+    resumed(round_state(5, 0.45))
+    assert load_adapters(best)[1]["round"] == 2
+    resumed(round_state(6, 0.75))
+    assert load_adapters(best)[1]["round"] == 6
