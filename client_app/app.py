@@ -233,7 +233,9 @@ def train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict({ARRAYS: weights, METRICS: MetricRecord(metrics)})
     means.to_records(content, CLASS_MEANS, CLASS_MEANS_META)
-    if has_bank:  # the server must hold every node's generators
+    # the server keeps every node's generators (KD samples, its generators/ folder); a generate-only run
+    # trains nothing and renders on the nodes, so its pretrained banks stay home (no traffic for nothing)
+    if has_bank and not cfg.generate_only:
         for name in (GENERATORS, GENERATORS_META):
             content[name] = context.state[name]
     return Message(content=content, reply_to=msg)
