@@ -251,6 +251,7 @@ def test_three_run_workflow_generators_adapters_then_images(e2e: E2EEnv) -> None
         assert pngs == sorted(f"{c}_{i:04d}.png" for c in held for i in range(1, per_class + 1)), (pid, pngs)
         assert evaluate[str(pid)]["images_rendered"] == len(pngs)
     assert sorted(p.name for p in (images / "server").glob("*_0001.png")) == sorted(f"{c}_0001.png" for c in classes)
+    assert not list((e2e.out / "run3").glob("generators/generator_node*"))  # pretrained banks stayed on the nodes
 
 
 # One node holds only "dog" and, with one validation clip per class, gets none: evaluation replies then
