@@ -8,8 +8,9 @@ compute (the same rounds x local epochs everywhere; the KD methods add node gene
 distilled on samples of the nodes' unified VAEs); ``kd_finetune`` (plus server fine-tuning). ``central``
 trains the same adapters on the union of the nodes' training clips for rounds x local epochs.
 
-Every federated cell is a real ``flwr run`` simulation; its final global adapters (``<method>``) and the
-round its nodes' *validation* clips preferred (``<method>_best_val``, ``adapters_best.safetensors``) are
+Every federated cell is a real ``flwr run`` simulation; its final global adapters (``<method>``), the
+round its nodes' *validation* clips preferred (``<method>_best_val``, ``adapters_best.safetensors``) and
+the moving average over rounds (``<method>_ema``, ``adapters_ema.safetensors``, ``ema-decay``) are
 evaluated here on the union of the nodes' test clips, the same clips the central baseline is tested on.
 
 Usage:  python bench/noniid.py [--splits dirichlet-0.1,dirichlet-0.5,dirichlet-1.0,disjoint]
@@ -102,12 +103,13 @@ def main() -> None:
                 ckpts = summary_path.parent / "checkpoints"
                 cells[method] = evaluate_checkpoint(ckpts / "adapters.safetensors", cfg, x_test, y_test, targets)
                 # the round the nodes' validation clips preferred (model selection without the test clips)
-                if (ckpts / "adapters_best.safetensors").is_file():
-                    cells[f"{method}_best_val"] = evaluate_checkpoint(ckpts / "adapters_best.safetensors", cfg, x_test,
-                                                                      y_test, targets)
-                log.info("%s / %s: final %.4f, best-by-validation %.4f (%.0fs); node classes %s", split, method,
-                         cells[method], cells.get(f"{method}_best_val", float("nan")), seconds[method],
-                         {p: len(c) for p, c in histogram.items()})
+                for variant, name in (("best_val", "adapters_best"), ("ema", "adapters_ema")):
+                    if (ckpts / f"{name}.safetensors").is_file():
+                        cells[f"{method}_{variant}"] = evaluate_checkpoint(ckpts / f"{name}.safetensors", cfg, x_test,
+                                                                           y_test, targets)
+                log.info("%s / %s: final %.4f, best-by-validation %.4f, moving average %.4f (%.0fs); node classes %s",
+                         split, method, cells[method], cells.get(f"{method}_best_val", float("nan")),
+                         cells.get(f"{method}_ema", float("nan")), seconds[method], {p: len(c) for p, c in histogram.items()})
             t0 = time.perf_counter()
             cells["central"] = central(cfg, targets, x_test, y_test)
             seconds["central"] = round(time.perf_counter() - t0, 1)

@@ -442,6 +442,11 @@ class FedA2VConfig(_Strict):
         "Without it, an existing run-name is an error, never overwritten.",
     )
     checkpoint_every: int = Field(1, ge=1, description="Save global adapters every k rounds (and at the end).")
+    ema_decay: float = Field(
+        0.7, ge=0, lt=1, description="Also keep checkpoints/adapters_ema.safetensors, an exponential moving average "
+        "of the global adapters over rounds (the past's weight; 0 = off). Never sent to nodes: it smooths the "
+        "round-to-round swings of the global model for whoever uses the checkpoint.",
+    )
     generate_only: bool = Field(
         False, description="Nobody trains: the global adapters of adapter.init-from pass through unchanged, nodes "
         "render their classes (from their pretrained generators with render.source='generator') and the server "

@@ -2,7 +2,9 @@
 
 ``checkpoints/adapters.safetensors`` (+ ``_round_{r}`` copies every ``checkpoint-every`` rounds and
 at the end; ``adapters_best.safetensors``: the round with the best global *validation* retrieval
-accuracy so far — model selection on the nodes' validation clips, never on test clips), or with standalone nodes ``adapters_node{id}[...]``; ``checkpoints/resume_round_{r}.safetensors``
+accuracy so far — model selection on the nodes' validation clips, never on test clips;
+``adapters_ema.safetensors``: an exponential moving average of the global adapters over rounds,
+``ema-decay``), or with standalone nodes ``adapters_node{id}[...]``; ``checkpoints/resume_round_{r}.safetensors``
 (every round: what ``resume`` continues from); ``class_means.safetensors`` (the
 round's count-weighted global class means); ``generators/``: every node's uploaded bank and the
 server generator, under the same names the nodes use.
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+
+import torch
 
 from common.checkpoints import CheckpointError, load_adapters, save_adapters
 from common.generator_bank import save_bank
@@ -27,7 +31,7 @@ class CheckpointStep:
     name = "checkpoint"
 
     def __init__(self, run: ServerRun, aggregation: str, global_model: bool, checkpoint_every: int,
-                 generator_base: str, server_generator_frequency: int) -> None:
+                 generator_base: str, server_generator_frequency: int, ema_decay: float = 0.0) -> None:
         self.run = run
         self.aggregation = aggregation
         self.global_model = global_model
@@ -35,8 +39,22 @@ class CheckpointStep:
         self.generator_base = generator_base
         self.server_generator_frequency = server_generator_frequency
         self.best: float | None = self._previous_best()  # a resumed run keeps competing with its earlier best
+        self.ema_decay = ema_decay
+        self.ema: dict[str, torch.Tensor] | None = self._previous_ema()  # a resumed run continues its average
 
     SELECT_BY = "val_retrieval_acc"
+    EMA_FILE = "adapters_ema.safetensors"
+
+    def _previous_ema(self) -> dict[str, torch.Tensor] | None:
+        path = self.ckpt_dir / self.EMA_FILE
+        if not self.ema_decay or not path.is_file():
+            return None
+        try:
+            model, _ = load_adapters(path)
+        except CheckpointError as err:
+            log.warning("%s unreadable (%s): the moving average starts over", path, err)
+            return None
+        return {k: v.float() for k, v in model.state_dict().items()}
 
     def _previous_best(self) -> float | None:
         path = self.ckpt_dir / "adapters_best.safetensors"
@@ -79,6 +97,8 @@ class CheckpointStep:
         if self.global_model and state.arrays is not None:  # every round: what a resumed run starts from
             save_resume_arrays(self.run.run_dir, state.arrays, r, self.run.config_hash)
             self._keep_best(state)
+            if self.ema_decay:
+                self._keep_average(state)
         if state.global_means is not None:
             state.global_means.save(self.run.run_dir / "class_means.safetensors", CLASS_MEANS_FILE, {"round": r})
         generators = self.run.run_dir / "generators"
@@ -100,3 +120,21 @@ class CheckpointStep:
                    {"aggregation": self.aggregation, "selected-by": self.SELECT_BY, self.SELECT_BY: float(value)})
         log.info("round %d: best global %s so far (%.4f): adapters_best.safetensors", state.server_round,
                  self.SELECT_BY, value)
+
+    def _keep_average(self, state: RoundState) -> None:
+        """``adapters_ema.safetensors``: ``ema = decay * ema + (1 - decay) * this round's global adapters``.
+
+        Why: with sites holding different classes the global model swings from round to round (each
+        round's KD or FedAvg result depends on that round's drifted node models and generator samples);
+        the average over rounds is steadier. It is a checkpoint for users, not what nodes train from.
+        """
+        adapters = self.run.adapters(state.arrays)
+        current = {k: v.detach().float() for k, v in adapters.state_dict().items()}
+        if self.ema is None:
+            self.ema = current
+        else:
+            d = self.ema_decay
+            self.ema = {k: d * self.ema[k] + (1 - d) * current[k] for k in current}
+        adapters.load_state_dict(self.ema)
+        save_adapters(self.ckpt_dir / self.EMA_FILE, adapters, self.run.adapter_config, self.run.class_names,
+                      state.server_round, self.run.config_hash, {"aggregation": self.aggregation, "ema-decay": self.ema_decay})

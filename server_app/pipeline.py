@@ -99,7 +99,7 @@ def build_pipelines(cfg: FedA2VConfig, run: ServerRun, summary: RunSummary) -> R
         steps.append(FinetuneStep(run, cfg.finetune, cfg.train, cfg.seed, samples))
     after: list[Step] = [
         CheckpointStep(run, method, aggregator.global_model, cfg.checkpoint_every,
-                       cfg.generator.checkpoint_base, cfg.server_generator.checkpoint_frequency),
+                       cfg.generator.checkpoint_base, cfg.server_generator.checkpoint_frequency, cfg.ema_decay),
         SummaryStep(summary),
     ]
     if aggregator.global_model and cfg.render.server and cfg.render.when != "off":

@@ -347,3 +347,38 @@ def test_best_checkpoint_follows_validation_accuracy(tmp_path) -> None:
     assert load_adapters(best)[1]["round"] == 2
     resumed(round_state(6, 0.75))
     assert load_adapters(best)[1]["round"] == 6
+
+
+def test_ema_checkpoint_averages_rounds_and_survives_resume(tmp_path) -> None:
+    from common.checkpoints import load_adapters
+    from common.config import load_config
+    from common.factory import adapter_config, build_adapters
+    from common.records import module_to_arrays
+    from server_app.checkpoint import CheckpointStep
+    from server_app.round_state import NodeReplies, RoundState
+    from server_app.run_context import ServerRun
+
+    cfg = load_config({"adapter.hidden-dim": 16, "adapter.heads": 2, "text-encoder.t5-tokens": 2})
+    targets = ClassTensors(["dog", "rain"], torch.randn(2, 768), torch.randn(2, 2, 4096))
+    acfg = adapter_config(cfg, 768, 4096)
+    run = ServerRun(run_dir=tmp_path, targets=targets, template=build_adapters(cfg, acfg), adapter_config=acfg.to_dict(),
+                    config_hash="h", num_rounds=3, device=torch.device("cpu"))
+    models = [build_adapters(cfg, acfg) for _ in range(3)]
+    for i, m in enumerate(models):
+        for p in m.parameters():
+            torch.nn.init.constant_(p, float(i + 1))  # round r's global adapters: every weight = r
+    step = CheckpointStep(run, "fedavg", True, 1, "generator", 5, ema_decay=0.5)
+    step(RoundState(1, None, NodeReplies(), arrays=module_to_arrays(models[0])))
+    step(RoundState(2, None, NodeReplies(), arrays=module_to_arrays(models[1])))
+    ema, meta = load_adapters(tmp_path / "checkpoints" / "adapters_ema.safetensors")
+    assert meta["round"] == 2 and meta["ema-decay"] == 0.5
+    assert all(torch.allclose(p, torch.full_like(p, 1.5)) for p in ema.parameters())  # 0.5 * 1 + 0.5 * 2
+    resumed = CheckpointStep(run, "fedavg", True, 1, "generator", 5, ema_decay=0.5)  # continues the average
+    resumed(RoundState(3, None, NodeReplies(), arrays=module_to_arrays(models[2])))
+    ema, _ = load_adapters(tmp_path / "checkpoints" / "adapters_ema.safetensors")
+    assert all(torch.allclose(p, torch.full_like(p, 2.25)) for p in ema.parameters())  # 0.5 * 1.5 + 0.5 * 3
+    off = CheckpointStep(ServerRun(run_dir=tmp_path / "off", targets=targets, template=build_adapters(cfg, acfg),
+                                   adapter_config=acfg.to_dict(), config_hash="h", num_rounds=1, device=torch.device("cpu")),
+                         "fedavg", True, 1, "generator", 5, ema_decay=0.0)
+    off(RoundState(1, None, NodeReplies(), arrays=module_to_arrays(models[0])))
+    assert not (tmp_path / "off" / "checkpoints" / "adapters_ema.safetensors").exists()
