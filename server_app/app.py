@@ -21,6 +21,7 @@ from common.checkpoints import CheckpointError, load_adapters
 from common.config import ConfigError, FedA2VConfig, config_hash, load_config
 from common.factory import adapter_config, build_adapters, embedding_shape, resolve_classes, resolve_device
 from common.logs import setup_logging
+from common.provenance import git_commit, versions
 from common.models.adapters import AdapterConfig, Adapters
 from common.models.text_encoders import compute_class_targets
 from common.records import CLASS_TARGETS, GLOBAL_MODEL, RUN_NAME, ClassTensors, module_to_arrays
@@ -73,6 +74,16 @@ def initial_adapters(cfg: FedA2VConfig, acfg: AdapterConfig, class_names: list[s
 
 
 @app.main()
+def write_run_report(run_dir: Path) -> None:
+    """``report.html`` at the end of the run; a report problem is logged and never fails the run."""
+    try:
+        from common.report import write_report
+
+        write_report(run_dir)
+    except Exception as err:  # the run's results are on disk either way; `feda2v report` can retry
+        log.warning("report.html not written (%s: %s); run `feda2v report %s` to retry", type(err).__name__, err, run_dir)
+
+
 def main(grid: Grid, context: Context) -> None:
     setup_logging()
     cfg = load_config(context.run_config)
@@ -114,6 +125,8 @@ def main(grid: Grid, context: Context) -> None:
             "finetune_epochs": cfg.finetune.epochs,
             "adapter_params": n_params,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": versions(),
+            "git_commit": git_commit(Path(__file__).parent),
         },
         resumed=point.summary if point is not None else None,
     )
@@ -152,8 +165,10 @@ def main(grid: Grid, context: Context) -> None:
         )
     except Exception as err:
         summary.fail(f"{type(err).__name__}: {err}")
+        write_run_report(run_dir)
         raise
     summary.finish(final_metrics(result, start_round))
+    write_run_report(run_dir)
     per_round = ", ".join(
         f"r{r + start_round}: {m.get('test_retrieval_acc', float('nan')):.3f}"
         for r, m in sorted(result.evaluate_metrics_clientapp.items())

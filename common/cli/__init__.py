@@ -1,5 +1,6 @@
 """``feda2v`` command line: run the federation, make data, manage the embedding cache, render images from
-checkpoints (``generate``), inspect the configuration, prepare a deployment (``deploy``).
+checkpoints (``generate``), write run reports (``report``), inspect the configuration, prepare a
+deployment (``deploy``).
 
 ``feda2v run`` is a thin wrapper around ``flwr run`` (see :mod:`common.launcher`) that sets what a
 local simulation needs on this kind of machine (no run-time dependency installation, 1 CPU per
@@ -16,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 
-from common.cli import cache, config, data, deploy, generate, run
+from common.cli import cache, config, data, deploy, generate, report, run
 from common.errors import FedA2VError
 from common.logs import report_error, setup_logging
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (run, data, cache, generate, config, deploy)  # the order of `feda2v --help`
+COMMANDS = (run, report, data, cache, generate, config, deploy)  # the order of `feda2v --help`
 
 
 def build_parser() -> argparse.ArgumentParser:
