@@ -14,7 +14,7 @@ from typing import Any
 
 from flwr.app import RecordDict
 
-from client_app.node_data import NodeDataMemo, load_node_data
+from client_app.node_data import NodeDataMemo, load_node_data, node_cache_dir
 from common import seeds
 from common.config import FedA2VConfig, NodeRuntimeConfig
 from common.models.adapters import Adapters
@@ -73,9 +73,9 @@ def render_node_images(
         log.warning("node %d: no embeddings to render from (source %s)", node.partition_id, r.source)
         return {"images_rendered": 0}
     cond = adapter_conditioning(adapters, x, device=device)
-    out = images_dir(cfg, run_dir, node.image_dir)
+    out = images_dir(cfg, run_dir, node.image_dir, server_round)
     report = render_job(cfg, node.partition_id, cond, row_classes, sources, out, server_round, targets, device,
-                        per_class=wanted)
-    scores = score_owner(cfg, out, owner_name(node.partition_id), targets.class_names, device)
+                        per_class=wanted, cache_dir=node_cache_dir(cfg, node))
+    scores = score_owner(cfg, out, owner_name(node.partition_id), targets.class_names, device, server_round)
     return {"images_rendered": report.written, "images_skipped": report.skipped,
             "render_seconds": report.seconds, "render_images_per_s": report.images_per_s, **scores}

@@ -275,7 +275,12 @@ class RenderConfig(_Strict):
     )
     every: int = Field(1, ge=1, description="With when='every': render every k rounds (and the final one).")
     backend: Literal["flux"] = Field("flux", description="Image backend (FLUX.1 via diffusers).")
-    model: str = Field("tiny", description="'tiny' (offline preset, real conditioning dims) or a local FLUX.1 folder.")
+    model: str = Field(
+        "tiny-trained",
+        description="'tiny-trained' (offline preset trained once per class list to draw each class's picture: colour "
+        "from the CLIP branch, shape from the T5 branch; cached in <cache-dir>/render), 'tiny' (random weights, "
+        "noise) or a local FLUX.1 folder (diffusers layout).",
+    )
     resolution: int = Field(64, ge=16, description="Image width and height in pixels (FLUX.1: multiples of 16).")
     steps: int = Field(4, ge=1, description="Denoising steps.")
     guidance: float = Field(3.5, ge=0, description="Guidance scale (FLUX.1-dev's embedded guidance).")

@@ -26,6 +26,7 @@ from common.models.adapters import AdapterConfig, Adapters
 from common.models.text_encoders import compute_class_targets
 from common.records import CLASS_TARGETS, GLOBAL_MODEL, RUN_NAME, ClassTensors, module_to_arrays
 from common.render.flux import check_render_settings
+from common.render.jobs import prepare_render_model
 from server_app.pipeline import aggregation_method, build_pipelines
 from server_app.resume import open_run, run_directory
 from server_app.run_context import ServerRun
@@ -98,6 +99,7 @@ def main(grid: Grid, context: Context) -> None:
     targets = class_targets(cfg, class_names)
     targets.save(run_dir / "targets.safetensors", CLASS_TARGETS,
                  {"prompt-template": cfg.text_encoder.prompt_template, "text-encoder": cfg.text_encoder.model})
+    prepare_render_model(cfg, targets)
     acfg = adapter_config(cfg, clip_dim=targets.clip.shape[1], t5_dim=targets.t5.shape[2])
     adapters = build_adapters(cfg, acfg)
     n_params = sum(p.numel() for p in adapters.parameters())

@@ -5,11 +5,11 @@ from __future__ import annotations
 from flwr.app import MetricRecord, RecordDict
 
 ID_KEYS = ("partition_id",)
-SUMMED = ("num_val", "skipped_files", "images_rendered", "images_skipped")  # counts: summed over nodes
+SUMMED = ("num_val", "skipped_files", "images_rendered", "images_skipped", "images_scored")  # counts: summed over nodes
 
 
 def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """Weighted average of each metric; ``val_*`` weighted by ``num_val``, ids left out.
+    """Weighted average of each metric; ``val_*`` weighted by ``num_val``, ``image_*`` by ``images_scored``, ids left out.
 
     FedAvg's default weights every metric by ``num-examples`` (here: test clips) and would also
     average node ids into nonsense. Counts (``num-examples`` and :data:`SUMMED`) are summed. A node
@@ -22,7 +22,9 @@ def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> Metric
         for key, value in metrics.items():
             if key in ID_KEYS or not isinstance(value, (int, float)):
                 continue
-            weight_key = "num_val" if key.startswith("val_") and "num_val" in metrics else weighted_by_key
+            weight_key = ("num_val" if key.startswith("val_") and "num_val" in metrics
+                          else "images_scored" if key.startswith("image_") and "images_scored" in metrics
+                          else weighted_by_key)
             w = float(metrics.get(weight_key, 0))
             if key in (weighted_by_key, *SUMMED):
                 sums[key] = sums.get(key, 0.0) + float(value)  # counts are summed, not averaged

@@ -60,9 +60,9 @@ class GlobalRenderer:
         else:
             log.warning("round %d: no class means and no server generator: no global images", server_round)
             return {}
-        out = images_dir(self.cfg, self.run_dir)
+        out = images_dir(self.cfg, self.run_dir, server_round=server_round)
         report = render_job(self.cfg, None, cond, row_classes, sources, out, server_round, self.targets, self.device)
-        scores = score_owner(self.cfg, out, "server", names, self.device)
+        scores = score_owner(self.cfg, out, "server", names, self.device, server_round)
         return {"server_images_rendered": float(report.written), "server_render_seconds": report.seconds,
                 **{f"server_{k}": v for k, v in scores.items()}}
 

@@ -34,7 +34,7 @@ def run_config(root: Path, cache: Path, **extra) -> dict:
     flat.update({
         "data.dataset": "esc50", "data.root": str(root), "data.classes": ",".join(CLASSES), "data.clip-seconds": 1.0,
         "cache-dir": str(cache), "train.local-epochs": 2, "text-encoder.t5-tokens": 4, "adapter.hidden-dim": 64,
-        "device": "cpu",
+        "device": "cpu", "render.model": "tiny",
     })
     flat.update(extra)
     return flat

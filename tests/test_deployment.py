@@ -54,7 +54,7 @@ def _data(tmp_path: Path) -> Path:
 def _run_config(out: Path, run_name: str) -> list[str]:
     return [" ".join([f"data.num-classes={NUM_CLASSES}", f"data.clips-per-class={CLIPS_PER_CLASS}",
                       f"num-rounds={ROUNDS}", "train.local-epochs=2", f"min-nodes={NUM_NODES}",
-                      f'output-dir="{out}"', f'run-name="{run_name}"'])]
+                      f'output-dir="{out}"', f'run-name="{run_name}"', 'render.model="tiny"'])]
 
 
 def _assert_trained(fed: LocalFederation, run_dir: Path, data_root: Path) -> dict:

@@ -39,7 +39,8 @@ def test_compose_federation_with_tls_and_auth(tmp_path: Path) -> None:
     try:
         fed.start()
         run_config = " ".join([f"num-rounds={ROUNDS}", f"min-nodes={NUM_SITES}", f"data.num-classes={NUM_CLASSES}",
-                               "data.clips-per-class=8", "train.local-epochs=2", 'run-name="compose"'])
+                               "data.clips-per-class=8", "train.local-epochs=2", 'run-name="compose"',
+                               'render.model="tiny"'])
         result = fed.run([run_config], timeout=RUN_TIMEOUT_S)
         assert result.ok, f"{result.problem}\n{result.output[-3000:]}\n{fed.logs('serverapp')[-3000:]}"
         assert result.status["status"] == "finished:completed"

@@ -305,7 +305,8 @@ def test_the_serverapp_gives_flower_the_round_deadline_and_its_quorum_settings(t
 
     monkeypatch.setattr(FedA2VStrategy, "start", fake_start)
     run_config = {"round-timeout": 12.5, "min-replies": 2, "connect-timeout": 3, "output-dir": str(tmp_path),
-                  "run-name": "deadline", "cache-dir": str(tmp_path / "cache"), "num-rounds": 3}
+                  "run-name": "deadline", "cache-dir": str(tmp_path / "cache"), "num-rounds": 3,
+                  "render.model": "tiny"}
     server_app_module.main(FakeGrid([1, 2]), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                                      run_config=run_config))
     assert seen["timeout"] == 12.5 and seen["num_rounds"] == 3

@@ -23,7 +23,7 @@ from common.render.images import MANIFEST, read_manifest
 from common.render.jobs import render_job
 
 CLASSES = ["dog", "rain", "siren"]
-RENDER = {"render.resolution": 32, "render.steps": 2, "render.batch-size": 3, "text-encoder.t5-tokens": 4,
+RENDER = {"render.model": "tiny", "render.resolution": 32, "render.steps": 2, "render.batch-size": 3, "text-encoder.t5-tokens": 4,
           "adapter.hidden-dim": 32}
 
 
@@ -207,8 +207,10 @@ def test_zero_shot_metric_plumbing_and_skip_without_weights(tmp_path, caplog):
     assert "zero-shot CLIP image metric skipped" in caplog.text
     folder = tiny_clip_folder(tmp_path / "clip")
     scores = score_owner(cfg_with(**{"render.clip-metric-model": str(folder)}), tmp_path / "img", "node_1", CLASSES)
-    assert set(scores) == {"image_zs_acc", "image_zs_balanced_acc", "image_zs_macro_f1"}
-    assert all(0.0 <= v <= 1.0 for v in scores.values())
+    assert set(scores) == {"image_zs_acc", "image_zs_balanced_acc", "image_zs_macro_f1", "images_scored",
+                           "image_zs_acc:dog", "image_zs_acc:rain", "image_zs_acc:siren"}
+    assert scores["images_scored"] == 4
+    assert all(0.0 <= v <= 1.0 for k, v in scores.items() if k != "images_scored")
 
 
 def test_server_renders_global_images_from_its_generator_or_the_class_means(tmp_path):

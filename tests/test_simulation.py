@@ -43,6 +43,7 @@ def run_config(e2e: E2EEnv, run_name: str, **extra: object) -> str:
         "data.clips-per-class": CLIPS_PER_CLASS,
         "min-nodes": NUM_NODES,
         "privacy.min-class-count": 1,  # 8 clips per class over 3 nodes: 1-2 training clips per class and node
+        "render.model": "tiny",  # the random preset: the trained one is tested once (test_two_round_simulation)
     }
     values.update(extra)
     return " ".join(f"{k}={_toml(v)}" for k, v in values.items())
@@ -62,7 +63,9 @@ def synthetic_root(cache: Path) -> Path:
 
 
 def test_two_round_simulation(e2e: E2EEnv) -> None:
-    result = e2e.flwr_run(run_config(e2e, "sim"), federation_config=FEDERATION, timeout=RUN_TIMEOUT_S)
+    """The default demo's path: train, evaluate, render with the trained preset, score images, write the report."""
+    result = e2e.flwr_run(run_config(e2e, "sim", **{"render.model": "tiny-trained"}), federation_config=FEDERATION,
+                          timeout=RUN_TIMEOUT_S)
     e2e.assert_run_completed(result)
     assert "global test retrieval acc" in result.output, result.describe()
 
@@ -133,6 +136,36 @@ def test_two_round_simulation(e2e: E2EEnv) -> None:
         assert entry["source"].startswith("clip:") if entry["owner"] != "server" else entry["source"] == "class-mean"
     final_eval = rounds[-1]["evaluate"]["global"]
     assert final_eval["images_rendered"] == sum(1 for e in manifest if e["owner"] != "server")
+
+    # image accuracy from sound: every node and the server scored their images with the picture classifier
+    assert final_eval["images_scored"] == final_eval["images_rendered"]
+    for owner_metrics in [*rounds[-1]["evaluate"]["nodes"].values(), {k[7:]: v for k, v in rounds[-1]["render"].items()
+                                                                      if k.startswith("server_")}]:
+        for key in ("image_acc", "image_acc_clip", "image_acc_t5"):
+            assert 0.0 <= owner_metrics[key] <= 1.0, (key, owner_metrics)
+    preset = Path(manifest[0]["render_model"])
+    assert preset.parent == e2e.cache_dir / "render" and (preset / "preset.json").is_file()  # trained once, cached
+
+    # the trained preset draws each class from its text targets, the colour from the CLIP branch and
+    # the shape from the T5 branch: a swap of the branches on the way into FLUX would show here
+    from common.metrics.images import PictureScorer
+    from common.render.flux import FluxBackend
+    from common.render.backend import Conditioning, RenderSettings
+
+    backend = FluxBackend(RenderSettings(model=str(preset), resolution=64))
+    scorer = PictureScorer(NUM_CLASSES, 64)
+    own = torch.arange(NUM_CLASSES)
+    other = (own + 1) % NUM_CLASSES
+    oracle = backend.render(Conditioning({"clip_pooled": targets["clip"], "t5_sequence": targets["t5"]}), list(range(4)))
+    assert scorer.predict(oracle).tolist() == own.tolist()
+    crossed = backend.render(Conditioning({"clip_pooled": targets["clip"], "t5_sequence": targets["t5"][other]}),
+                             list(range(4)))
+    assert scorer.branch_scores(crossed, own)["acc_clip"] == 1.0  # colour of the CLIP branch's class
+    assert scorer.branch_scores(crossed, other)["acc_t5"] == 1.0  # shape of the T5 branch's class
+
+    # the run ends with its report
+    report = (run_dir / "report.html").read_text()
+    assert "feda2v run <code>sim</code>" in report and report.count('alt="contact sheet') == NUM_NODES + 1
 
 
 def test_aggregation_none_keeps_per_node_adapters(e2e: E2EEnv) -> None:

@@ -1,4 +1,11 @@
-"""Image quality as zero-shot classification: does a CLIP model see the class in the picture?
+"""Image accuracy from sound: is the class of the clip (or sample) that drew an image visible in it?
+
+Two scorers, one interface (``predict(images, class_names, template) -> class indices``):
+
+* :class:`PictureScorer` for the offline ``tiny-trained`` render preset, whose pictures are known
+  (:mod:`common.render.pictures`): nearest class picture, plus which class the **colour** (the CLIP
+  pooled branch) and the **shape** (the T5 branch) point to, so each branch's share is visible.
+* :class:`ZeroShotCLIP` for real FLUX.1 weights: does a CLIP model see the class in the picture?
 
 Each image is classified by CLIP against the prompts of all federation classes (same template as
 the text targets); accuracy, balanced accuracy and macro-F1 against the class the image was
@@ -72,15 +79,58 @@ class ZeroShotCLIP:
         return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
+class PictureScorer:
+    """Nearest class picture (mean squared error at the picture resolution); colour and shape read apart."""
+
+    def __init__(self, num_classes: int, resolution: int = 64) -> None:
+        from common.render.pictures import class_look, class_pictures
+
+        self.resolution = resolution
+        self.templates = class_pictures(num_classes, resolution)  # [K, 3, R, R]
+        looks = [class_look(i) for i in range(num_classes)]
+        self.colours = torch.tensor([c for c, _ in looks])
+        self.shapes = torch.tensor([s for _, s in looks])
+
+    def tensors(self, images: list[Image.Image]) -> torch.Tensor:
+        import numpy as np
+
+        arr = [np.asarray(im.convert("RGB").resize((self.resolution, self.resolution), Image.BILINEAR), dtype=np.float32)
+               for im in images]
+        return torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2) / 127.5 - 1 if arr else torch.empty(0, 3, 1, 1)
+
+    def predict(self, images: list[Image.Image], class_names: list[str] | None = None, template: str = "") -> torch.Tensor:
+        x = self.tensors(images)
+        if not len(x):
+            return torch.empty(0, dtype=torch.long)
+        return torch.cdist(x.flatten(1), self.templates.flatten(1)).argmin(1)
+
+    def branch_scores(self, images: list[Image.Image], labels: torch.Tensor) -> dict[str, float]:
+        """``acc_clip``: the colour is the label's colour; ``acc_t5``: the shape is the label's shape."""
+        from common.render.pictures import nearest_colour, nearest_shape
+
+        x = self.tensors(images)
+        if not len(x):
+            return {}
+        return {"acc_clip": float((nearest_colour(x) == self.colours[labels]).float().mean()),
+                "acc_t5": float((nearest_shape(x) == self.shapes[labels]).float().mean())}
+
+
+def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, float]:
+    """``acc:<class>`` for every class that has images."""
+    return {f"acc:{c}": float((pred[labels == i] == i).float().mean()) for i, c in enumerate(class_names)
+            if bool((labels == i).any())}
+
+
 def _features(out: Any) -> torch.Tensor:
     """transformers 5 returns a model output whose ``pooler_output`` holds the projected features."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
 def score_images(
-    scorer: ZeroShotCLIP, out: Path, entries: list[dict[str, Any]], class_names: list[str], template: str
+    scorer: "ZeroShotCLIP | PictureScorer", out: Path, entries: list[dict[str, Any]], class_names: list[str], template: str
 ) -> dict[str, dict[str, float]]:
-    """Zero-shot scores per owner and pooled (``"all"``) for manifest ``entries`` under ``out``."""
+    """Scores per owner and pooled (``"all"``) for manifest ``entries`` under ``out``: accuracy, balanced
+    accuracy, macro-F1, per class (``acc:<class>``) and, for pictures, per branch (``acc_clip``, ``acc_t5``)."""
     index = {c: i for i, c in enumerate(class_names)}
     entries = [e for e in entries if e.get("class_name") in index and (Path(out) / e["path"]).is_file()]
     images = []
@@ -89,8 +139,14 @@ def score_images(
             images.append(im.convert("RGB"))
     pred = scorer.predict(images, class_names, template)
     labels = torch.tensor([index[e["class_name"]] for e in entries], dtype=torch.long)
-    result = {"all": classification_scores(pred, labels, len(class_names))}
+    def scores(mask: torch.Tensor) -> dict[str, float]:
+        out = {**classification_scores(pred[mask], labels[mask], len(class_names)),
+               **per_class_accuracy(pred[mask], labels[mask], class_names)}
+        if isinstance(scorer, PictureScorer):
+            out.update(scorer.branch_scores([im for im, m in zip(images, mask.tolist()) if m], labels[mask]))
+        return out
+
+    result = {"all": scores(torch.ones(len(entries), dtype=torch.bool))}
     for owner in sorted({e["owner"] for e in entries}):
-        mask = torch.tensor([e["owner"] == owner for e in entries])
-        result[owner] = classification_scores(pred[mask], labels[mask], len(class_names))
+        result[owner] = scores(torch.tensor([e["owner"] == owner for e in entries], dtype=torch.bool))
     return result

@@ -67,6 +67,7 @@ def _flux_folder(model: str) -> Path:
 
 TINY_MULTIPLE = 4  # the tiny VAE halves the image once, FLUX packs 2x2 latents
 FLUX_MULTIPLE = 16  # the real VAE's /8, FLUX packs 2x2 latents
+TRAINED_MULTIPLE = 8  # the tiny-trained preset's VAE halves twice, FLUX packs 2x2 latents
 
 
 def check_render_settings(render) -> None:
@@ -77,7 +78,9 @@ def check_render_settings(render) -> None:
     if render.when == "off":
         return
     multiple = TINY_MULTIPLE
-    if render.model != "tiny":
+    if render.model == "tiny-trained":
+        multiple = TRAINED_MULTIPLE
+    elif render.model != "tiny":
         _flux_folder(render.model)
         multiple = FLUX_MULTIPLE
     if render.resolution % multiple:

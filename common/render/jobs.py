@@ -21,16 +21,32 @@ from common.render.backend import Conditioning, RenderBackend, RenderSettings
 from common.render.conditioning import with_oracle
 from common.render.images import ImageRequest, RenderReport, owner_name, render_images
 from common.render.registry import build_backend
+from common.render.trained_preset import PRESET, Recipe, ensure_preset
 
 log = logging.getLogger(__name__)
 
 
-def render_settings(cfg: FedA2VConfig, device: str = "cpu") -> RenderSettings:
+def render_settings(cfg: FedA2VConfig, device: str = "cpu", targets: ClassTensors | None = None,
+                    cache_dir: Path | None = None) -> RenderSettings:
+    """The backend settings of ``cfg.render``; ``tiny-trained`` resolves to its trained folder (trained on
+    first use for these ``targets``, in ``cache_dir``, default the config's cache dir)."""
     r = cfg.render
+    model = r.model
+    if model == PRESET:
+        if targets is None:
+            raise ValueError(f"render.model='{PRESET}' needs the class text targets (e.g. the run's targets.safetensors)")
+        model = str(ensure_preset(cache_dir or cfg.resolved_cache_dir(), targets, Recipe(resolution=r.resolution)))
     return RenderSettings(
-        model=r.model, resolution=r.resolution, steps=r.steps, guidance=r.guidance, dtype=r.dtype,
+        model=model, resolution=r.resolution, steps=r.steps, guidance=r.guidance, dtype=r.dtype,
         batch_size=r.batch_size, seed=r.seed or cfg.seed, offload=r.offload, vae_tiling=r.vae_tiling, device=device,
     )
+
+
+def prepare_render_model(cfg: FedA2VConfig, targets: ClassTensors, cache_dir: Path | None = None) -> None:
+    """Train the ``tiny-trained`` preset now if rendering will need it (the ServerApp calls this before
+    round 1, so the training runs once with the whole CPU and simulated nodes sharing the cache find it)."""
+    if cfg.render.when != "off" and cfg.render.model == PRESET:
+        render_settings(cfg, targets=targets, cache_dir=cache_dir)
 
 
 @functools.lru_cache(maxsize=1)  # one pipeline per process; the key (name, frozen settings) is complete
@@ -71,9 +87,11 @@ def render_job(
     device: str = "cpu",
     per_class: int | None = None,
     progress: bool = False,
+    cache_dir: Path | None = None,
 ) -> RenderReport:
     """Render up to ``per_class`` (default ``render.images-per-class``) images per class for ``node_id``
-    (``None``: the server) into ``out``; returns what was written and skipped."""
+    (``None``: the server) into ``out``; returns what was written and skipped. ``cache_dir``: where a
+    trained render preset is kept (a node's own cache dir; default the config's)."""
     per_class = per_class or cfg.render.images_per_class
     rows = select_rows(row_classes, cfg.render.classes or None, per_class)
     if not rows:
@@ -93,38 +111,56 @@ def render_job(
     for j, (cls, src) in enumerate(zip(classes, sources)):
         counters[cls] = counters.get(cls, 0) + 1
         requests.append(ImageRequest(owner, cls, counters[cls], src, j, server_round))
-    settings = render_settings(cfg, device)
+    settings = render_settings(cfg, device, targets, cache_dir)
     report = render_images(backend_for(cfg, settings), settings, requests, cond, out, progress=progress)
     log.info("%s: %d image(s) rendered, %d already present, in %s", owner, report.written, report.skipped, out / owner)
     return report
 
 
-def score_owner(cfg: FedA2VConfig, out: Path, owner: str, class_names: list[str], device: str = "cpu") -> dict[str, float]:
-    """Zero-shot CLIP scores of ``owner``'s images (``image_zs_acc``, ``_balanced_acc``, ``_macro_f1``),
-    or ``{}`` when no metric model is configured (logged once)."""
-    from common.metrics.images import ZeroShotCLIP, score_images
+def score_owner(cfg: FedA2VConfig, out: Path, owner: str, class_names: list[str], device: str = "cpu",
+                server_round: int | None = None) -> dict[str, float]:
+    """Image accuracy of ``owner``'s images in ``out`` (of ``server_round`` only, when given).
+
+    ``tiny-trained``: the picture classifier (``image_acc``, ``image_acc_clip`` = colour, ``image_acc_t5`` =
+    shape, ``image_acc:<class>``, ``images_scored``); otherwise zero-shot CLIP (``image_zs_acc``, ...) when a
+    metric model is configured; else ``{}`` (logged once).
+    """
+    from common.metrics.images import PictureScorer, ZeroShotCLIP, score_images
     from common.render.images import read_manifest
 
-    scorer = ZeroShotCLIP.maybe(cfg.render.clip_metric_model, device)
-    if scorer is None:
-        return {}
-    entries = [e for e in read_manifest(out) if e.get("owner") == owner]
+    entries = [e for e in read_manifest(out) if e.get("owner") == owner
+               and (server_round is None or e.get("round") == server_round)]
+    if cfg.render.model == PRESET:
+        scorer, prefix = PictureScorer(len(class_names), cfg.render.resolution), "image_"
+    else:
+        scorer, prefix = ZeroShotCLIP.maybe(cfg.render.clip_metric_model, device), "image_zs_"
+        if scorer is None:
+            return {}
     scores = score_images(scorer, out, entries, class_names, cfg.text_encoder.prompt_template).get(owner, {})
-    log.info("%s: zero-shot CLIP on %d images: acc %.3f, balanced acc %.3f, macro-F1 %.3f", owner,
-             int(scores.get("n", 0)), scores.get("acc", float("nan")), scores.get("balanced_acc", float("nan")),
-             scores.get("macro_f1", float("nan")))
-    return {f"image_zs_{k}": v for k, v in scores.items() if k != "n"}
+    log.info("%s: image accuracy from sound on %d images (%s): %.3f%s", owner, int(scores.get("n", 0)),
+             "class pictures" if prefix == "image_" else "zero-shot CLIP", scores.get("acc", float("nan")),
+             f" (colour/CLIP {scores['acc_clip']:.3f}, shape/T5 {scores['acc_t5']:.3f})" if "acc_clip" in scores else "")
+    metrics = {f"{prefix}{k}": v for k, v in scores.items() if k != "n"}
+    if scores:
+        metrics["images_scored"] = float(scores.get("n", 0))
+    return metrics
 
 
-def images_dir(cfg: FedA2VConfig, run_dir: str | Path | None, override: str = "") -> Path:
-    """node-config ``image-dir`` > ``render.output-dir`` > ``<run dir>/images``."""
+def images_dir(cfg: FedA2VConfig, run_dir: str | Path | None, override: str = "", server_round: int | None = None) -> Path:
+    """node-config ``image-dir`` > ``render.output-dir`` > ``<run dir>/images``; with ``render.when = "every"``
+    each rendered round gets its own ``round_{r:03d}/`` below it (its own manifest and contact sheets), so
+    a later round never overwrites or skips an earlier round's images."""
     if override:
-        return Path(override).expanduser()
-    if cfg.render.output_dir:
-        return Path(cfg.render.output_dir).expanduser()
-    if run_dir:
-        return Path(run_dir) / "images"
-    raise ValueError("no image directory: set render.output-dir (or node-config image-dir)")
+        base = Path(override).expanduser()
+    elif cfg.render.output_dir:
+        base = Path(cfg.render.output_dir).expanduser()
+    elif run_dir:
+        base = Path(run_dir) / "images"
+    else:
+        raise ValueError("no image directory: set render.output-dir (or node-config image-dir)")
+    if cfg.render.when == "every" and server_round is not None:
+        return base / f"round_{server_round:03d}"
+    return base
 
 
 def labels_to_classes(labels: torch.Tensor, class_names: list[str]) -> list[str]:

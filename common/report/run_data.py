@@ -66,8 +66,13 @@ class RunData:
         data.summary = data._json("summary.json")
         data.config = data._json("config.json")
         data.images_dir = data._find_images_dir()
-        if data.images_dir is not None:
-            data.manifest = data._manifest(data.images_dir / "manifest.jsonl")
+        if data.images_dir is not None:  # one manifest, or one per round with render.when = "every"
+            for path in sorted(data.images_dir.rglob("manifest.jsonl")):
+                rel = path.parent.relative_to(data.images_dir)
+                for entry in data._manifest(path):
+                    if rel.parts and "path" in entry:
+                        entry["path"] = str(rel / str(entry["path"]))
+                    data.manifest.append(entry)
         return data
 
     # ------------------------------------------------------------------ reading
