@@ -400,6 +400,15 @@ class TrainConfig(_Strict):
     )
 
 
+class LoggingConfig(_Strict):
+    """Extra run logs beyond summary.json and report.html."""
+
+    tensorboard: bool = Field(
+        False, description="Also write TensorBoard scalars per round and image grids to <run>/tensorboard (needs the "
+        "tensorboard package: pip install 'feda2v[tensorboard]'; without it the run says so and goes on).",
+    )
+
+
 class PrivacyConfig(_Strict):
     """What a node may reveal about its data beyond adapter weights."""
 
@@ -472,6 +481,7 @@ class FedA2VConfig(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     render: RenderConfig = Field(default_factory=RenderConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @field_validator("nodes")
     @classmethod

@@ -23,6 +23,7 @@ from typing import Protocol
 from common.config import FedA2VConfig
 from common.factory import embedding_shape
 from common.models.generators import GeneratorSpec, GeneratorTrainSettings
+from common.render.jobs import images_dir
 from server_app.aggregators import AGGREGATORS, Aggregator
 from server_app.aggregators.step import AggregateStep
 from server_app.checkpoint import CheckpointStep
@@ -33,6 +34,7 @@ from server_app.run_context import ServerRun
 from server_app.server_generator import SERVER_GENERATORS, ServerGeneratorStep
 from server_app.summary import RunSummary, SummaryStep
 from server_app.synthetic import SAMPLE_SOURCES
+from server_app.tensorboard import TensorBoardStep
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,9 @@ def build_pipelines(cfg: FedA2VConfig, run: ServerRun, summary: RunSummary) -> R
     ]
     if aggregator.global_model and cfg.render.server and cfg.render.when != "off":
         after.append(RenderStep(GlobalRenderer(cfg, run.targets, run.template, run.run_dir, str(run.device)), summary))
+    if cfg.logging.tensorboard:
+        after.append(TensorBoardStep(run.run_dir / "tensorboard",
+                                     lambda r: images_dir(cfg, run.run_dir, server_round=r)))
     pipelines = RoundPipelines(aggregator, Pipeline("round", steps), Pipeline("after-round", after), server_generator)
     log.info("server round: %s; then %s", " -> ".join(pipelines.round.step_names),
              " -> ".join(pipelines.after_round.step_names))

@@ -177,3 +177,35 @@ def test_report_loads_in_a_headless_browser(tmp_path: Path) -> None:
     with Image.open(shot) as im:  # the page rendered something other than a blank sheet
         colours = im.convert("RGB").resize((64, 64)).getcolors(64 * 64)
     assert colours is not None and len(colours) > 20
+
+
+def test_tensorboard_step_writes_scalars_and_images(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from server_app.round_state import NodeReplies, RoundState
+    from server_app.tensorboard import TensorBoardStep
+
+    run = make_run(tmp_path)
+    step = TensorBoardStep(run / "tensorboard", lambda r: run / "images")
+    for r in (1, 2):
+        state = RoundState(r, None, NodeReplies(), metrics={"train_loss": 2.0 / r},
+                           evaluate_metrics={"test_retrieval_acc": 0.4 * r}, evaluate_nodes={"0": {"test_retrieval_acc": 0.5}},
+                           render_metrics={"server_images_rendered": 4.0} if r == 2 else {})
+        step(state)
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/train_loss", "evaluate/test_retrieval_acc", "node_0/test_retrieval_acc"} <= set(tags["scalars"])
+    assert [e.value for e in events.Scalars("evaluate/test_retrieval_acc")] == pytest.approx([0.4, 0.8])
+    assert set(tags["images"]) == {"images/node_0", "images/node_1", "images/server"}  # rendered round only
+
+
+def test_tensorboard_missing_package_is_a_clear_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    import sys
+
+    from server_app.tensorboard import open_writer
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    assert open_writer(tmp_path) is None
+    assert "pip install 'feda2v[tensorboard]'" in caplog.text
