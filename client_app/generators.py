@@ -32,6 +32,8 @@ from common.records import GENERATORS, bank_from_records, bank_to_records
 
 log = logging.getLogger(__name__)
 
+GEN_QUALITY = ("fd_ratio", "precision", "recall", "density", "coverage")  # reported per node, pooled and per class
+
 
 def encoder_key(cfg: FedA2VConfig) -> str:
     """The embedding cache key: generators are only valid for embeddings of exactly this encoder."""
@@ -126,8 +128,10 @@ def train_node_generators(
     metrics = {
         "gen_train_seconds": seconds,
         "gen_checkpoints": len(paths),
-        **{f"gen_{k}": float(pooled[k]) for k in ("fd_ratio", "precision", "recall", "density", "coverage")
-           if k in pooled and math.isfinite(float(pooled[k]))},
+        **{f"gen_{k}": float(pooled[k]) for k in GEN_QUALITY if k in pooled and math.isfinite(float(pooled[k]))},
+        # per class too (the report's table): 'gen_class_<class>:<metric>'
+        **{f"gen_class_{cls}:{k}": float(q[k]) for cls, q in quality.items() if cls != "all"
+           for k in GEN_QUALITY if k in q and math.isfinite(float(q[k]))},
     }
     log.info("node %d round %d: generators (%s, %s) trained in %.1fs, saved %s",
              node.partition_id, server_round, gcfg.kind, granularity, seconds, [p.name for p in paths])

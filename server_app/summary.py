@@ -29,6 +29,7 @@ class RunSummary:
                 {"after_round": max((e["round"] for e in self.data["rounds"]), default=0), "at": run_info.get("started")}
             ]
         self._t0 = time.time()
+        self._recorded = 0
 
     def round_entry(self, server_round: int) -> dict[str, Any]:
         for entry in self.data["rounds"]:
@@ -64,6 +65,16 @@ class RunSummary:
             entry["evaluate"]["failures"] = list(state.evaluate_failures)
         entry["elapsed_seconds"] = round(time.time() - self._t0, 3)
         self.write()
+        self._log_progress(state.server_round)
+
+    def _log_progress(self, server_round: int) -> None:
+        """'round r/N done': the CLI's view of how far the run is and how long the rest will take."""
+        total = int(self.data["run"].get("num_rounds") or 0)
+        self._recorded += 1  # rounds of this process (a resumed run's earlier rounds took their own time)
+        elapsed = time.time() - self._t0
+        per_round = elapsed / self._recorded
+        log.info("round %d/%d done: %.0fs elapsed in this run, about %.0fs left", server_round, total or server_round,
+                 elapsed, per_round * max(total - server_round, 0))
 
     def fail(self, reason: str) -> None:
         """The run stopped: say why, keep every completed round."""

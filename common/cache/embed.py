@@ -33,6 +33,7 @@ from common.data.audio import load_clips
 from common.data.clips import Clip
 from common.dtypes import torch_dtype
 from common.models.audio_encoder import AudioEncoder, audio_encoder_identity
+from common.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -205,11 +206,7 @@ def embed_clips(
     if not extract:
         skipped = [(clips[i], "not in the embedding cache (cache-only lookup)") for i in missing]
         missing = []
-    bar = None
-    if progress and missing:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(missing), desc="AST embeddings", unit="clip")
+    bar = Progress(len(missing), "AST embeddings", "clip", bar=progress) if missing else None
     step = chunk or max(settings.batch_size * 4, 1)
     for start in range(0, len(missing), step):
         idx = missing[start : start + step]

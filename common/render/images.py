@@ -28,6 +28,7 @@ from PIL import Image
 
 from common.atomic import atomic_path, atomic_write_text
 from common.names import safe_name
+from common.progress import Progress
 from common.render.backend import Conditioning, RenderBackend, RenderSettings
 from common.seeds import image_seed_base
 
@@ -117,11 +118,7 @@ def render_images(
     report.skipped = len(requests) - len(todo)
     if report.skipped:
         log.info("%d image(s) already on disk under %s: skipped (resume)", report.skipped, out)
-    bar = None
-    if progress and todo:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc="rendering", unit="img")
+    bar = Progress(len(todo), f"rendering {', '.join(sorted({r.owner for r in todo}))}", "img", bar=progress) if todo else None
     t0 = time.perf_counter()
     for start in range(0, len(todo), max(1, settings.batch_size)):
         batch = todo[start : start + settings.batch_size]
@@ -133,7 +130,6 @@ def render_images(
         report.written += len(batch)
         if bar is not None:
             bar.update(len(batch))
-            bar.set_postfix(img_per_s=f"{report.written / max(time.perf_counter() - t0, 1e-9):.2f}")
     report.seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
