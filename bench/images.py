@@ -48,6 +48,7 @@ def main() -> None:
     setup_logging()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     flat = flatten(FedA2VConfig().model_dump(by_alias=True))
+    flat["render.model"] = "tiny"  # throughput of the pipeline; the trained preset needs a run's targets
     flat.update(parse_overrides(args.run_config))
     batched_cfg = load_config({**flat, "render.batch-size": args.batch_size})
     single_cfg = load_config({**flat, "render.batch-size": 1})

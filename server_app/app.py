@@ -74,7 +74,6 @@ def initial_adapters(cfg: FedA2VConfig, acfg: AdapterConfig, class_names: list[s
     return module_to_arrays(loaded)
 
 
-@app.main()
 def write_run_report(run_dir: Path) -> None:
     """``report.html`` at the end of the run; a report problem is logged and never fails the run."""
     try:
@@ -85,6 +84,7 @@ def write_run_report(run_dir: Path) -> None:
         log.warning("report.html not written (%s: %s); run `feda2v report %s` to retry", type(err).__name__, err, run_dir)
 
 
+@app.main()
 def main(grid: Grid, context: Context) -> None:
     setup_logging()
     cfg = load_config(context.run_config)

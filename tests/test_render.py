@@ -4,6 +4,7 @@ generation from checkpoints and its errors."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,3 +233,27 @@ def test_server_renders_global_images_from_its_generator_or_the_class_means(tmp_
     entries = read_manifest(tmp_path / "with-bank" / "images")
     assert sorted(e["class_name"] for e in entries) == CLASSES
     assert all(e["source"].startswith("server-generator#") and e["owner"] == "server" for e in entries)
+
+
+def test_render_every_round_keeps_rounds_apart(tmp_path: Path) -> None:
+    """render.when = "every": round r's images live in images/round_{r:03d}/ and are never skipped or overwritten."""
+    from common.render.jobs import images_dir
+    from common.report import RunData
+
+    every = cfg_with(**{"render.when": "every"})
+    final = cfg_with(**{"render.when": "final"})
+    run = tmp_path / "run"
+    assert images_dir(final, run, server_round=3) == run / "images"
+    assert images_dir(every, run, server_round=3) == run / "images" / "round_003"
+    for r in (1, 2):
+        out = images_dir(every, run, server_round=r)
+        report = render_job(every, 0, random_cond(2, seed=r), ["dog", "rain"], ["x", "y"], out, r)
+        assert report.written == 2 and report.skipped == 0  # round 2 is not skipped because round 1 drew the same names
+    for r in (1, 2):
+        manifest = read_manifest(run / "images" / f"round_{r:03d}")
+        assert {e["round"] for e in manifest} == {r} and len(manifest) == 2
+    first = (run / "images" / "round_001" / "node_0" / "dog_0001.png").read_bytes()
+    assert first != (run / "images" / "round_002" / "node_0" / "dog_0001.png").read_bytes()
+    data = RunData.load(run)  # the report sees both rounds' sheets and one manifest of 4 images
+    assert sorted((s.round, s.owner) for s in data.contact_sheets()) == [(1, "node_0"), (2, "node_0")]
+    assert sorted(e["path"] for e in data.manifest)[0] == "round_001/node_0/dog_0001.png"

@@ -65,7 +65,7 @@ def synthetic_root(cache: Path) -> Path:
 def test_two_round_simulation(e2e: E2EEnv) -> None:
     """The default demo's path: train, evaluate, render with the trained preset, score images, write the report."""
     result = e2e.flwr_run(run_config(e2e, "sim", **{"render.model": "tiny-trained"}), federation_config=FEDERATION,
-                          timeout=RUN_TIMEOUT_S)
+                          timeout=RUN_TIMEOUT_S + 300)  # + the one-time training of the render preset
     e2e.assert_run_completed(result)
     assert "global test retrieval acc" in result.output, result.describe()
 

@@ -92,7 +92,7 @@ def test_preset_is_cached_by_key_and_loads_like_real_weights(tmp_path: Path, mon
     assert results == [folder, folder]
     assert {p.name for p in folder.iterdir()} >= {"transformer", "vae", "scheduler", "model_index.json", "preset.json"}
     stats = preset_stats(folder)
-    assert stats["classes"] == CLASSES and stats["train_seconds"] >= 0 and stats["recipe"]["steps"] == 4
+    assert stats["classes"] == CLASSES and stats["train_seconds"] >= 0 and stats["steps"] == 4
     mtime = (folder / "preset.json").stat().st_mtime
     assert ensure_preset(tmp_path, t, FAST) == folder and (folder / "preset.json").stat().st_mtime == mtime  # cache hit
     # the renderer loads it through FluxPipeline.from_pretrained, like a real FLUX.1 folder

@@ -66,14 +66,19 @@ class Recipe:
     """Everything the training does (part of the cache key)."""
 
     resolution: int = 64
-    vae_steps: int = 800
+    vae_steps: int = 0  # 0: 400 + 40 per colour (800 for 10 classes)
     vae_lr: float = 2e-3
-    steps: int = 2000
+    steps: int = 0  # 0: 200 per colour, at least 800 (2,000 for 10 classes, 800 for 4)
     lr: float = 1e-3
     batch_size: int = 16
     mix: float = 0.45  # conditioning moves up to this fraction of the way toward another class's target
     noise: float = 0.5  # Gaussian noise, in units of the per-dimension spread between class targets
     seed: int = 0
+
+    def step_counts(self, num_classes: int) -> tuple[int, int]:
+        """(VAE steps, transformer steps): fewer classes have fewer colour x shape pairs to learn."""
+        colours = attribute_count(num_classes)
+        return self.vae_steps or 400 + 40 * colours, self.steps or max(800, 200 * colours)
 
 
 def preset_key(targets: ClassTensors, recipe: Recipe) -> str:
@@ -164,14 +169,15 @@ def train_preset(targets: ClassTensors, recipe: Recipe):
         transformer = FluxTransformer2DModel(**TRAINED_TRANSFORMER)
     grid = _look_pictures(num_classes, recipe.resolution)  # [A, A, 3, R, R]
     pictures = grid.flatten(0, 1)
-    stats: dict[str, Any] = {"num_classes": num_classes}
+    vae_steps, steps = recipe.step_counts(num_classes)
+    stats: dict[str, Any] = {"num_classes": num_classes, "vae_steps": vae_steps, "steps": steps}
 
     # 1. the VAE reconstructs every colour x shape picture (convolutional: trained on half-size crops, 4x cheaper)
     opt = torch.optim.Adam(vae.parameters(), lr=recipe.vae_lr)
-    vae_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, recipe.vae_steps)
+    vae_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, vae_steps)
     vae.train()
     crop = recipe.resolution // 2
-    for step in range(recipe.vae_steps):
+    for step in range(vae_steps):
         idx = torch.randint(len(pictures), (16,), generator=gen)
         top, left = (int(v) * 4 for v in torch.randint((recipe.resolution - crop) // 4 + 1, (2,), generator=gen))
         x = pictures[idx, :, top : top + crop, left : left + crop]
@@ -183,7 +189,7 @@ def train_preset(targets: ClassTensors, recipe: Recipe):
         opt.step()
         vae_sched.step()
         if (step + 1) % 200 == 0:
-            log.info("preset vae step %d/%d: reconstruction %.4f", step + 1, recipe.vae_steps, loss.item())
+            log.info("preset vae step %d/%d: reconstruction %.4f", step + 1, vae_steps, loss.item())
     stats["vae_loss"] = round(loss.item(), 5)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
@@ -199,9 +205,9 @@ def train_preset(targets: ClassTensors, recipe: Recipe):
     clip_t, t5_t = targets.clip.float(), targets.t5.float()
     clip_spread, t5_spread = clip_t.std(0, keepdim=True).squeeze(0), t5_t.std(0, keepdim=True).squeeze(0)
     opt = torch.optim.AdamW(transformer.parameters(), lr=recipe.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, recipe.steps)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     transformer.train()
-    for step in range(recipe.steps):
+    for step in range(steps):
         a, b = _pairs(num_classes, gen, recipe.batch_size)
         x0 = latents[colours[a], shapes[b]]
         x0 = FluxPipeline._pack_latents(x0, len(a), c, h, w)
@@ -221,7 +227,7 @@ def train_preset(targets: ClassTensors, recipe: Recipe):
         opt.step()
         sched.step()
         if (step + 1) % 500 == 0:
-            log.info("preset transformer step %d/%d: flow loss %.4f", step + 1, recipe.steps, loss.item())
+            log.info("preset transformer step %d/%d: flow loss %.4f", step + 1, steps, loss.item())
     stats["flow_loss"] = round(loss.item(), 5)
     transformer.eval().requires_grad_(False)
     scheduler = FlowMatchEulerDiscreteScheduler(**TINY_SCHEDULER)
