@@ -79,6 +79,11 @@ def _server_plots(run: RunData) -> list[dict[str, Any]]:
         png = plots.line_plot(f"server step '{step}': per-epoch losses over rounds {rounds[0]}-{rounds[-1]}", series,
                               xlabel="epoch (all rounds, in order)", ylabel="loss", markers=False)
         figs.append({"title": f"Server training: {step}", "src": data_uri(png)})
+    keys = sorted({k for r in run.rounds for k in ((r.get("train") or {}).get("global") or {})
+                   if k.startswith("server_gen_") and not k.endswith(("_seconds", "_samples"))})
+    png = plots.line_plot("server generator per round", {k[len("server_gen_"):]: run.series("train", k) for k in keys})
+    if png is not None:
+        figs.append({"title": "Server generator: last-step losses and teacher agreement per round", "src": data_uri(png)})
     return [f for f in figs if f["src"]]
 
 
