@@ -266,9 +266,9 @@ class RunData:
                     meta = fh.metadata() or {}
             except Exception as err:  # a truncated file is exactly what a report should show
                 self.problems.append(f"{path.relative_to(self.run_dir)}: unreadable ({type(err).__name__})")
-            rnd = meta.get("round")
+            rnd, kind = _meta_value(meta, "round"), _meta_value(meta, "type")
             out.append(Checkpoint(str(path.relative_to(self.run_dir)), path.stat().st_size,
-                                  int(rnd) if rnd and str(rnd).isdigit() else None, meta.get("type", "")))
+                                  int(rnd) if isinstance(rnd, int) or str(rnd).isdigit() else None, str(kind or "")))
         return out
 
     def contact_sheets(self) -> list[ContactSheet]:
@@ -287,6 +287,17 @@ class RunData:
                     classes.append(entry.get("class_name"))
             sheets.append(ContactSheet(owner, path, sorted(classes), rnd))
         return sheets
+
+
+def _meta_value(meta: dict[str, str], key: str) -> Any:
+    """A checkpoint metadata value: the project writes JSON-encoded values, other tools plain strings."""
+    raw = meta.get(key)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
 
 
 def _round_of(rel: Path) -> int | None:
