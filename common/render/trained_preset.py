@@ -152,6 +152,18 @@ def _perturb(targets: Tensor, labels: Tensor, spread: Tensor, recipe: Recipe, ge
     return base + torch.randn(base.shape, generator=gen) * spread * recipe.noise
 
 
+def _step(opt, sched, loss: Tensor, what: str, step: int, total: int, every: int, clip_params=None) -> None:
+    """One optimiser step (optionally with gradient clipping), with a progress line every ``every`` steps."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    opt.step()
+    sched.step()
+    if (step + 1) % every == 0:
+        log.info("preset %s step %d/%d: loss %.4f", what, step + 1, total, loss.item())
+
+
 def train_preset(targets: ClassTensors, recipe: Recipe):
     """Train the VAE, then the transformer; returns ``(FluxPipeline, stats)``."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -184,12 +196,7 @@ def train_preset(targets: ClassTensors, recipe: Recipe):
         post = vae.encode(x).latent_dist
         recon = vae.decode(post.mean).sample
         loss = F.mse_loss(recon, x) + 1e-6 * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        vae_sched.step()
-        if (step + 1) % 200 == 0:
-            log.info("preset vae step %d/%d: reconstruction %.4f", step + 1, vae_steps, loss.item())
+        _step(opt, vae_sched, loss, "vae", step, vae_steps, every=200)
     stats["vae_loss"] = round(loss.item(), 5)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
@@ -221,13 +228,7 @@ def train_preset(targets: ClassTensors, recipe: Recipe):
             txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
         )[0]
         loss = F.mse_loss(pred, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if (step + 1) % 500 == 0:
-            log.info("preset transformer step %d/%d: flow loss %.4f", step + 1, steps, loss.item())
+        _step(opt, sched, loss, "transformer", step, steps, every=500, clip_params=transformer.parameters())
     stats["flow_loss"] = round(loss.item(), 5)
     transformer.eval().requires_grad_(False)
     scheduler = FlowMatchEulerDiscreteScheduler(**TINY_SCHEDULER)
