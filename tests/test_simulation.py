@@ -157,11 +157,11 @@ def test_two_round_simulation(e2e: E2EEnv) -> None:
     own = torch.arange(NUM_CLASSES)
     other = (own + 1) % NUM_CLASSES
     oracle = backend.render(Conditioning({"clip_pooled": targets["clip"], "t5_sequence": targets["t5"]}), list(range(4)))
-    assert scorer.predict(oracle).tolist() == own.tolist()
+    assert (scorer.predict(oracle) == own).float().mean() >= 0.75
     crossed = backend.render(Conditioning({"clip_pooled": targets["clip"], "t5_sequence": targets["t5"][other]}),
                              list(range(4)))
-    assert scorer.branch_scores(crossed, own)["acc_clip"] == 1.0  # colour of the CLIP branch's class
-    assert scorer.branch_scores(crossed, other)["acc_t5"] == 1.0  # shape of the T5 branch's class
+    assert scorer.branch_scores(crossed, own)["acc_clip"] >= 0.75  # colour of the CLIP branch's class (swapped: 0)
+    assert scorer.branch_scores(crossed, other)["acc_t5"] >= 0.75  # shape of the T5 branch's class (swapped: 0)
 
     # the run ends with its report
     report = (run_dir / "report.html").read_text()
