@@ -287,7 +287,9 @@ def test_render_settings_are_checked_before_the_run():
     with pytest.raises(Exception, match="not a local FLUX.1 folder"):
         check_render_settings(load_config({"render.model": "/nonexistent/flux"}).render)
     with pytest.raises(Exception, match="multiple of 4"):
-        check_render_settings(load_config({"render.resolution": 66}).render)
+        check_render_settings(load_config({"render.model": "tiny", "render.resolution": 66}).render)
+    with pytest.raises(Exception, match="multiple of 8"):  # the default, tiny-trained, has a /4 VAE
+        check_render_settings(load_config({"render.resolution": 68}).render)
     check_render_settings(load_config({"render.model": "/nonexistent", "render.when": "off"}).render)
 
 
