@@ -45,27 +45,24 @@ class CheckpointStep:
     SELECT_BY = "val_retrieval_acc"
     EMA_FILE = "adapters_ema.safetensors"
 
-    def _previous_ema(self) -> dict[str, torch.Tensor] | None:
-        path = self.ckpt_dir / self.EMA_FILE
-        if not self.ema_decay or not path.is_file():
-            return None
-        try:
-            model, _ = load_adapters(path)
-        except CheckpointError as err:
-            log.warning("%s unreadable (%s): the moving average starts over", path, err)
-            return None
-        return {k: v.float() for k, v in model.state_dict().items()}
-
-    def _previous_best(self) -> float | None:
-        path = self.ckpt_dir / "adapters_best.safetensors"
+    def _previous(self, name: str, what: str):
+        """``(adapters, metadata)`` of an earlier round's ``name`` (a resumed run), or ``None``."""
+        path = self.ckpt_dir / name
         if not path.is_file():
             return None
         try:
-            _, meta = load_adapters(path)
+            return load_adapters(path)
         except CheckpointError as err:
-            log.warning("%s unreadable (%s): the best checkpoint starts over", path, err)
+            log.warning("%s unreadable (%s): %s starts over", path, err, what)
             return None
-        value = meta.get(self.SELECT_BY)
+
+    def _previous_ema(self) -> dict[str, torch.Tensor] | None:
+        found = self._previous(self.EMA_FILE, "the moving average") if self.ema_decay else None
+        return {k: v.float() for k, v in found[0].state_dict().items()} if found else None
+
+    def _previous_best(self) -> float | None:
+        found = self._previous("adapters_best.safetensors", "the best checkpoint")
+        value = found[1].get(self.SELECT_BY) if found else None
         return float(value) if value is not None else None
 
     @property
