@@ -226,7 +226,12 @@ class KDConfig(_Strict):
         "class, or the server generator; 'auto': the server generator when server-generator.mode is on.",
     )
     samples_per_class: int = Field(64, ge=1, description="Synthetic embeddings per class for each KD run.")
-    epochs: int = Field(20, ge=1, description="KD epochs over the synthetic set per round.")
+    epochs: int = Field(20, ge=1, description="KD epochs over the synthetic set per round (at most, with kd.patience).")
+    patience: int = Field(
+        3, ge=0, description="Stop KD once the loss on held-out samples has not improved by 1% for this many epochs, "
+        "keeping the best epoch's weights (0: always kd.epochs)."
+    )
+    holdout: float = Field(0.1, ge=0, lt=0.5, description="Fraction of the KD samples held out for kd.patience.")
     lr: float = Field(1e-3, gt=0, description="KD learning rate (both branches).")
     batch_size: int = Field(64, ge=1, description="KD mini-batch size.")
 
@@ -296,6 +301,11 @@ class RenderConfig(_Strict):
     )
     oracle: Literal["none", "clip", "t5", "both"] = Field(
         "none", description="Replace this branch's adapter output by the class text embedding (a baseline)."
+    )
+    calibrate: Literal["none", "target-radius"] = Field(
+        "target-radius", description="Before rendering, rescale each adapter output's offset from the class text "
+        "targets' centre to the targets' mean radius (adapters shrink toward the mean on ambiguous clips); needs "
+        "the targets, 'none' renders the outputs as they are.",
     )
     server: bool = Field(True, description="The server also renders global images (global adapters).")
     output_dir: str = Field("", description="Where images go. Empty: <run dir>/images (node-config 'image-dir' wins).")

@@ -122,6 +122,22 @@ def make_optimizers(adapters: nn.Module, settings: TrainSettings) -> dict[str, t
 BatchLoss = Callable[[Tensor], tuple[Tensor, Tensor]]  # batch row indices -> (loss_clip, loss_t5)
 
 
+@dataclass
+class EarlyStop:
+    """Stop training once the held-out loss stopped improving, and keep the best epoch's weights.
+
+    Why: the server's distillation runs a fixed number of epochs every round, although its student
+    starts next to the answer (this round's FedAvg or the previous global) and its loss flattens
+    after a few epochs (measured: most of a KD round's seconds bought nothing). ``holdout_loss()``
+    scores the model on rows it never trains on; after ``patience`` epochs without a relative
+    improvement of ``min_delta`` the loop stops and the best epoch's weights are put back.
+    """
+
+    holdout_loss: Callable[[], float]
+    patience: int
+    min_delta: float = 0.01
+
+
 def fit_adapters(
     adapters: nn.Module,
     n: int,
@@ -129,12 +145,14 @@ def fit_adapters(
     settings: TrainSettings,
     device: torch.device | str = "cpu",
     log_prefix: str = "",
+    early_stop: EarlyStop | None = None,
 ) -> dict[str, list[float]]:
     """The one optimisation loop (local training, KD, fine-tuning): both branches, one AdamW each.
 
     ``batch_loss(idx)`` returns the two branch losses of the rows ``idx`` of whatever the caller
     trains on; the loop shuffles, batches, steps and records per-epoch mean losses
-    (``loss_clip``, ``loss_t5`` lists). With ``log_prefix`` every epoch is logged at INFO.
+    (``loss_clip``, ``loss_t5`` lists; with ``early_stop`` also ``holdout`` and at most
+    ``settings.epochs`` epochs). With ``log_prefix`` every epoch is logged at INFO.
     """
     if n == 0:
         raise ValueError("no training embeddings: the node has no usable training clips")
@@ -143,7 +161,7 @@ def fit_adapters(
     # Dropout draws from the global RNG: seed it with settings.seed in a fork, so a run is
     # reproducible on its own and the caller's RNG is left as it was.
     with seeded(settings.seed, device):
-        history = _fit_loop(adapters, n, batch_loss, settings, log_prefix)
+        history = _fit_loop(adapters, n, batch_loss, settings, log_prefix, early_stop)
     last = [h[-1] for h in history.values() if h]
     if not all(math.isfinite(v) for v in last):
         raise FloatingPointError(f"adapter training diverged: {dict(zip(history, last))}")
@@ -151,12 +169,40 @@ def fit_adapters(
     return history
 
 
+class _Best:
+    """The lowest held-out loss so far and its weights (a CPU copy); the epochs since the loss last
+    improved by ``min_delta`` (relative) decide when to stop."""
+
+    def __init__(self, stop: EarlyStop) -> None:
+        self.stop, self.loss, self.ref, self.state, self.waited, self.epoch = stop, math.inf, math.inf, None, 0, 0
+
+    def update(self, model: nn.Module, epoch: int) -> tuple[float, bool]:
+        """Score ``model``; returns (held-out loss, whether to stop)."""
+        model.eval()
+        with torch.no_grad():
+            loss = float(self.stop.holdout_loss())
+        model.train()
+        if loss < self.loss or self.state is None:
+            self.loss, self.epoch = loss, epoch
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if loss < self.ref * (1.0 - self.stop.min_delta):
+            self.ref, self.waited = loss, 0
+        else:
+            self.waited += 1
+        return loss, self.waited >= self.stop.patience
+
+
 def _fit_loop(
-    adapters: nn.Module, n: int, batch_loss: BatchLoss, settings: TrainSettings, log_prefix: str
+    adapters: nn.Module, n: int, batch_loss: BatchLoss, settings: TrainSettings, log_prefix: str,
+    early_stop: EarlyStop | None = None,
 ) -> dict[str, list[float]]:
     optimizers = make_optimizers(adapters, settings)
     generator = torch.Generator().manual_seed(settings.seed)
     history: dict[str, list[float]] = {"loss_clip": [], "loss_t5": []}
+    best = _Best(early_stop) if early_stop is not None and early_stop.patience > 0 else None
+    if best is not None:
+        history["holdout"] = []
+    level = logging.INFO if log_prefix else logging.DEBUG
     for epoch in range(settings.epochs):
         order = torch.randperm(n, generator=generator)
         sums = {"loss_clip": 0.0, "loss_t5": 0.0}
@@ -172,9 +218,17 @@ def _fit_loop(
             sums["loss_t5"] += loss_t5.item() * len(idx)
         for key, value in sums.items():
             history[key].append(value / n)
-        level = logging.INFO if log_prefix else logging.DEBUG
         log.log(level, "%sepoch %d/%d: loss clip %.4f t5 %.4f", log_prefix, epoch + 1, settings.epochs,
                 history["loss_clip"][-1], history["loss_t5"][-1])
+        if best is not None:
+            held, stop = best.update(adapters, epoch)
+            history["holdout"].append(held)
+            if stop:
+                log.log(level, "%sheld-out loss %.4f: no gain for %d epochs, stopped after epoch %d (best: epoch %d)",
+                        log_prefix, held, best.stop.patience, epoch + 1, best.epoch + 1)
+                break
+    if best is not None and best.state is not None and best.epoch != len(history["loss_clip"]) - 1:
+        adapters.load_state_dict(best.state)
     return history
 
 

@@ -30,10 +30,11 @@ log = logging.getLogger(__name__)
 
 
 def loss_metrics(history: dict[str, list[float]], prefix: str) -> dict[str, float]:
-    """Last-epoch losses of a server training step as round metrics (``kd_loss_clip``, ``kd_loss``, ``kd_epochs``)."""
+    """Last-epoch losses of a server training step as round metrics (``kd_loss_clip``, ``kd_loss``, ``kd_epochs``,
+    and ``kd_holdout`` when it stopped early on held-out samples)."""
     out = {f"{prefix}_{k}": float(v[-1]) for k, v in history.items() if v}
-    out[f"{prefix}_loss"] = sum(out.values())
-    out[f"{prefix}_epochs"] = float(len(next(iter(history.values()), [])))
+    out[f"{prefix}_loss"] = sum(out.get(f"{prefix}_{k}", 0.0) for k in ("loss_clip", "loss_t5"))
+    out[f"{prefix}_epochs"] = float(len(history.get("loss_clip", [])))
     return out
 
 

@@ -22,6 +22,7 @@ from typing import Protocol
 
 from common.config import FedA2VConfig
 from common.factory import embedding_shape
+from common.metrics.resources import memory_metrics
 from common.models.generators import GeneratorSpec, GeneratorTrainSettings
 from common.render.jobs import images_dir
 from server_app.aggregators import AGGREGATORS, Aggregator
@@ -57,10 +58,17 @@ class Pipeline:
         return [s.name for s in self.steps]
 
     def __call__(self, state: RoundState) -> RoundState:
+        """Run the steps in order; each step's seconds go into the round's metrics (``step_seconds_<name>``,
+        up to the summary step for the after-round pipeline), and the server's memory after the round
+        pipeline (``server_rss_mb``, ``server_peak_rss_mb``)."""
         for step in self.steps:
             t0 = time.perf_counter()
             step(state)
-            log.debug("round %d: %s step '%s' took %.2fs", state.server_round, self.name, step.name, time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            state.metrics[f"step_seconds_{step.name}"] = round(seconds, 4)
+            log.debug("round %d: %s step '%s' took %.2fs", state.server_round, self.name, step.name, seconds)
+        if self.name == "round":
+            state.metrics.update(memory_metrics("server_"))
         return state
 
 

@@ -19,7 +19,7 @@ from common.generator_bank import GeneratorBank, GeneratorCheckpointError, save_
 from common.models.generators import GeneratorSpec, GeneratorTrainSettings
 from common.records import ClassTensors
 from common.render.backend import Conditioning
-from common.render.conditioning import with_oracle
+from common.render.conditioning import target_radius, with_oracle
 from common.render.images import MANIFEST, read_manifest
 from common.render.jobs import render_job
 
@@ -104,6 +104,35 @@ def test_oracle_switch_replaces_one_branch_by_the_class_text_target(tmp_path):
     assert entry["source"] == "clip:a+oracle-clip"
     with pytest.raises(ValueError, match="needs the class text targets"):
         render_job(cfg_with(**{"render.oracle": "t5"}), 0, cond, ["rain", "dog"], ["a", "b"], tmp_path / "x", None)
+
+
+def test_target_radius_restores_the_length_of_shrunk_outputs_and_keeps_their_direction(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    targets = ClassTensors(CLASSES, torch.randn(3, 768, generator=g), torch.randn(3, 4, 4096, generator=g))
+    centre_clip, centre_t5 = targets.clip.mean(0), targets.t5.mean(0)
+    radius_clip = (targets.clip - centre_clip).norm(dim=1).mean()
+    radius_t5 = (targets.t5 - centre_t5).flatten(1).norm(dim=1).mean()
+    # adapter-like outputs: 0.3 of the way from the centre to "rain", 0.5 of the way to "dog", and the centre itself
+    shrink = torch.tensor([0.3, 0.5, 0.0])
+    clip = centre_clip + shrink[:, None] * (targets.clip[[1, 0, 2]] - centre_clip)
+    t5 = centre_t5 + shrink[:, None, None] * (targets.t5[[1, 0, 2]] - centre_t5)
+    out = target_radius(Conditioning({"clip_pooled": clip, "t5_sequence": t5}), targets)
+    new_clip, new_t5 = out.tensors["clip_pooled"], out.tensors["t5_sequence"]
+    assert torch.allclose((new_clip[:2] - centre_clip).norm(dim=1), radius_clip.expand(2), rtol=1e-4)
+    assert torch.allclose((new_t5[:2] - centre_t5).flatten(1).norm(dim=1), radius_t5.expand(2), rtol=1e-4)
+    cos = torch.nn.functional.cosine_similarity(new_clip[:2] - centre_clip, targets.clip[[1, 0]] - centre_clip)
+    assert torch.allclose(cos, torch.ones(2), atol=1e-5)
+    assert torch.allclose(new_clip[2], centre_clip) and torch.allclose(new_t5[2], centre_t5)  # no direction: unchanged
+    # per row: a row's result does not depend on the other rows in its batch
+    alone = target_radius(Conditioning({"clip_pooled": clip[:1], "t5_sequence": t5[:1]}), targets)
+    assert torch.allclose(alone.tensors["clip_pooled"], new_clip[:1])
+    # the job applies it (recorded in the manifest) and renders differently from the uncalibrated rows
+    cond = Conditioning({"clip_pooled": clip[:2], "t5_sequence": t5[:2]})
+    render_job(cfg_with(), 0, cond, ["rain", "dog"], ["a", "b"], tmp_path / "cal", None, targets)
+    render_job(cfg_with(**{"render.calibrate": "none"}), 0, cond, ["rain", "dog"], ["a", "b"], tmp_path / "raw", None, targets)
+    assert {e["render_calibrate"] for e in read_manifest(tmp_path / "cal")} == {"target-radius"}
+    assert {e["render_calibrate"] for e in read_manifest(tmp_path / "raw")} == {"none"}
+    assert not same_image(tmp_path / "cal" / "node_0" / "rain_0001.png", tmp_path / "raw" / "node_0" / "rain_0001.png")
 
 
 @pytest.fixture()

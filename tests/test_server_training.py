@@ -29,7 +29,7 @@ from common.records import (
 from common.training import TrainSettings
 from server_app.app import class_targets
 from server_app.finetune import finetune
-from server_app.aggregators.kd import distill
+from server_app.aggregators.kd import distill, holdout_split
 from server_app.server_generator import (
     DataFreeSettings,
     merge_generators,
@@ -98,6 +98,33 @@ def test_kd_trains_both_branches_toward_teachers():
     for branch, params in student.branch_parameters().items():
         moved = [not torch.equal(p, q) for p, q in zip(params, start.branch_parameters()[branch])]
         assert all(moved), f"{branch} branch: some parameters received no update"
+
+
+def test_kd_early_stop_holds_samples_out_stops_on_a_plateau_and_keeps_the_best_epoch():
+    train_rows, held = holdout_split(100, 0.1, seed=3)
+    assert len(held) == 10 and len(train_rows) == 90 and not set(held.tolist()) & set(train_rows.tolist())
+    assert torch.equal(holdout_split(100, 0.1, seed=3)[1], held)  # seeded
+    assert len(holdout_split(10, 0.1, seed=3)[1]) == 0  # 1 row would be no measurement: nothing held out
+    teachers = {0: small_adapters(0), 1: small_adapters(1)}
+    owners = OwnerTeachers.build(NAMES, teachers, {0: means_for(["a", "b"], [2, 2]), 1: means_for(["c", "d"], [2, 2])})
+    x, y = torch.randn(80, TOKENS, DIM), torch.arange(4).repeat(20)
+    # a learning rate this large overshoots: the held-out loss stops improving long before 60 epochs
+    student = small_adapters(9)
+    history = distill(student, owners, x, y, settings(epochs=60, lr_clip=0.3, lr_t5=0.3), patience=2, holdout=0.2)
+    epochs = len(history["loss_clip"])
+    assert epochs < 60 and len(history["holdout"]) == epochs
+    # the returned student is the best epoch's: its held-out loss is the recorded minimum
+    _, held_rows = holdout_split(80, 0.2, seed=0)
+    student.eval()
+    with torch.no_grad():
+        t_clip, t_t5 = owners.outputs(x[held_rows], y[held_rows])
+        s_clip, s_t5 = student(x[held_rows])
+        from common.training import match_loss
+        again = float(match_loss(s_clip, t_clip, 0.5) + match_loss(s_t5, t_t5, 0.5))
+    assert again == pytest.approx(min(history["holdout"]), rel=1e-4)
+    # patience 0: every epoch runs, nothing held out
+    full = distill(small_adapters(9), owners, x, y, settings(epochs=5), patience=0, holdout=0.2)
+    assert len(full["loss_clip"]) == 5 and "holdout" not in full
 
 
 def _bank(kind: str, classes: list[str], seed: int, shift: float) -> GeneratorBank:

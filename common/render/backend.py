@@ -47,6 +47,7 @@ class RenderSettings:
     seed: int = 0
     offload: bool = False  # model CPU offload (needs accelerate): low-memory GPUs
     vae_tiling: bool = False
+    calibrate: str = "none"  # what was done to the conditioning rows first (render.calibrate)
     device: str = "cpu"
 
     def manifest_fields(self) -> dict[str, Any]:

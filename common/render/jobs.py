@@ -18,7 +18,7 @@ import torch
 from common.config import FedA2VConfig
 from common.records import ClassTensors
 from common.render.backend import Conditioning, RenderBackend, RenderSettings
-from common.render.conditioning import with_oracle
+from common.render.conditioning import target_radius, with_oracle
 from common.render.images import ImageRequest, RenderReport, owner_name, render_images
 from common.render.registry import build_backend
 from common.render.trained_preset import PRESET, Recipe, ensure_preset
@@ -38,7 +38,8 @@ def render_settings(cfg: FedA2VConfig, device: str = "cpu", targets: ClassTensor
         model = str(ensure_preset(cache_dir or cfg.resolved_cache_dir(), targets, Recipe(resolution=r.resolution)))
     return RenderSettings(
         model=model, resolution=r.resolution, steps=r.steps, guidance=r.guidance, dtype=r.dtype,
-        batch_size=r.batch_size, seed=r.seed or cfg.seed, offload=r.offload, vae_tiling=r.vae_tiling, device=device,
+        batch_size=r.batch_size, seed=r.seed or cfg.seed, offload=r.offload, vae_tiling=r.vae_tiling,
+        calibrate=r.calibrate if targets is not None else "none", device=device,
     )
 
 
@@ -100,6 +101,12 @@ def render_job(
     cond = cond.rows(rows)
     classes = [row_classes[i] for i in rows]
     sources = [row_sources[i] for i in rows]
+    if cfg.render.calibrate == "target-radius":
+        if targets is None:
+            log.info("%s: render.calibrate='target-radius' needs the class text targets, which this job lacks: "
+                     "the conditioning is rendered as it is", owner_name(node_id))
+        else:
+            cond = target_radius(cond, targets)
     if cfg.render.oracle != "none":
         if targets is None:
             raise ValueError("render.oracle needs the class text targets")

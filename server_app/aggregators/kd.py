@@ -18,7 +18,7 @@ from torch import Tensor
 
 from common.config import KDConfig, TrainConfig
 from common.models.adapters import Adapters
-from common.training import TrainSettings, fit_adapters, match_loss
+from common.training import EarlyStop, TrainSettings, fit_adapters, match_loss
 from server_app.adapter_training import AdapterTrainingStep
 from server_app.aggregators.base import Aggregator, register
 from server_app.aggregators.fedavg import fedavg
@@ -38,21 +38,45 @@ def distill(
     settings: TrainSettings,
     device: torch.device | str = "cpu",
     log_prefix: str = "kd ",
+    patience: int = 0,
+    holdout: float = 0.0,
 ) -> dict[str, list[float]]:
-    """Train ``student`` toward the teachers' outputs on ``(embeddings, labels)``; per-epoch losses."""
+    """Train ``student`` toward the teachers' outputs on ``(embeddings, labels)``; per-epoch losses.
+
+    With ``patience > 0`` a seeded ``holdout`` fraction of the samples is never trained on: training
+    stops once the student's loss on it has not improved for ``patience`` epochs, and keeps the best
+    epoch's weights (:class:`~common.training.EarlyStop`).
+    """
     device = torch.device(device)
     teachers.to(device)
     embeddings, labels = embeddings.to(device).float(), labels.to(device)
     teacher = teachers.lookup(embeddings, labels)  # once per round: frozen teachers, fixed samples
+    train_rows, held_rows = holdout_split(len(embeddings), holdout if patience > 0 else 0.0, settings.seed)
 
-    def batch_loss(idx: Tensor) -> tuple[Tensor, Tensor]:
-        idx = idx.to(device)
-        x = embeddings[idx]
-        t_clip, t_t5 = teacher(idx)
-        s_clip, s_t5 = student(x)
+    def rows_loss(rows: Tensor) -> tuple[Tensor, Tensor]:
+        rows = rows.to(device)
+        t_clip, t_t5 = teacher(rows)
+        s_clip, s_t5 = student(embeddings[rows])
         return match_loss(s_clip, t_clip, settings.cosine_weight), match_loss(s_t5, t_t5, settings.cosine_weight)
 
-    return fit_adapters(student, len(embeddings), batch_loss, settings, device, log_prefix=log_prefix)
+    def held_loss() -> float:
+        parts = [rows_loss(held_rows[i : i + settings.batch_size]) for i in range(0, len(held_rows), settings.batch_size)]
+        sizes = [min(settings.batch_size, len(held_rows) - i) for i in range(0, len(held_rows), settings.batch_size)]
+        return sum(float(c + t) * k for (c, t), k in zip(parts, sizes)) / len(held_rows)
+
+    stop = EarlyStop(held_loss, patience) if len(held_rows) else None
+    return fit_adapters(student, len(train_rows), lambda idx: rows_loss(train_rows[idx]), settings, device,
+                        log_prefix=log_prefix, early_stop=stop)
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """``(train rows, held-out rows)`` of ``n`` rows: a seeded ``fraction`` held out (none when it would
+    leave fewer than 2 rows on either side)."""
+    k = int(round(n * fraction))
+    if k < 2 or n - k < 2:
+        return torch.arange(n), torch.arange(0)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[k:].sort().values, order[:k].sort().values
 
 
 class DistillStep(AdapterTrainingStep):
@@ -70,7 +94,8 @@ class DistillStep(AdapterTrainingStep):
 
     def fit(self, adapters: Adapters, teachers: OwnerTeachers, x: Tensor, y: Tensor, settings: TrainSettings,
             state: RoundState) -> dict[str, list[float]]:
-        return distill(adapters, teachers, x, y, settings, self.run.device, log_prefix=f"round {state.server_round} kd ")
+        return distill(adapters, teachers, x, y, settings, self.run.device, log_prefix=f"round {state.server_round} kd ",
+                       patience=self.section.patience, holdout=self.section.holdout)
 
 
 @register
