@@ -43,7 +43,7 @@ from common.config import FedA2VConfig, NodeRuntimeConfig, load_config
 from common.errors import redact_paths
 from common.logs import setup_logging
 from common.factory import adapter_config, build_adapters, resolve_device
-from common.metrics.resources import memory_metrics
+from common.metrics.resources import memory_metrics, process_age_seconds
 from common.models.adapters import Adapters
 from common.records import (
     ARRAYS,
@@ -189,6 +189,7 @@ def _no_host_paths(handler):
 @_no_host_paths
 def train(msg: Message, context: Context) -> Message:
     t_call = time.perf_counter()  # the whole handler: ``call_seconds`` (node compute, as bench/scale.py counts it)
+    age = process_age_seconds()  # deployment: this message's process start and imports
     cfg, node, targets = _setup(msg, context)
     server_round = int(_round_config(msg).get("server-round", 0))
     state_directory, carried, state_metrics = _carried_state(cfg, node, msg, context)
@@ -234,7 +235,7 @@ def train(msg: Message, context: Context) -> Message:
         "node %d round %d: trained on %d embeddings in %.1fs, loss %.4f (clip %.4f, t5 %.4f)",
         node.partition_id, server_round, labels.numel(), train_seconds, losses["loss"], losses["loss_clip"], losses["loss_t5"],
     )
-    metrics["call_seconds"] = time.perf_counter() - t_call
+    metrics.update({"call_seconds": time.perf_counter() - t_call, "process_age_seconds": age})
     content = RecordDict({ARRAYS: weights, METRICS: MetricRecord(metrics)})
     means.to_records(content, CLASS_MEANS, CLASS_MEANS_META)
     # the server keeps every node's generators (KD samples, its generators/ folder); a generate-only run
@@ -249,6 +250,7 @@ def train(msg: Message, context: Context) -> Message:
 @_no_host_paths
 def evaluate(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()  # the whole handler: ``call_seconds``
+    age = process_age_seconds()
     cfg, node, targets = _setup(msg, context)
     _, _, state_metrics = _carried_state(cfg, node, msg, context)
     device = resolve_device(cfg)
@@ -285,5 +287,5 @@ def evaluate(msg: Message, context: Context) -> Message:
         run_dir = node_run_dir(cfg, run_name)
         metrics.update(render_node_images(cfg, node, adapters, targets, context.state, str(run_dir or ""), server_round,
                                           str(device), cache_only=_cache_only(cfg), memo=NODE_DATA))
-    metrics.update({"call_seconds": time.perf_counter() - t0, **memory_metrics()})
+    metrics.update({"call_seconds": time.perf_counter() - t0, "process_age_seconds": age, **memory_metrics()})
     return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

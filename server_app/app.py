@@ -27,6 +27,7 @@ from common.models.text_encoders import compute_class_targets
 from common.records import CLASS_TARGETS, GLOBAL_MODEL, RUN_NAME, ClassTensors, module_to_arrays
 from common.render.flux import check_render_settings
 from common.render.jobs import prepare_render_model
+from server_app.grid import PromptGrid
 from server_app.pipeline import aggregation_method, build_pipelines
 from server_app.resume import open_run, run_directory
 from server_app.run_context import ServerRun
@@ -157,7 +158,7 @@ def main(grid: Grid, context: Context) -> None:
                else initial_adapters(cfg, acfg, class_names, adapters))
     try:
         result = strategy.start(
-            grid=grid,
+            grid=PromptGrid(grid, cfg.reply_poll_interval),
             initial_arrays=initial,
             num_rounds=cfg.num_rounds - start_round,
             timeout=cfg.round_timeout,

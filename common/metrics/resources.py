@@ -8,6 +8,7 @@ from which round. Read from ``/proc/self/status`` (Linux: the resident set now) 
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from pathlib import Path
@@ -35,3 +36,18 @@ def rss_mb() -> float:
 def memory_metrics(prefix: str = "") -> dict[str, float]:
     """``{prefix}rss_mb`` and ``{prefix}peak_rss_mb`` of this process, rounded to 0.1 MB."""
     return {f"{prefix}rss_mb": round(rss_mb(), 1), f"{prefix}peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def process_age_seconds() -> float:
+    """Seconds since this process started (Linux ``/proc``; 0 where it cannot be read).
+
+    Why: a deployed SuperNode starts a fresh ClientApp process for every message, so the age at the
+    moment a handler starts is what that message paid for process start and imports (simulation
+    reuses its workers: there it is the worker's age).
+    """
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
