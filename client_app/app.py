@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.augment import augment_from_server
@@ -63,6 +63,7 @@ from common.records import (
     module_to_arrays,
 )
 from common.training import TrainSettings, class_mean_outputs, evaluate_adapters, train_adapters
+from common.wire import WIRE, codec_of, decode, encode, wire_config
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -103,12 +104,15 @@ def _keeps_own_adapters(msg: Message) -> bool:
     return not bool(_round_config(msg).get(GLOBAL_MODEL, True))
 
 
-def _adapters(cfg: FedA2VConfig, msg: Message, context: Context, targets: ClassTensors) -> Adapters:
+def _adapters(cfg: FedA2VConfig, msg: Message, context: Context, targets: ClassTensors) -> tuple[Adapters, dict | None]:
+    """The adapters this message works on, and the server's weights as received (``None`` when the node
+    works on its own adapters): the base of a train reply sent as a difference (:mod:`common.wire`)."""
     acfg = adapter_config(cfg, clip_dim=targets.clip.shape[1], t5_dim=targets.t5.shape[2])
     adapters = build_adapters(cfg, acfg)
     if _keeps_own_adapters(msg) and LOCAL_ADAPTERS in context.state:
-        return arrays_to_module(context.state[LOCAL_ADAPTERS], adapters)  # type: ignore[arg-type]
-    return arrays_to_module(msg.content[ARRAYS], adapters)  # type: ignore[arg-type]
+        return arrays_to_module(context.state[LOCAL_ADAPTERS], adapters), None  # type: ignore[arg-type]
+    sent = decode(msg.content[ARRAYS])  # type: ignore[arg-type]
+    return arrays_to_module(ArrayRecord(sent), adapters), sent
 
 
 def node_run_dir(cfg: FedA2VConfig, run_name: str) -> Path | None:
@@ -196,7 +200,7 @@ def train(msg: Message, context: Context) -> Message:
     device = resolve_device(cfg)
     class_names, embeddings, labels, data_metrics, has_bank = _training_set(cfg, node, context, server_round)
     _check_classes(targets, class_names, node)
-    adapters = _adapters(cfg, msg, context, targets)
+    adapters, sent = _adapters(cfg, msg, context, targets)
     settings = TrainSettings.from_config(cfg.train, seed=seeds.node_train(cfg.seed, server_round, node.partition_id))
     train_x, train_y, augmented = augment_from_server(
         msg.content, embeddings, labels, class_names, cfg.train.augment_to, settings.seed
@@ -237,7 +241,11 @@ def train(msg: Message, context: Context) -> Message:
     )
     metrics.update({"call_seconds": time.perf_counter() - t_call, "process_age_seconds": age})
     content = RecordDict({ARRAYS: weights, METRICS: MetricRecord(metrics)})
-    means.to_records(content, CLASS_MEANS, CLASS_MEANS_META)
+    codec = codec_of(msg.content)
+    if WIRE in msg.content:  # the server's codec; a difference only from weights it sent (common.wire)
+        content[ARRAYS] = encode(weights, codec, base=sent)
+        content[WIRE] = wire_config(codec, delta=sent is not None)
+    means.to_records(content, CLASS_MEANS, CLASS_MEANS_META, half=codec != "float32")
     # the server keeps every node's generators (KD samples, its generators/ folder); a generate-only run
     # trains nothing and renders on the nodes, so its pretrained banks stay home (no traffic for nothing)
     if has_bank and not cfg.generate_only:
@@ -254,7 +262,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, node, targets = _setup(msg, context)
     _, _, state_metrics = _carried_state(cfg, node, msg, context)
     device = resolve_device(cfg)
-    adapters = _adapters(cfg, msg, context, targets)
+    adapters, _ = _adapters(cfg, msg, context, targets)
     metrics: dict[str, float | int] = {"num-examples": 0, "num_val": 0, "partition_id": node.partition_id,
                                        **state_metrics}
     empty = ["val", "test"]

@@ -105,8 +105,12 @@ class ClassTensors:
         return cls(list(names), state["clip"].float(), state["t5"].float(), counts)
 
     # -- Flower records
-    def to_records(self, content: RecordDict, name: str, meta_name: str) -> None:
-        content[name] = ArrayRecord(self._tensors())
+    def to_records(self, content: RecordDict, name: str, meta_name: str, half: bool = False) -> None:
+        """``half``: clip and t5 travel as float16 (read back as float32), e.g. under a compact wire codec."""
+        tensors = self._tensors()
+        if half:
+            tensors.update({k: tensors[k].to(torch.float16) for k in ("clip", "t5")})
+        content[name] = ArrayRecord(tensors)
         content[meta_name] = ConfigRecord({"class-names": list(self.class_names)})
 
     @classmethod

@@ -145,6 +145,7 @@ def main(grid: Grid, context: Context) -> None:
         min_replies=cfg.min_replies,
         connect_timeout=cfg.connect_timeout,
         round_offset=start_round,
+        wire_codec=cfg.wire_codec,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_nodes,

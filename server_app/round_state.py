@@ -9,7 +9,7 @@ here does I/O; steps do, each with one job.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from common.records import (
     RecordError,
     bank_from_records,
 )
+from common.wire import WireError
 from server_app.teachers import OwnerTeachers
 
 log = logging.getLogger(__name__)
@@ -120,12 +121,14 @@ def describe_error(msg: Message, sent_to: dict[str, int] | None = None) -> str:
 
 
 def collect_train_replies(server_round: int, replies: Iterable[Message], validator=None,
-                          connected: set[int] | None = None, sent_to: dict[str, int] | None = None) -> NodeReplies:
+                          connected: set[int] | None = None, sent_to: dict[str, int] | None = None,
+                          decode_arrays: Callable[[RecordDict], ArrayRecord | None] | None = None) -> NodeReplies:
     """Parse and check every train reply (weights, metrics, class means, generator bank).
 
     The messages stay as they are. With a ``validator`` (:class:`server_app.validation.ReplyValidator`)
     a reply that fails a check is dropped with a warning naming the node and the reason, and listed in
-    ``rejected``.
+    ``rejected``. ``decode_arrays`` turns a reply's weights as they travelled into float32 weights
+    (:mod:`common.wire`; default: as they are); a reply it cannot decode is rejected.
     """
     replies = list(replies)
     fail_if_all_failed(server_round, replies, "train")
@@ -139,8 +142,12 @@ def collect_train_replies(server_round: int, replies: Iterable[Message], validat
         node_id = int(msg.metadata.src_node_id)
         metrics = dict(content[METRICS]) if METRICS in content else {}
         pid = partition_id(msg)
-        reply = NodeReply(pid, node_id, content.get(ARRAYS), metrics)  # type: ignore[arg-type]
         reason = validator.check_identity(node_id, pid, set(out.nodes), connected) if validator is not None else None
+        try:
+            arrays = decode_arrays(content) if decode_arrays is not None else content.get(ARRAYS)
+        except (WireError, RecordError, ValueError, TypeError) as err:
+            arrays, reason = None, reason or f"weights unusable: {err}"
+        reply = NodeReply(pid, node_id, arrays, metrics)  # type: ignore[arg-type]
         if reason is None:
             reason = _parse_extras(reply, content, server_round)
         if reason is None and validator is not None:

@@ -31,7 +31,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.records import METRICS, SERVER_GENERATOR, SERVER_GENERATOR_META, TARGETS, TARGETS_META, ClassTensors, bank_to_records
+from common.records import ARRAYS, METRICS, SERVER_GENERATOR, SERVER_GENERATOR_META, TARGETS, TARGETS_META, ClassTensors, bank_to_records
+from common.wire import WIRE, WireError, content_bytes, decode, encode, is_delta, received, wire_config
 from server_app.metrics import aggregate_metrics
 from server_app.pipeline import Pipeline
 from server_app.quorum import check_quorum, wait_for_nodes
@@ -54,6 +55,7 @@ class FedA2VStrategy(FedAvg):
         min_replies: float = 1,
         connect_timeout: float = 300.0,
         round_offset: int = 0,
+        wire_codec: str = "float32",
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -65,6 +67,9 @@ class FedA2VStrategy(FedAvg):
         self.min_replies = min_replies
         self.connect_timeout = connect_timeout
         self.round_offset = round_offset
+        self.wire_codec = wire_codec
+        self.sent_base: dict[str, Any] | None = None  # what the nodes decode from this round's train message
+        self.wire_bytes: dict[str, float] = {}  # per node: train down, train up (mean), evaluate down
         self.asked: dict[str, int] = {}  # phase -> nodes asked in the round in progress
         self.connected: set[int] | None = None  # Flower node ids online when the round was configured
         self.sent: dict[str, list[Message]] = {}  # phase -> the messages sent (Flower gives them ids on sending)
@@ -73,10 +78,23 @@ class FedA2VStrategy(FedAvg):
 
     # ------------------------------------------------------------------ configure
     def _attach_targets(self, messages: Iterable[Message]) -> list[Message]:
+        """The class targets onto every message, and the weights in the wire codec (:mod:`common.wire`)."""
         messages = list(messages)
+        half = self.wire_codec != "float32"
         for content in {id(m.content): m.content for m in messages}.values():  # FedAvg shares one RecordDict
-            self.targets.to_records(content, TARGETS, TARGETS_META)
+            self.targets.to_records(content, TARGETS, TARGETS_META, half=half)
+            if ARRAYS in content:
+                content[ARRAYS] = encode(content[ARRAYS], self.wire_codec)  # type: ignore[arg-type]
+                content[WIRE] = wire_config(self.wire_codec, delta=False)
         return messages
+
+    def _decode_reply(self, content: RecordDict) -> ArrayRecord | None:
+        """A train reply's weights as float32 (a difference is added back to what this round sent)."""
+        if ARRAYS not in content:
+            return None
+        if is_delta(content) and self.sent_base is None:
+            raise WireError("the reply is a difference from weights this server did not send this round")
+        return ArrayRecord(decode(content[ARRAYS], self.sent_base if is_delta(content) else None))  # type: ignore[arg-type]
 
     def _sent_to(self, phase: str) -> dict[str, int]:
         return {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent.get(phase, []) if m.metadata.message_id}
@@ -87,6 +105,7 @@ class FedA2VStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         self.sent_arrays = arrays
+        self.sent_base = received(arrays, self.wire_codec)
         self._wait_for_nodes(grid)
         messages = self._attach_targets(super().configure_train(server_round, arrays, config, grid))
         self.asked["train"] = len(messages)
@@ -95,6 +114,7 @@ class FedA2VStrategy(FedAvg):
         if bank is not None:
             for content in {id(m.content): m.content for m in messages}.values():  # nodes fill thin classes (augment-to)
                 bank_to_records(bank, content, "", None, server_round - 1, SERVER_GENERATOR, SERVER_GENERATOR_META)
+        self.wire_bytes = {"wire_bytes_train_down": float(content_bytes(messages[0].content)) if messages else 0.0}
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -104,12 +124,23 @@ class FedA2VStrategy(FedAvg):
         messages = self._attach_targets(super().configure_evaluate(server_round, arrays, config, grid))
         self.asked["evaluate"] = len(messages)
         self.sent["evaluate"] = messages
+        if messages and self.state is not None and self.state.server_round == server_round:
+            # bytes per node and round (summary.json, bench/scale.py): what goes down twice and up once
+            down = float(content_bytes(messages[0].content))
+            self.state.metrics.update({**self.wire_bytes, "wire_bytes_evaluate_down": down})
+            self.state.metrics["wire_bytes_per_node"] = sum(self.state.metrics.get(k, 0.0) for k in (
+                "wire_bytes_train_down", "wire_bytes_train_up", "wire_bytes_evaluate_down"))
         return messages
 
     # ------------------------------------------------------------------ aggregate
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
-        parsed = collect_train_replies(server_round, replies, self.validator, self.connected, self._sent_to("train"))
+        replies = list(replies)
+        ok = [m for m in replies if not m.has_error()]
+        if ok:
+            self.wire_bytes["wire_bytes_train_up"] = sum(content_bytes(m.content) for m in ok) / len(ok)
+        parsed = collect_train_replies(server_round, replies, self.validator, self.connected, self._sent_to("train"),
+                                       decode_arrays=self._decode_reply)
         check_quorum(server_round, "train", list(parsed.nodes), self.asked.get("train", len(parsed.nodes)),
                      self.min_replies, parsed.failures, parsed.rejected)
         state = RoundState(server_round, self.sent_arrays, parsed)

@@ -138,3 +138,31 @@ def test_init_from_checks_dims_and_classes(tmp_path):
         initial_adapters(cfg, wider, NAMES, Adapters(wider))
     with pytest.raises(ConfigError, match="is not a file"):
         initial_adapters(load_config({"adapter.init-from": str(tmp_path / "nope.safetensors")}), ACFG, NAMES, Adapters(ACFG))
+
+
+def test_int8_difference_replies_are_added_back_to_what_the_server_sent(tmp_path):
+    from common.wire import WIRE, encode, received, wire_config
+
+    strategy = make_strategy(tmp_path)
+    strategy.wire_codec = "int8"
+    torch.manual_seed(1)
+    start, a, b = Adapters(ACFG), Adapters(ACFG), Adapters(ACFG)
+    strategy.sent_base = received(module_to_arrays(start), "int8")  # what configure_train sent, as the nodes decode it
+    m = ClassTensors(["dog"], torch.ones(1, 6), torch.ones(1, 2, 5), torch.tensor([2]))
+    replies = [reply(0, a, 3, m), reply(1, b, 1, m)]
+    for r, model in zip(replies, (a, b)):
+        r.content["arrays"] = encode(module_to_arrays(model), "int8", base=strategy.sent_base)
+        r.content[WIRE] = wire_config("int8", delta=True)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    key = "t5.summary.weight"
+    expected = (3 * a.state_dict()[key] + b.state_dict()[key]) / 4
+    got = arrays.to_torch_state_dict()[key]
+    assert torch.allclose(got, expected, atol=2 * float((a.state_dict()[key] - start.state_dict()[key]).abs().max()) / 254)
+    # a difference the server cannot place (it sent nothing this round) is rejected, naming why
+    strategy.sent_base = None
+    lone = reply(0, a, 3, m)
+    lone.content["arrays"] = encode(module_to_arrays(a), "int8", base=received(module_to_arrays(start), "int8"))
+    lone.content[WIRE] = wire_config("int8", delta=True)
+    with pytest.raises(Exception) as err:
+        strategy.aggregate_train(2, [lone])
+    assert "did not send" in str(err.value)

@@ -1,0 +1,113 @@
+"""What tensors look like on the wire: float32, float16, or int8 with one scale per row.
+
+Why: the default adapters are 13.8 M parameters (55 MB in float32) and travel three times per node
+and round (train down, train up, evaluate down); with a real AST and longer T5 sequences they grow.
+Weights tolerate 8 bits per value when every row (the last axis) has its own scale: the error is at
+most half a step, 1/254 of the row's largest magnitude. Uploads are smaller still in error: a node
+sends the *difference* between its trained weights and the weights it received (``base``), whose
+rows span far less than the weights themselves, and the server adds it back to what it sent.
+
+A record is self-describing: an int8 tensor ``name`` comes with ``name::scale``
+(:data:`SCALE_SUFFIX`; PyTorch names never hold ``::``), a float16 tensor is widened on decode, and
+everything else passes as it is; the ``wire`` ConfigRecord of a message (:data:`WIRE`) says whether
+the arrays are a difference. Small tensors (under :data:`MIN_INT8_VALUES` values: biases, norms)
+stay float32 under the int8 codec, where 8 bits would save nothing worth their error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from torch import Tensor
+
+CODECS = ("float32", "float16", "int8")
+WIRE = "wire"  # ConfigRecord of a message: {"codec": str, "delta": bool}
+SCALE_SUFFIX = "::scale"
+MIN_INT8_VALUES = 1024
+
+
+class WireError(ValueError):
+    """A record that cannot be decoded (names the tensor)."""
+
+
+def _int8(t: Tensor) -> tuple[Tensor, Tensor]:
+    rows = t.detach().float().reshape(-1, t.shape[-1])
+    scale = rows.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(t.shape), scale
+
+
+def encode(tensors: Mapping[str, Tensor] | ArrayRecord, codec: str, base: Mapping[str, Tensor] | None = None) -> ArrayRecord:
+    """``tensors`` (minus ``base`` when given: a difference) in ``codec``; non-float tensors pass unchanged."""
+    if codec not in CODECS:
+        raise WireError(f"wire codec must be one of {CODECS}, got {codec!r}")
+    state = tensors.to_torch_state_dict() if isinstance(tensors, ArrayRecord) else dict(tensors)
+    out: dict[str, Tensor] = {}
+    for name, t in state.items():
+        t = t.detach().cpu()
+        if not t.is_floating_point():
+            out[name] = t
+            continue
+        if base is not None:
+            if name not in base or tuple(base[name].shape) != tuple(t.shape):
+                raise WireError(f"wire delta: no base tensor '{name}' of shape {tuple(t.shape)}")
+            t = t.float() - base[name].detach().cpu().float()
+        if codec == "int8" and t.dim() >= 1 and t.numel() >= MIN_INT8_VALUES:
+            out[name], out[name + SCALE_SUFFIX] = _int8(t)
+        elif codec == "float16":
+            out[name] = t.to(torch.float16)
+        else:
+            out[name] = t.float()
+    return ArrayRecord(out)
+
+
+def decode(record: ArrayRecord, base: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """float32 tensors of an encoded record (``base`` added back to a difference)."""
+    state = record.to_torch_state_dict()
+    out: dict[str, Tensor] = {}
+    for name, t in state.items():
+        if name.endswith(SCALE_SUFFIX):
+            if name[: -len(SCALE_SUFFIX)] not in state:
+                raise WireError(f"wire record: scale '{name}' without its tensor")
+            continue
+        scale = state.get(name + SCALE_SUFFIX)
+        if scale is not None:
+            if t.dtype != torch.int8 or scale.numel() != t.numel() // max(1, t.shape[-1]):
+                raise WireError(f"wire record: '{name}' ({t.dtype}, {tuple(t.shape)}) does not match its scale "
+                                f"({scale.numel()} rows)")
+            t = (t.float().reshape(-1, t.shape[-1]) * scale.float()[:, None]).reshape(t.shape)
+        elif t.is_floating_point():
+            t = t.float()
+        if base is not None and t.is_floating_point():
+            if name not in base or tuple(base[name].shape) != tuple(t.shape):
+                raise WireError(f"wire delta: no base tensor '{name}' of shape {tuple(t.shape)}")
+            t = base[name].detach().cpu().float() + t
+        out[name] = t
+    return out
+
+
+def received(tensors: Mapping[str, Tensor] | ArrayRecord, codec: str) -> dict[str, Tensor]:
+    """Exactly what the other side decodes from ``encode(tensors, codec)`` (the base of its reply)."""
+    return decode(encode(tensors, codec))
+
+
+def wire_config(codec: str, delta: bool) -> ConfigRecord:
+    return ConfigRecord({"codec": codec, "delta": bool(delta)})
+
+
+def is_delta(content: RecordDict) -> bool:
+    """Whether a message's arrays are a difference from what the receiver sent (its ``wire`` record)."""
+    return bool(content[WIRE].get("delta", False)) if WIRE in content else False  # type: ignore[union-attr]
+
+
+def codec_of(content: RecordDict, default: str = "float32") -> str:
+    """The codec the sender chose (``float32`` for a message without a ``wire`` record)."""
+    return str(content[WIRE].get("codec", default)) if WIRE in content else default  # type: ignore[union-attr]
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of every record in a message, as Flower counts them (data plus keys)."""
+    return sum(int(record.count_bytes()) for record in content.values() if hasattr(record, "count_bytes"))

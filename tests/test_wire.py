@@ -1,0 +1,75 @@
+"""Weights on the wire: int8 with a scale per row within half a step, differences from the weights
+sent, float16, self-describing records, clear errors, and a quarter of the bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, RecordDict
+
+from common.wire import SCALE_SUFFIX, WIRE, WireError, content_bytes, decode, encode, is_delta, received, wire_config
+
+
+def weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"proj.weight": torch.randn(64, 512, generator=g) * 0.02, "proj.bias": torch.randn(64, generator=g),
+            "seq": torch.randn(3, 16, 128, generator=g), "steps": torch.tensor([7], dtype=torch.int64)}
+
+
+def test_int8_is_within_half_a_step_of_each_row_and_small_or_integer_tensors_pass_as_they_are():
+    w = weights()
+    record = encode(w, "int8")
+    assert record["proj.weight"].dtype == "int8" and "proj.weight" + SCALE_SUFFIX in record
+    back = decode(record)
+    assert set(back) == set(w)
+    for name in ("proj.weight", "seq"):
+        rows = w[name].reshape(-1, w[name].shape[-1])
+        step = rows.abs().amax(1, keepdim=True) / 127
+        err = (back[name].reshape(rows.shape) - rows).abs()
+        assert bool((err <= step / 2 + 1e-7).all()), name
+    assert torch.equal(back["proj.bias"], w["proj.bias"])  # 64 values: kept float32
+    assert torch.equal(back["steps"], w["steps"])
+    assert received(w, "int8")["proj.weight"].dtype == torch.float32
+
+
+def test_a_difference_from_the_weights_sent_comes_back_far_more_precisely_than_the_weights():
+    sent = received(weights(0), "int8")  # what the node decoded
+    trained = {k: (v + 1e-3 * torch.randn_like(v.float()).to(v.dtype)) if v.is_floating_point() else v
+               for k, v in sent.items()}
+    as_delta = decode(encode(trained, "int8", base=sent), base=sent)
+    as_weights = decode(encode(trained, "int8"))
+    err_delta = (as_delta["proj.weight"] - trained["proj.weight"]).abs().max()
+    err_plain = (as_weights["proj.weight"] - trained["proj.weight"]).abs().max()
+    assert err_delta < err_plain / 5
+    assert torch.equal(as_delta["steps"], trained["steps"])
+
+
+def test_float16_and_float32_codecs():
+    w = weights()
+    half = encode(w, "float16")
+    assert half["proj.weight"].dtype == "float16"
+    assert torch.allclose(decode(half)["proj.weight"], w["proj.weight"], atol=1e-4)
+    assert torch.equal(decode(encode(w, "float32"))["seq"], w["seq"])
+
+
+def test_bad_records_and_bases_are_errors_that_name_the_tensor():
+    w = weights()
+    with pytest.raises(WireError, match="codec"):
+        encode(w, "int4")
+    with pytest.raises(WireError, match="proj.weight"):
+        encode(w, "int8", base={"seq": w["seq"]})
+    with pytest.raises(WireError, match="seq"):
+        decode(encode(w, "int8"), base={"proj.weight": w["proj.weight"], "proj.bias": w["proj.bias"]})
+    broken = encode(w, "int8").to_torch_state_dict()
+    broken["proj.weight" + SCALE_SUFFIX] = torch.ones(3)
+    with pytest.raises(WireError, match="proj.weight"):
+        decode(ArrayRecord(broken))
+
+
+def test_int8_takes_about_a_quarter_of_the_bytes_and_the_wire_record_says_what_was_sent():
+    w = {"a": torch.randn(256, 1024), "b": torch.randn(512, 512)}
+    full = content_bytes(RecordDict({"arrays": encode(w, "float32")}))
+    small = content_bytes(RecordDict({"arrays": encode(w, "int8")}))
+    assert small < 0.26 * full
+    content = RecordDict({"arrays": encode(w, "int8"), WIRE: wire_config("int8", delta=True)})
+    assert is_delta(content) and not is_delta(RecordDict({"arrays": encode(w, "int8")}))
