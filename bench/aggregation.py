@@ -11,7 +11,9 @@ evaluated here on the union of all nodes' test clips (all 10 classes): the globa
 ``fedavg`` / ``kd`` / ``kd_finetune``, the mean over the nodes' own adapters for ``none``.
 
 Usage:  python bench/aggregation.py [--settings one_shot,multi_round] [--methods none,fedavg,kd,kd_finetune]
-Last line of output: one JSON object with global test retrieval accuracy per setting and method.
+Last line of output: one JSON object with global test retrieval accuracy per setting and method, the
+wall seconds per run and the server's own seconds per round (its pipeline steps: aggregation, server
+generator, distillation, fine-tuning, checkpoint, summary).
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ def main() -> None:
             targets = class_targets(cfg, names)
             accs: dict[str, float] = {}
             seconds: dict[str, float] = {}
+            server: dict[str, float] = {}  # the server's own steps per round (aggregate, generator, KD, fine-tuning)
             for method in args.methods.split(","):
                 values = {**base, **METHODS[method], **extra}  # one value per key: flwr rejects duplicates
                 t0 = time.perf_counter()
@@ -131,6 +134,9 @@ def main() -> None:
                 summary = json.loads(summary_path.read_text())
                 if not summary.get("final"):
                     raise RuntimeError(f"{setting}/{method}: the run did not finish ({summary_path})")
+                server[method] = round(sum(
+                    sum(v for k, v in r["train"]["global"].items() if k.startswith("step_seconds_"))
+                    for r in summary["rounds"]) / max(1, len(summary["rounds"])), 2)
                 ckpt = summary_path.parent / "checkpoints"
                 if method == "none":
                     per_node = [evaluate_checkpoint(ckpt / f"adapters_node{i}.safetensors", cfg, x_test, y_test, targets)
@@ -145,6 +151,7 @@ def main() -> None:
             log.info("%s / central: %.4f", setting, accs["central"])
             result[setting] = {k: round(v, 4) for k, v in accs.items()}
             result[f"{setting}_seconds"] = seconds
+            result[f"{setting}_server_seconds_per_round"] = server
     one, multi = result.get("one_shot"), result.get("multi_round")
     if isinstance(one, dict) and "kd" in one and "fedavg" in one:
         result["goal_one_shot_kd_minus_fedavg"] = round(one["kd"] - one["fedavg"], 4)
