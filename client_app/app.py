@@ -34,6 +34,7 @@ from flwr.clientapp import ClientApp
 
 from client_app.augment import augment_from_server
 from client_app.generators import shareable_classes, train_node_generators
+from client_app.held import HELD, by_reference, held, resolve, state_keys
 from client_app.node_data import NodeDataMemo, load_node_data, node_cache_dir
 from client_app.node_state import LOCAL_ADAPTERS, persist, restore, state_dir
 from client_app.pretrained import synthetic_train_set
@@ -71,14 +72,26 @@ NODE_DATA = NodeDataMemo(max_entries=8)  # this process's node embeddings (see c
 
 
 
-def _setup(msg: Message, context: Context) -> tuple[FedA2VConfig, NodeRuntimeConfig, ClassTensors]:
+def _setup(msg: Message, context: Context) -> tuple[FedA2VConfig, NodeRuntimeConfig, ClassTensors, Path, tuple[str, ...],
+                                                  dict[str, int]]:
+    """Config, node, class targets, and the carried state (:func:`_carried_state`) of one message.
+
+    The message's content is completed from what the node holds (:mod:`client_app.held`: records the
+    server sent by reference) and the records it brought in full are kept, on the node's disk too."""
     setup_logging()
     cfg = load_config(context.run_config)
     node = NodeRuntimeConfig.from_node_config(context.node_config)
     if node.num_threads:
         torch.set_num_threads(node.num_threads)
+    directory, carried, state_metrics = _carried_state(cfg, node, msg, context)
+    server_round = int(_round_config(msg).get("server-round", 0))
+    if by_reference(msg.content):
+        restore(context.state, directory, state_keys(), server_round + 1)  # a restarted SuperNode's held records
+    msg.content, kept = resolve(msg.content, context.state)
+    if kept:
+        persist(context.state, directory, tuple(kept), server_round)
     targets = ClassTensors.from_records(msg.content, TARGETS, TARGETS_META)
-    return cfg, node, targets
+    return cfg, node, targets, directory, carried, state_metrics
 
 
 def _check_classes(targets: ClassTensors, class_names: list[str], node: NodeRuntimeConfig) -> None:
@@ -194,9 +207,8 @@ def _no_host_paths(handler):
 def train(msg: Message, context: Context) -> Message:
     t_call = time.perf_counter()  # the whole handler: ``call_seconds`` (node compute, as bench/scale.py counts it)
     age = process_age_seconds()  # deployment: this message's process start and imports
-    cfg, node, targets = _setup(msg, context)
+    cfg, node, targets, state_directory, carried, state_metrics = _setup(msg, context)
     server_round = int(_round_config(msg).get("server-round", 0))
-    state_directory, carried, state_metrics = _carried_state(cfg, node, msg, context)
     device = resolve_device(cfg)
     class_names, embeddings, labels, data_metrics, has_bank = _training_set(cfg, node, context, server_round)
     _check_classes(targets, class_names, node)
@@ -246,6 +258,7 @@ def train(msg: Message, context: Context) -> Message:
         content[ARRAYS] = encode(weights, codec, base=sent)
         content[WIRE] = wire_config(codec, delta=sent is not None)
     means.to_records(content, CLASS_MEANS, CLASS_MEANS_META, half=codec != "float32")
+    content[HELD] = held(context.state)
     # the server keeps every node's generators (KD samples, its generators/ folder); a generate-only run
     # trains nothing and renders on the nodes, so its pretrained banks stay home (no traffic for nothing)
     if has_bank and not cfg.generate_only:
@@ -259,8 +272,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()  # the whole handler: ``call_seconds``
     age = process_age_seconds()
-    cfg, node, targets = _setup(msg, context)
-    _, _, state_metrics = _carried_state(cfg, node, msg, context)
+    cfg, node, targets, _, _, state_metrics = _setup(msg, context)
     device = resolve_device(cfg)
     adapters, _ = _adapters(cfg, msg, context, targets)
     metrics: dict[str, float | int] = {"num-examples": 0, "num_val": 0, "partition_id": node.partition_id,
@@ -296,4 +308,4 @@ def evaluate(msg: Message, context: Context) -> Message:
         metrics.update(render_node_images(cfg, node, adapters, targets, context.state, str(run_dir or ""), server_round,
                                           str(device), cache_only=_cache_only(cfg), memo=NODE_DATA))
     metrics.update({"call_seconds": time.perf_counter() - t0, "process_age_seconds": age, **memory_metrics()})
-    return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+    return Message(content=RecordDict({METRICS: MetricRecord(metrics), HELD: held(context.state)}), reply_to=msg)

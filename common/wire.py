@@ -7,6 +7,11 @@ most half a step, 1/254 of the row's largest magnitude. Uploads are smaller stil
 sends the *difference* between its trained weights and the weights it received (``base``), whose
 rows span far less than the weights themselves, and the server adds it back to what it sent.
 
+Records that do not change between messages (the class targets all run; the global weights between
+a round's evaluate message and the next round's train message) go to a node once: it keeps them
+(:mod:`client_app.held`, on its disk too) and says so in every reply; the server then sends only
+their hash (:mod:`server_app.holdings`).
+
 A record is self-describing: an int8 tensor ``name`` comes with ``name::scale``
 (:data:`SCALE_SUFFIX`; PyTorch names never hold ``::``), a float16 tensor is widened on decode, and
 everything else passes as it is; the ``wire`` ConfigRecord of a message (:data:`WIRE`) says whether
@@ -22,14 +27,26 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import Tensor
 
+from common.records import ARRAYS, TARGETS, TARGETS_META, RecordError
+
 CODECS = ("float32", "float16", "int8")
 WIRE = "wire"  # ConfigRecord of a message: {"codec": str, "delta": bool}
+# Records a node keeps between messages, so the server can send them by reference (server_app.holdings,
+# client_app.held): name -> the message records that make it up.
+HELD_RECORDS = {"targets": (TARGETS, TARGETS_META), "weights": (ARRAYS, WIRE)}
+HASHES = "record-hashes"  # ConfigRecord of a message: {name: hash} of the held records it refers to or carries
+BY_REFERENCE = "by-reference"  # ConfigRecord of a message: {name: hash} of records left out (the node holds them)
+HELD = "held"  # ConfigRecord of a reply: {name: hash} of what the node now holds
 SCALE_SUFFIX = "::scale"
 MIN_INT8_VALUES = 1024
 
 
 class WireError(ValueError):
     """A record that cannot be decoded (names the tensor)."""
+
+
+class HeldRecordMissing(RecordError):
+    """The server sent a record by reference that this node does not hold (its state was lost)."""
 
 
 def _int8(t: Tensor) -> tuple[Tensor, Tensor]:

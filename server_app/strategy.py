@@ -33,6 +33,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.records import ARRAYS, METRICS, SERVER_GENERATOR, SERVER_GENERATOR_META, TARGETS, TARGETS_META, ClassTensors, bank_to_records
 from common.wire import WIRE, WireError, content_bytes, decode, encode, is_delta, received, wire_config
+from server_app.holdings import NodeHoldings
 from server_app.metrics import aggregate_metrics
 from server_app.pipeline import Pipeline
 from server_app.quorum import check_quorum, wait_for_nodes
@@ -41,6 +42,11 @@ from server_app.round_state import RoundState, collect_train_replies, describe_e
 from server_app.validation import ReplyValidator
 
 log = logging.getLogger(__name__)
+
+
+def _mean_bytes(messages: list[Message]) -> float:
+    """Bytes of a phase's message per node (each node's own: some records may go by reference)."""
+    return sum(content_bytes(m.content) for m in messages) / len(messages) if messages else 0.0
 
 
 class FedA2VStrategy(FedAvg):
@@ -70,6 +76,7 @@ class FedA2VStrategy(FedAvg):
         self.wire_codec = wire_codec
         self.sent_base: dict[str, Any] | None = None  # what the nodes decode from this round's train message
         self.wire_bytes: dict[str, float] = {}  # per node: train down, train up (mean), evaluate down
+        self.holdings = NodeHoldings()  # what each node keeps of targets and weights (sent by reference)
         self.asked: dict[str, int] = {}  # phase -> nodes asked in the round in progress
         self.connected: set[int] | None = None  # Flower node ids online when the round was configured
         self.sent: dict[str, list[Message]] = {}  # phase -> the messages sent (Flower gives them ids on sending)
@@ -114,19 +121,21 @@ class FedA2VStrategy(FedAvg):
         if bank is not None:
             for content in {id(m.content): m.content for m in messages}.values():  # nodes fill thin classes (augment-to)
                 bank_to_records(bank, content, "", None, server_round - 1, SERVER_GENERATOR, SERVER_GENERATOR_META)
-        self.wire_bytes = {"wire_bytes_train_down": float(content_bytes(messages[0].content)) if messages else 0.0}
+        self.holdings.personalise(messages)
+        self.wire_bytes = {"wire_bytes_train_down": _mean_bytes(messages)}
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         if self.fraction_evaluate > 0:
             self._wait_for_nodes(grid)
-        messages = self._attach_targets(super().configure_evaluate(server_round, arrays, config, grid))
+        messages = self.holdings.personalise(self._attach_targets(super().configure_evaluate(server_round, arrays,
+                                                                                            config, grid)))
         self.asked["evaluate"] = len(messages)
         self.sent["evaluate"] = messages
         if messages and self.state is not None and self.state.server_round == server_round:
             # bytes per node and round (summary.json, bench/scale.py): what goes down twice and up once
-            down = float(content_bytes(messages[0].content))
+            down = _mean_bytes(messages)
             self.state.metrics.update({**self.wire_bytes, "wire_bytes_evaluate_down": down})
             self.state.metrics["wire_bytes_per_node"] = sum(self.state.metrics.get(k, 0.0) for k in (
                 "wire_bytes_train_down", "wire_bytes_train_up", "wire_bytes_evaluate_down"))
@@ -136,6 +145,7 @@ class FedA2VStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         replies = list(replies)
+        self.holdings.update(replies)
         ok = [m for m in replies if not m.has_error()]
         if ok:
             self.wire_bytes["wire_bytes_train_up"] = sum(content_bytes(m.content) for m in ok) / len(ok)
@@ -150,6 +160,7 @@ class FedA2VStrategy(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
         replies = list(replies)
+        self.holdings.update(replies)
         fail_if_all_failed(server_round, replies, "evaluate")
         nodes: dict[str, dict[str, Any]] = {}
         failures, rejected = [], []

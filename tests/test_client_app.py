@@ -87,8 +87,10 @@ def test_train_reply_records_and_privacy_rule(data_root, tmp_path):
                   run_config=run_config(data_root, tmp_path))
     reply = train(make_message(server_content(cfg)), ctx)
     content = reply.content
-    # Only weights, scalar metrics, and per-class means with counts leave the node.
-    assert set(content.keys()) == {"arrays", "metrics", CLASS_MEANS, CLASS_MEANS_META}
+    # Only weights, scalar metrics, per-class means with counts, and the hashes of what the node holds
+    # of the server's own records (client_app.held) leave the node.
+    assert set(content.keys()) == {"arrays", "metrics", CLASS_MEANS, CLASS_MEANS_META, "held"}
+    assert all(isinstance(v, str) for v in content["held"].values())
     metrics = content["metrics"]
     n_train = metrics["num-examples"]
     assert n_train > 0 and metrics["skipped_files"] == 0 and metrics["partition_id"] == 0

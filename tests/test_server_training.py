@@ -224,7 +224,7 @@ def test_train_reply_privacy_rule_with_generators(data_root, tmp_path):  # noqa:
     cfg, replies = _node_replies(data_root, tmp_path, {})
     reply = replies[0]
     content = reply.content
-    assert set(content.keys()) == {"arrays", "metrics", CLASS_MEANS, CLASS_MEANS_META, GENERATORS, GENERATORS_META}
+    assert set(content.keys()) == {"arrays", "metrics", CLASS_MEANS, CLASS_MEANS_META, GENERATORS, GENERATORS_META, "held"}
     n_train = int(content["metrics"]["num-examples"])
     adapters = build_adapters(cfg, adapter_config(cfg, 768, 4096))
     weights = content["arrays"].to_torch_state_dict()
