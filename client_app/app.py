@@ -34,7 +34,7 @@ from flwr.clientapp import ClientApp
 
 from client_app.augment import augment_from_server
 from client_app.generators import shareable_classes, train_node_generators
-from client_app.held import HELD, by_reference, held, resolve, state_keys
+from client_app.held import HELD, by_reference, forget_files, held, resolve, state_keys
 from client_app.node_data import NodeDataMemo, load_node_data, node_cache_dir
 from client_app.node_state import LOCAL_ADAPTERS, persist, restore, state_dir
 from client_app.pretrained import synthetic_train_set
@@ -272,7 +272,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()  # the whole handler: ``call_seconds``
     age = process_age_seconds()
-    cfg, node, targets, _, _, state_metrics = _setup(msg, context)
+    cfg, node, targets, state_directory, _, state_metrics = _setup(msg, context)
     device = resolve_device(cfg)
     adapters, _ = _adapters(cfg, msg, context, targets)
     metrics: dict[str, float | int] = {"num-examples": 0, "num_val": 0, "partition_id": node.partition_id,
@@ -307,5 +307,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         run_dir = node_run_dir(cfg, run_name)
         metrics.update(render_node_images(cfg, node, adapters, targets, context.state, str(run_dir or ""), server_round,
                                           str(device), cache_only=_cache_only(cfg), memo=NODE_DATA))
+    if server_round >= cfg.num_rounds:  # the run's last message to this node: its held records' files can go
+        forget_files(state_directory)
     metrics.update({"call_seconds": time.perf_counter() - t0, "process_age_seconds": age, **memory_metrics()})
     return Message(content=RecordDict({METRICS: MetricRecord(metrics), HELD: held(context.state)}), reply_to=msg)

@@ -13,6 +13,7 @@ to it next time.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from flwr.app import ConfigRecord, RecordDict
 
@@ -64,9 +65,20 @@ def resolve(content: RecordDict, state: RecordDict) -> tuple[RecordDict, list[st
     return out, kept
 
 
+def forget_files(directory: Path) -> int:
+    """Remove the held records' files of a run that is over (a resumed run's server sends everything in
+    full again: nothing will refer to them); returns how many were removed."""
+    removed = 0
+    for key in state_keys():
+        for path in Path(directory).glob(f"{key}_round_*.safetensors"):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def held(state: RecordDict) -> ConfigRecord:
     """The ``held`` record of a reply: ``{name: hash}`` of what this node holds now."""
     return ConfigRecord({name: _hash_of(state, name) for name in HELD_RECORDS if _hash_of(state, name)})
 
 
-__all__ = ["HELD", "by_reference", "held", "resolve", "state_keys"]
+__all__ = ["HELD", "by_reference", "forget_files", "held", "resolve", "state_keys"]
