@@ -2,7 +2,9 @@
 
 Flower keeps a node's ``Context.state`` in the SuperNode's memory: a restarted SuperNode starts with
 an empty one. Two things must survive: the node's own adapters when there is no global model
-(``aggregation = "none"``) and its generator bank (generator modes). Each is written atomically to
+(``aggregation = "none"``) and its generator bank (generator modes); the server's records it holds
+(:mod:`client_app.held`) use the same files, so a restarted node can still complete a message that
+names them by hash. Each is written atomically to
 ``<node cache-dir>/node-state/<run-name>/partition{id}/{key}_round_{r}`` whenever it changes and read back when the
 state lacks it. A node that should have carried something and cannot find it says so in its reply
 (``state_lost = 1``) instead of silently starting over; ``state_restored = 1`` when it reloaded.
