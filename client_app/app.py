@@ -89,7 +89,11 @@ def _setup(msg: Message, context: Context) -> tuple[FedA2VConfig, NodeRuntimeCon
         restore(context.state, directory, state_keys(), server_round + 1)  # a restarted SuperNode's held records
     msg.content, kept = resolve(msg.content, context.state)
     if kept:
-        persist(context.state, directory, tuple(kept), server_round)
+        try:
+            persist(context.state, directory, tuple(kept), server_round)
+        except OSError as err:  # an optimisation only: the state in memory still serves this SuperNode's life
+            log.warning("node %d: the server's records could not be kept on disk (%s); a restart will need them "
+                        "sent again", node.partition_id, redact_paths(str(err)))
     targets = ClassTensors.from_records(msg.content, TARGETS, TARGETS_META)
     return cfg, node, targets, directory, carried, state_metrics
 
