@@ -89,6 +89,7 @@ def main() -> None:
             targets = class_targets(cfg, names)
             cells: dict[str, float] = {}
             seconds: dict[str, float] = {}
+            server: dict[str, float] = {}  # the server's own seconds per round (its pipeline steps)
             for method in args.methods.split(","):
                 values = {**base, **METHODS[method], **extra}
                 t0 = time.perf_counter()
@@ -100,6 +101,9 @@ def main() -> None:
                 if summary["run"].get("status") != "completed":
                     raise RuntimeError(f"{split}/{method}: the run did not complete ({summary_path})")
                 histogram = summary["rounds"][-1].get("node_class_counts", {})
+                server[method] = round(sum(
+                    sum(v for k, v in r["train"]["global"].items() if k.startswith("step_seconds_"))
+                    for r in summary["rounds"]) / max(1, len(summary["rounds"])), 2)
                 ckpts = summary_path.parent / "checkpoints"
                 cells[method] = evaluate_checkpoint(ckpts / "adapters.safetensors", cfg, x_test, y_test, targets)
                 # the round the nodes' validation clips preferred (model selection without the test clips)
@@ -116,7 +120,8 @@ def main() -> None:
             best = max((k for k in cells if k != "central"), key=cells.__getitem__)
             result[split] = {**{k: round(v, 4) for k, v in cells.items()}, "best": best,
                              "best_over_central": round(cells[best] / cells["central"], 4) if cells["central"] else None,
-                             "test_clips": int(len(y_test)), "seconds": seconds}
+                             "test_clips": int(len(y_test)), "seconds": seconds,
+                             "server_seconds_per_round": server}
             log.info("%s: %s", split, result[split])
     print(json.dumps(result))
 
