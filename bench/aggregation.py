@@ -35,6 +35,7 @@ from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config
 from common.config_overrides import parse_overrides
 from common.factory import adapter_config, build_adapters, resolve_device, synth_classes
 from common.logs import setup_logging
+from common.report.run_data import server_seconds_per_round
 from common.training import TrainSettings, evaluate_adapters, train_adapters
 
 log = logging.getLogger("bench.aggregation")
@@ -134,9 +135,7 @@ def main() -> None:
                 summary = json.loads(summary_path.read_text())
                 if not summary.get("final"):
                     raise RuntimeError(f"{setting}/{method}: the run did not finish ({summary_path})")
-                server[method] = round(sum(
-                    sum(v for k, v in r["train"]["global"].items() if k.startswith("step_seconds_"))
-                    for r in summary["rounds"]) / max(1, len(summary["rounds"])), 2)
+                server[method] = server_seconds_per_round(summary)
                 ckpt = summary_path.parent / "checkpoints"
                 if method == "none":
                     per_node = [evaluate_checkpoint(ckpt / f"adapters_node{i}.safetensors", cfg, x_test, y_test, targets)

@@ -36,6 +36,7 @@ from common.config import FedA2VConfig, flatten, load_config
 from common.config_overrides import parse_overrides
 from common.data.synth import SYNTH_CLASSES
 from common.logs import setup_logging
+from common.report.run_data import server_seconds_per_round
 
 log = logging.getLogger("bench.noniid")
 
@@ -101,9 +102,7 @@ def main() -> None:
                 if summary["run"].get("status") != "completed":
                     raise RuntimeError(f"{split}/{method}: the run did not complete ({summary_path})")
                 histogram = summary["rounds"][-1].get("node_class_counts", {})
-                server[method] = round(sum(
-                    sum(v for k, v in r["train"]["global"].items() if k.startswith("step_seconds_"))
-                    for r in summary["rounds"]) / max(1, len(summary["rounds"])), 2)
+                server[method] = server_seconds_per_round(summary)
                 ckpts = summary_path.parent / "checkpoints"
                 cells[method] = evaluate_checkpoint(ckpts / "adapters.safetensors", cfg, x_test, y_test, targets)
                 # the round the nodes' validation clips preferred (model selection without the test clips)

@@ -33,6 +33,7 @@ from common.data.synth import SYNTH_CLASSES, synthesize_dataset
 from common.deploy import drills
 from common.deploy.local import LocalFederation
 from common.logs import setup_logging
+from common.report.run_data import server_step_seconds
 
 log = logging.getLogger("bench.round_latency")
 
@@ -48,7 +49,7 @@ def breakdown(summary: dict) -> dict:
         previous = float(entry["elapsed_seconds"])
         node = _slowest(entry, "train", "call_seconds") + _slowest(entry, "evaluate", "call_seconds")
         start = _slowest(entry, "train", "process_age_seconds") + _slowest(entry, "evaluate", "process_age_seconds")
-        server = sum(v for k, v in entry["train"]["global"].items() if k.startswith("step_seconds_"))
+        server = server_step_seconds(entry)
         rows.append({"round": entry["round"], "wall_s": round(wall, 2), "node_s": round(node, 2),
                      "process_start_s": round(start, 2), "server_s": round(server, 2),
                      "overhead_s": round(wall - node - start - server, 2)})

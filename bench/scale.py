@@ -37,6 +37,7 @@ from pathlib import Path
 from fed_vs_central import run_federated  # the sibling script (bench/ is this script's sys.path[0])
 
 from common.logs import setup_logging
+from common.report.run_data import server_step_seconds
 
 log = logging.getLogger("bench.scale")
 
@@ -49,7 +50,7 @@ def _round_rows(summary: dict, workers: int) -> list[dict]:
     for entry in summary["rounds"]:
         wall = float(entry["elapsed_seconds"]) - previous
         previous = float(entry["elapsed_seconds"])
-        server = sum(v for k, v in entry["train"]["global"].items() if k.startswith("step_seconds_"))
+        server = server_step_seconds(entry)
         calls: dict[str, float] = {}
         for phase in ("train", "evaluate"):
             for pid, m in entry[phase].get("nodes", {}).items():

@@ -23,6 +23,7 @@ from typing import Protocol
 from common.config import FedA2VConfig
 from common.factory import embedding_shape
 from common.metrics.resources import memory_metrics
+from common.report.run_data import STEP_SECONDS_PREFIX
 from common.models.generators import GeneratorSpec, GeneratorTrainSettings
 from common.render.jobs import images_dir
 from server_app.aggregators import AGGREGATORS, Aggregator
@@ -65,7 +66,7 @@ class Pipeline:
             t0 = time.perf_counter()
             step(state)
             seconds = time.perf_counter() - t0
-            state.metrics[f"step_seconds_{step.name}"] = round(seconds, 4)
+            state.metrics[f"{STEP_SECONDS_PREFIX}{step.name}"] = round(seconds, 4)
             log.debug("round %d: %s step '%s' took %.2fs", state.server_round, self.name, step.name, seconds)
         if self.name == "round":
             state.metrics.update(memory_metrics("server_"))

@@ -24,6 +24,19 @@ LOSS_KEYS = ("train_loss", "train_loss_clip", "train_loss_t5")
 EVAL_LOSS_KEYS = ("val_loss", "test_loss")
 GENERATOR_KEYS = ("gen_fd_ratio", "gen_precision", "gen_recall", "gen_density", "gen_coverage")
 IMAGE_ACC_PREFIX = "image_acc"
+STEP_SECONDS_PREFIX = "step_seconds_"  # round metrics: the seconds of each server pipeline step
+
+
+def server_step_seconds(round_entry: dict[str, Any]) -> float:
+    """The server's own seconds in one ``summary.json`` round: the sum of its pipeline steps."""
+    metrics = round_entry.get("train", {}).get("global", {})
+    return float(sum(v for k, v in metrics.items() if k.startswith(STEP_SECONDS_PREFIX)))
+
+
+def server_seconds_per_round(summary: dict[str, Any]) -> float:
+    """The mean of :func:`server_step_seconds` over a summary's rounds."""
+    rounds = summary.get("rounds", [])
+    return round(sum(server_step_seconds(r) for r in rounds) / max(1, len(rounds)), 2)
 
 
 class ReportError(FedA2VError):
