@@ -459,7 +459,7 @@ class FedA2VConfig(_Strict):
     )
     wire_codec: Literal["float32", "float16", "int8"] = Field(
         "int8", description="How adapter weights travel: int8 with a scale per row (uploads as the difference from the "
-        "weights received; class targets and means then travel as float16), float16, or float32 (as trained).",
+        "weights received; class means then travel as float16), float16, or float32 (as trained).",
     )
     reply_poll_interval: float = Field(
         0.1, gt=0, le=3, description="Seconds between the server's pulls for node replies (Flower's deployment Grid "

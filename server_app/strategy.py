@@ -87,9 +87,10 @@ class FedA2VStrategy(FedAvg):
     def _attach_targets(self, messages: Iterable[Message]) -> list[Message]:
         """The class targets onto every message, and the weights in the wire codec (:mod:`common.wire`)."""
         messages = list(messages)
-        half = self.wire_codec != "float32"
         for content in {id(m.content): m.content for m in messages}.values():  # FedAvg shares one RecordDict
-            self.targets.to_records(content, TARGETS, TARGETS_META, half=half)
+            # full precision: the targets go once per node and run (server_app.holdings), and they key the
+            # nodes' caches (e.g. the trained render preset) exactly as on the server
+            self.targets.to_records(content, TARGETS, TARGETS_META)
             if ARRAYS in content:
                 content[ARRAYS] = encode(content[ARRAYS], self.wire_codec)  # type: ignore[arg-type]
                 content[WIRE] = wire_config(self.wire_codec, delta=False)

@@ -166,3 +166,18 @@ def test_int8_difference_replies_are_added_back_to_what_the_server_sent(tmp_path
     with pytest.raises(Exception) as err:
         strategy.aggregate_train(2, [lone])
     assert "did not send" in str(err.value)
+
+
+def test_nodes_get_the_class_targets_bit_exact_under_a_compact_codec(tmp_path):
+    """The targets key node caches (e.g. the trained render preset): a node must hash what the server hashed."""
+    from common.records import TARGETS, TARGETS_META
+
+    strategy = make_strategy(tmp_path)
+    strategy.wire_codec = "int8"
+    content = RecordDict({"arrays": module_to_arrays(Adapters(ACFG))})
+    meta = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=5, reply_to_message_id="", group_id="1",
+                    created_at=time.time(), ttl=60, message_type=MessageType.TRAIN)
+    [msg] = strategy._attach_targets([Message(content=content, metadata=meta)])
+    got = ClassTensors.from_records(msg.content, TARGETS, TARGETS_META)
+    assert torch.equal(got.clip, strategy.targets.clip) and torch.equal(got.t5, strategy.targets.t5)
+    assert msg.content["arrays"]["clip.summary.weight"].dtype == "int8"
