@@ -180,4 +180,4 @@ def test_nodes_get_the_class_targets_bit_exact_under_a_compact_codec(tmp_path):
     [msg] = strategy._attach_targets([Message(content=content, metadata=meta)])
     got = ClassTensors.from_records(msg.content, TARGETS, TARGETS_META)
     assert torch.equal(got.clip, strategy.targets.clip) and torch.equal(got.t5, strategy.targets.t5)
-    assert msg.content["arrays"]["clip.summary.weight"].dtype == "int8"
+    assert dict(msg.content["wire"]) == {"codec": "int8", "delta": False}
