@@ -119,3 +119,22 @@ def test_preset_resolution_rule() -> None:
     with pytest.raises(Exception, match="multiple of 8"):
         check_render_settings(load_config({"render.model": PRESET, "render.resolution": 60}).render)
     assert len(PALETTE) == len(SHAPES) == 10
+
+
+def test_preconditioner_keeps_the_targets_span_whitens_it_and_folds_into_a_plain_linear_layer() -> None:
+    from common.render.trained_preset import Preconditioner
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(6, 32, generator=g) @ torch.randn(32, 64, generator=g) + 5.0  # 6 targets in 64 dims
+    pre = Preconditioner.fit(rows, min_scale=0.0)
+    assert pre.basis.shape == (64, 5)  # 6 centred rows span 5 directions
+    z = pre(rows) @ pre.basis
+    assert torch.allclose(z.std(0, unbiased=False), torch.ones(5), atol=1e-4)  # whitened along the span
+    noise = torch.randn(64, generator=g)
+    off_span = noise - pre.basis @ (pre.basis.T @ noise)
+    assert torch.allclose(pre(rows[:1] + off_span), pre(rows[:1]), atol=1e-4)  # noise outside the span: gone
+    linear = torch.nn.Linear(64, 8)
+    x = torch.randn(3, 64, generator=g)
+    expected = linear(pre(x))
+    pre.fold(linear)
+    assert torch.allclose(linear(x), expected, atol=1e-4)

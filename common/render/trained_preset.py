@@ -13,7 +13,8 @@ How (seeded, deterministic on one machine, a few CPU minutes for 10 classes):
    ``pooled = clip_target[a]`` and ``sequence = t5_target[b]`` for random class pairs, with the picture
    "colour of a, shape of b"; the conditioning is perturbed toward other classes and with noise
    scaled to the spread between classes, so that an adapter output that is *nearest* to a class's
-   target draws that class.
+   target draws that class. The input layers read each branch through a :class:`Preconditioner`
+   (the span of the class targets, whitened), folded into their weights after training.
 
 The result is saved as a diffusers FLUX.1 folder (``transformer/``, ``vae/``, ``scheduler/``) under
 ``<cache-dir>/render/tiny-trained-<key>/`` and loaded by the same ``FluxPipeline.from_pretrained`` code
@@ -47,7 +48,7 @@ from common.render.pictures import PALETTE, SHAPES, attribute_count, class_look,
 log = logging.getLogger(__name__)
 
 PRESET = "tiny-trained"
-VERSION = 1  # bump when the pictures or the training change what is drawn
+VERSION = 2  # bump when the pictures or the training change what is drawn
 
 # A 3-level VAE (/4) so a 64-px image is 8x8 FLUX tokens: 4x cheaper to train than the tiny preset's /2.
 TRAINED_VAE: dict[str, Any] = dict(
@@ -73,6 +74,8 @@ class Recipe:
     batch_size: int = 16
     mix: float = 0.45  # conditioning moves up to this fraction of the way toward another class's target
     noise: float = 0.5  # Gaussian noise, in units of the per-dimension spread between class targets
+    precondition: bool = True  # the input layers see the targets' span, whitened (folded into their weights)
+    min_scale: float = 0.05  # whitening never amplifies a direction beyond 1 / (this x the largest spread)
     seed: int = 0
 
     def step_counts(self, num_classes: int) -> tuple[int, int]:
@@ -152,6 +155,45 @@ def _perturb(targets: Tensor, labels: Tensor, spread: Tensor, recipe: Recipe, ge
     return base + torch.randn(base.shape, generator=gen) * spread * recipe.noise
 
 
+@dataclass
+class Preconditioner:
+    """``x -> ((x - centre) @ basis / scale) @ basis.T``: the offset from the targets' centre, projected onto
+    the span of the class targets and whitened there (still in the input's own dimension).
+
+    Why: the preset knows only the federation's prompts. Its input layers should read the few
+    directions in which those prompts differ, at comparable scales, and nothing else: adapter outputs
+    carry noise in every direction, most of it outside that span, and the tiny text encoders' targets
+    can differ from each other by a small fraction of their length. The map is linear, so after
+    training it is folded into the first layer that reads each input (:meth:`fold`): the saved weights
+    are plain FLUX.1 weights, fed raw conditioning by the same ``FluxPipeline`` code path.
+    """
+
+    centre: Tensor  # [D]
+    basis: Tensor  # [D, k], orthonormal columns
+    scale: Tensor  # [k], the spread along each column (floored)
+
+    @classmethod
+    def fit(cls, rows: Tensor, min_scale: float) -> "Preconditioner":
+        """From target rows ``[N, D]`` (a T5 table's rows are its token vectors)."""
+        rows = rows.float()
+        centre = rows.mean(0)
+        _, sv, vh = torch.linalg.svd(rows - centre, full_matrices=False)
+        keep = sv > sv[0] * 1e-5
+        scale = sv[keep] / max(1, len(rows)) ** 0.5
+        return cls(centre, vh[keep].T.contiguous(), scale.clamp_min(float(scale[0]) * min_scale))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return ((x - self.centre) @ self.basis / self.scale) @ self.basis.T
+
+    def fold(self, linear: torch.nn.Linear) -> None:
+        """Make ``linear(x)`` compute what ``linear(self(x))`` computed."""
+        with torch.no_grad():
+            w = linear.weight.float()  # [out, D]
+            folded = ((w @ self.basis) / self.scale) @ self.basis.T
+            linear.bias.copy_(linear.bias - folded @ self.centre)
+            linear.weight.copy_(folded)
+
+
 def _step(opt, sched, loss: Tensor, what: str, step: int, total: int, every: int, clip_params=None) -> None:
     """One optimiser step (optionally with gradient clipping), with a progress line every ``every`` steps."""
     opt.zero_grad(set_to_none=True)
@@ -211,6 +253,12 @@ def train_preset(targets: ClassTensors, recipe: Recipe):
     txt_ids = torch.zeros(targets.t5.shape[1], 3)
     clip_t, t5_t = targets.clip.float(), targets.t5.float()
     clip_spread, t5_spread = clip_t.std(0, keepdim=True).squeeze(0), t5_t.std(0, keepdim=True).squeeze(0)
+    if recipe.precondition:
+        pre_clip = Preconditioner.fit(clip_t, recipe.min_scale)
+        pre_t5 = Preconditioner.fit(t5_t.reshape(-1, t5_t.shape[-1]), recipe.min_scale)
+        stats["precondition_rank"] = [int(pre_clip.basis.shape[1]), int(pre_t5.basis.shape[1])]
+    else:
+        pre_clip = pre_t5 = lambda x: x  # noqa: E731
     opt = torch.optim.AdamW(transformer.parameters(), lr=recipe.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     transformer.train()
@@ -223,14 +271,17 @@ def train_preset(targets: ClassTensors, recipe: Recipe):
         xt = (1 - t)[:, None, None] * x0 + t[:, None, None] * noise
         pred = transformer(
             hidden_states=xt, timestep=t, guidance=torch.full((len(a),), 3.5),
-            pooled_projections=_perturb(clip_t, a, clip_spread, recipe, gen),
-            encoder_hidden_states=_perturb(t5_t, b, t5_spread, recipe, gen),
+            pooled_projections=pre_clip(_perturb(clip_t, a, clip_spread, recipe, gen)),
+            encoder_hidden_states=pre_t5(_perturb(t5_t, b, t5_spread, recipe, gen)),
             txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
         )[0]
         loss = F.mse_loss(pred, noise - x0)
         _step(opt, sched, loss, "transformer", step, steps, every=500, clip_params=transformer.parameters())
     stats["flow_loss"] = round(loss.item(), 5)
     transformer.eval().requires_grad_(False)
+    if recipe.precondition:  # plain FLUX.1 weights: the raw conditioning goes in, the first layers precondition it
+        pre_clip.fold(transformer.time_text_embed.text_embedder.linear_1)
+        pre_t5.fold(transformer.context_embedder)
     scheduler = FlowMatchEulerDiscreteScheduler(**TINY_SCHEDULER)
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
                         tokenizer_2=None, transformer=transformer)
