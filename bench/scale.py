@@ -17,7 +17,8 @@ Per round, from ``summary.json``:
 * ``overhead_s`` = wall - server - node_parallel (message passing, scheduling, (de)serialisation);
   ``overhead_share`` = overhead / wall;
 * ``server_rss_mb`` / ``server_peak_rss_mb``: the ServerApp process (in simulation also Flower's
-  simulation engine), ``worker_peak_rss_mb``: the largest ClientApp worker process.
+  simulation engine), ``worker_peak_rss_mb``: the largest ClientApp worker process;
+* ``wire_bytes_per_node``: what one node's messages of the round held (train down and up, evaluate down).
 
 Usage:  python bench/scale.py [--nodes 3,10,30,100] [--rounds 3] [--run-config 'k=v ...']
 Output: one JSON line per N as it finishes; the last line is one JSON object with every N.
@@ -68,6 +69,7 @@ def _round_rows(summary: dict, workers: int) -> list[dict]:
             "overhead_share": round(overhead / wall, 3) if wall > 0 else None,
             "server_rss_mb": g.get("server_rss_mb"), "server_peak_rss_mb": g.get("server_peak_rss_mb"),
             "worker_peak_rss_mb": max(peaks, default=None),
+            "wire_bytes_per_node": g.get("wire_bytes_per_node"),
         })
     return rows
 
