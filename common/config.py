@@ -302,10 +302,11 @@ class RenderConfig(_Strict):
     oracle: Literal["none", "clip", "t5", "both"] = Field(
         "none", description="Replace this branch's adapter output by the class text embedding (a baseline)."
     )
-    calibrate: Literal["none", "target-radius"] = Field(
+    calibrate: Literal["none", "target-radius", "target-span"] = Field(
         "target-radius", description="Before rendering, rescale each adapter output's offset from the class text "
-        "targets' centre to the targets' mean radius (adapters shrink toward the mean on ambiguous clips); needs "
-        "the targets, 'none' renders the outputs as they are.",
+        "targets' centre to the targets' mean radius (adapters shrink toward the mean on ambiguous clips); "
+        "'target-span' first keeps only the offset's part in the span of the class targets (for a picture model that "
+        "knows only these prompts); needs the targets; 'none' renders the outputs as they are.",
     )
     server: bool = Field(True, description="The server also renders global images (global adapters).")
     output_dir: str = Field("", description="Where images go. Empty: <run dir>/images (node-config 'image-dir' wins).")

@@ -135,6 +135,24 @@ def test_target_radius_restores_the_length_of_shrunk_outputs_and_keeps_their_dir
     assert not same_image(tmp_path / "cal" / "node_0" / "rain_0001.png", tmp_path / "raw" / "node_0" / "rain_0001.png")
 
 
+def test_target_span_drops_what_lies_outside_the_class_targets_span():
+    g = torch.Generator().manual_seed(4)
+    targets = ClassTensors(CLASSES, torch.randn(3, 768, generator=g), torch.randn(3, 4, 4096, generator=g))
+    centre = targets.clip.mean(0)
+    offsets = targets.clip - centre
+    basis = torch.linalg.svd(offsets, full_matrices=False)[2][:2]  # 3 centred targets span 2 directions
+    noise = torch.randn(768, generator=g) * 3
+    noise = noise - (noise @ basis.T) @ basis  # all of it outside the span
+    row = centre + 0.3 * offsets[1] + noise
+    cond = Conditioning({"clip_pooled": row[None], "t5_sequence": targets.t5[1:2] * 0.5})
+    radius_only = target_radius(cond, targets).tensors["clip_pooled"][0] - centre
+    span = target_radius(cond, targets, span=True).tensors["clip_pooled"][0] - centre
+    cos = torch.nn.functional.cosine_similarity
+    assert float(cos(span, offsets[1], dim=0)) > 0.999  # the class's direction, and nothing else
+    assert float(cos(radius_only, offsets[1], dim=0)) < 0.5  # the noise took most of the radius
+    assert torch.allclose(span.norm(), offsets.norm(dim=1).mean(), rtol=1e-4)
+
+
 @pytest.fixture()
 def run_dir(tmp_path):
     """A run directory as a federation leaves it: adapters, targets, class means, generators."""

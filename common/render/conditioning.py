@@ -18,7 +18,7 @@ from common.render.backend import Conditioning
 from common.training import predict
 
 ORACLES = ("none", "clip", "t5", "both")
-CALIBRATIONS = ("none", "target-radius")
+CALIBRATIONS = ("none", "target-radius", "target-span")
 
 
 def adapter_conditioning(adapters: nn.Module, embeddings: Tensor, device: torch.device | str = "cpu") -> Conditioning:
@@ -47,7 +47,7 @@ def with_oracle(cond: Conditioning, targets: ClassTensors, class_names: list[str
     return Conditioning(out)
 
 
-def target_radius(cond: Conditioning, targets: ClassTensors) -> Conditioning:
+def target_radius(cond: Conditioning, targets: ClassTensors, span: bool = False) -> Conditioning:
     """Each row's offset from the centre of the class text targets, rescaled to the targets' mean radius.
 
     Why: adapters trained to regress text targets shrink toward the targets' mean when a clip is
@@ -57,16 +57,26 @@ def target_radius(cond: Conditioning, targets: ClassTensors) -> Conditioning:
     and restores the length a prompt has. Per branch and per row (a T5 row is its whole sequence);
     the centre and radius come from the targets alone, never from the rows being rendered, so an
     image does not depend on what else is in its batch. A row at the centre is left as it is.
+
+    ``span``: first keep only the part of the offset that lies in the span of the class targets'
+    offsets (``render.calibrate = "target-span"``): for a picture model that knows only these prompts
+    (the ``tiny-trained`` preset), the rest is noise that would take the place of the class's share
+    of the radius.
     """
     out = dict(cond.tensors)
     for name, table in (("clip_pooled", targets.clip), ("t5_sequence", targets.t5)):
         if name not in out:
             continue
-        table = table.float()
+        table = table.float().flatten(1)
         centre = table.mean(0)
-        radius = (table - centre).flatten(1).norm(dim=1).mean()
+        radius = (table - centre).norm(dim=1).mean()
         x = out[name].float()
-        offset = x - centre
-        norm = offset.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
-        out[name] = torch.where(norm > 0, centre + offset * (radius / norm.clamp_min(1e-12)), x)
+        offset = x.flatten(1) - centre
+        if span:
+            _, sv, vh = torch.linalg.svd(table - centre, full_matrices=False)
+            basis = vh[sv > sv[0] * 1e-5]  # [k, D]
+            offset = (offset @ basis.T) @ basis
+        norm = offset.norm(dim=1, keepdim=True)
+        scaled = centre + offset * (radius / norm.clamp_min(1e-12))
+        out[name] = torch.where(norm > 0, scaled, x.flatten(1)).view(x.shape)
     return Conditioning(out)

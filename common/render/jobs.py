@@ -101,12 +101,12 @@ def render_job(
     cond = cond.rows(rows)
     classes = [row_classes[i] for i in rows]
     sources = [row_sources[i] for i in rows]
-    if cfg.render.calibrate == "target-radius":
+    if cfg.render.calibrate != "none":
         if targets is None:
-            log.info("%s: render.calibrate='target-radius' needs the class text targets, which this job lacks: "
-                     "the conditioning is rendered as it is", owner_name(node_id))
+            log.info("%s: render.calibrate=%r needs the class text targets, which this job lacks: the conditioning "
+                     "is rendered as it is", owner_name(node_id), cfg.render.calibrate)
         else:
-            cond = target_radius(cond, targets)
+            cond = target_radius(cond, targets, span=cfg.render.calibrate == "target-span")
     if cfg.render.oracle != "none":
         if targets is None:
             raise ValueError("render.oracle needs the class text targets")
