@@ -303,7 +303,7 @@ class RenderConfig(_Strict):
         "none", description="Replace this branch's adapter output by the class text embedding (a baseline)."
     )
     calibrate: Literal["none", "target-radius", "target-span"] = Field(
-        "target-radius", description="Before rendering, rescale each adapter output's offset from the class text "
+        "target-span", description="Before rendering, rescale each adapter output's offset from the class text "
         "targets' centre to the targets' mean radius (adapters shrink toward the mean on ambiguous clips); "
         "'target-span' first keeps only the offset's part in the span of the class targets (for a picture model that "
         "knows only these prompts); needs the targets; 'none' renders the outputs as they are.",

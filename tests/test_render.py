@@ -130,7 +130,7 @@ def test_target_radius_restores_the_length_of_shrunk_outputs_and_keeps_their_dir
     cond = Conditioning({"clip_pooled": clip[:2], "t5_sequence": t5[:2]})
     render_job(cfg_with(), 0, cond, ["rain", "dog"], ["a", "b"], tmp_path / "cal", None, targets)
     render_job(cfg_with(**{"render.calibrate": "none"}), 0, cond, ["rain", "dog"], ["a", "b"], tmp_path / "raw", None, targets)
-    assert {e["render_calibrate"] for e in read_manifest(tmp_path / "cal")} == {"target-radius"}
+    assert {e["render_calibrate"] for e in read_manifest(tmp_path / "cal")} == {"target-span"}
     assert {e["render_calibrate"] for e in read_manifest(tmp_path / "raw")} == {"none"}
     assert not same_image(tmp_path / "cal" / "node_0" / "rain_0001.png", tmp_path / "raw" / "node_0" / "rain_0001.png")
 

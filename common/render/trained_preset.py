@@ -14,7 +14,7 @@ How (seeded, deterministic on one machine, a few CPU minutes for 10 classes):
    "colour of a, shape of b"; the conditioning is perturbed toward other classes and with noise
    scaled to the spread between classes, so that an adapter output that is *nearest* to a class's
    target draws that class. The input layers read each branch through a :class:`Preconditioner`
-   (the span of the class targets, whitened), folded into their weights after training.
+   (the span of the class targets), folded into their weights after training.
 
 The result is saved as a diffusers FLUX.1 folder (``transformer/``, ``vae/``, ``scheduler/``) under
 ``<cache-dir>/render/tiny-trained-<key>/`` and loaded by the same ``FluxPipeline.from_pretrained`` code
@@ -75,7 +75,8 @@ class Recipe:
     mix: float = 0.45  # conditioning moves up to this fraction of the way toward another class's target
     noise: float = 0.5  # Gaussian noise, in units of the per-dimension spread between class targets
     precondition: bool = True  # the input layers see the targets' span, whitened (folded into their weights)
-    min_scale: float = 0.05  # whitening never amplifies a direction beyond 1 / (this x the largest spread)
+    min_scale: float = 0.05  # whitening amplifies no direction beyond 1 / (this x the largest spread); measured
+    # on the default federation: 0.05 -> image accuracy 0.75 from sound, 0.97 oracle; 1 (no whitening) -> 0.68, 0.95
     seed: int = 0
 
     def step_counts(self, num_classes: int) -> tuple[int, int]:
@@ -158,12 +159,15 @@ def _perturb(targets: Tensor, labels: Tensor, spread: Tensor, recipe: Recipe, ge
 @dataclass
 class Preconditioner:
     """``x -> ((x - centre) @ basis / scale) @ basis.T``: the offset from the targets' centre, projected onto
-    the span of the class targets and whitened there (still in the input's own dimension).
+    the span of the class targets and scaled there (still in the input's own dimension).
 
     Why: the preset knows only the federation's prompts. Its input layers should read the few
-    directions in which those prompts differ, at comparable scales, and nothing else: adapter outputs
-    carry noise in every direction, most of it outside that span, and the tiny text encoders' targets
-    can differ from each other by a small fraction of their length. The map is linear, so after
+    directions in which those prompts differ, and nothing else: adapter outputs carry noise in every
+    direction, most of it outside that span, and the tiny text encoders' targets can differ from each
+    other by a small fraction of their length. ``scale`` is the spread along each direction, floored at
+    ``min_scale`` x the largest: a floor of 1 keeps the span's own geometry (the one cosine retrieval
+    uses), lower floors whiten it, so that the span's weak directions weigh about as much as its strong
+    ones. The map is linear, so after
     training it is folded into the first layer that reads each input (:meth:`fold`): the saved weights
     are plain FLUX.1 weights, fed raw conditioning by the same ``FluxPipeline`` code path.
     """
