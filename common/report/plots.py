@@ -11,6 +11,7 @@ import io
 from collections.abc import Mapping, Sequence
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 Series = Mapping[str, tuple[Sequence[float], Sequence[float]]]
 
@@ -35,6 +36,8 @@ def line_plot(title: str, series: Series, *, xlabel: str = "round", ylabel: str 
         ax.plot(list(xs), list(ys), marker="o" if markers and len(xs) < 40 else None, markersize=3, label=label)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
+    if xlabel.startswith(("round", "epoch")):  # counts: no 1.5th round
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if ylabel:
         ax.set_ylabel(ylabel)
     if ylim is not None:
