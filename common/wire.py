@@ -21,6 +21,7 @@ stay float32 under the int8 codec, where 8 bits would save nothing worth their e
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import torch
@@ -125,6 +126,13 @@ def codec_of(content: RecordDict, default: str = "float32") -> str:
     return str(content[WIRE].get("codec", default)) if WIRE in content else default  # type: ignore[union-attr]
 
 
+def _record_bytes(record: object) -> int:
+    try:
+        return int(record.count_bytes())  # type: ignore[attr-defined]
+    except (IndexError, TypeError, ValueError):  # Flower 1.41's ConfigRecord.count_bytes fails on an empty list
+        return sum(len(str(k)) + len(json.dumps(v, default=str)) for k, v in record.items())  # type: ignore[attr-defined]
+
+
 def content_bytes(content: RecordDict) -> int:
     """Bytes of every record in a message, as Flower counts them (data plus keys)."""
-    return sum(int(record.count_bytes()) for record in content.values() if hasattr(record, "count_bytes"))
+    return sum(_record_bytes(record) for record in content.values() if hasattr(record, "count_bytes"))

@@ -73,3 +73,11 @@ def test_int8_takes_about_a_quarter_of_the_bytes_and_the_wire_record_says_what_w
     assert small < 0.26 * full
     content = RecordDict({"arrays": encode(w, "int8"), WIRE: wire_config("int8", delta=True)})
     assert is_delta(content) and not is_delta(RecordDict({"arrays": encode(w, "int8")}))
+
+
+def test_bytes_of_a_config_record_with_an_empty_list():
+    """A node that withholds every class sends ``class-names = []``; Flower 1.41's own count fails on it."""
+    from flwr.app import ConfigRecord
+
+    assert content_bytes(RecordDict({"meta": ConfigRecord({"class-names": []}), "arrays": encode({"a": torch.ones(4)},
+                                                                                                  "int8")})) > 0
