@@ -60,9 +60,8 @@ def distill(
         return match_loss(s_clip, t_clip, settings.cosine_weight), match_loss(s_t5, t_t5, settings.cosine_weight)
 
     def held_loss() -> float:
-        parts = [rows_loss(held_rows[i : i + settings.batch_size]) for i in range(0, len(held_rows), settings.batch_size)]
-        sizes = [min(settings.batch_size, len(held_rows) - i) for i in range(0, len(held_rows), settings.batch_size)]
-        return sum(float(c + t) * k for (c, t), k in zip(parts, sizes)) / len(held_rows)
+        batches = held_rows.split(settings.batch_size)
+        return sum(float(sum(rows_loss(rows))) * len(rows) for rows in batches) / len(held_rows)
 
     stop = EarlyStop(held_loss, patience) if len(held_rows) else None
     return fit_adapters(student, len(train_rows), lambda idx: rows_loss(train_rows[idx]), settings, device,
