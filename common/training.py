@@ -45,6 +45,7 @@ class TrainSettings:
     temperature: float
     proximal_mu: float  # FedProx; 0 for the server's own training
     seed: int
+    precision: str  # "fp32", or "bf16": forward passes under bfloat16 autocast (weights and optimiser stay fp32)
 
     @classmethod
     def from_config(cls, train_cfg, seed: int) -> "TrainSettings":
@@ -60,7 +61,23 @@ class TrainSettings:
             temperature=train_cfg.temperature,
             proximal_mu=train_cfg.proximal_mu,
             seed=seed,
+            precision=train_cfg.precision,
         )
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def precision_context(precision: str, device: torch.device) -> torch.autocast:
+    """The autocast context of a training forward pass: bfloat16 matmuls for ``"bf16"``, none for ``"fp32"``.
+
+    Why: the adapters' wide output projections make a training step matmul-bound; on CPUs with
+    bfloat16 units (AVX512-BF16, AMX) and on GPUs bf16 autocast halves a step's time, while weights,
+    gradients and optimiser state stay fp32 (``bench/aggregation.py`` measures the accuracy effect).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def match_loss(pred: Tensor, target: Tensor, cosine_weight: float) -> Tensor:
@@ -203,12 +220,14 @@ def _fit_loop(
     if best is not None:
         history["holdout"] = []
     level = logging.INFO if log_prefix else logging.DEBUG
+    autocast = precision_context(settings.precision, next(adapters.parameters()).device)
     for epoch in range(settings.epochs):
         order = torch.randperm(n, generator=generator)
         sums = {"loss_clip": 0.0, "loss_t5": 0.0}
         for start in range(0, n, settings.batch_size):
             idx = order[start : start + settings.batch_size]
-            loss_clip, loss_t5 = batch_loss(idx)
+            with autocast:
+                loss_clip, loss_t5 = batch_loss(idx)
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
             (loss_clip + loss_t5).backward()

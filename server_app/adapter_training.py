@@ -43,7 +43,8 @@ class AdapterTrainingStep:
     prefix = ""  # of its metrics and its key in the round's histories
 
     def __init__(self, run: ServerRun, section, train: TrainConfig, seed: int, samples: SampleSource) -> None:
-        """``section``: the step's config section (``epochs``, ``batch_size``, ``lr``, ``samples_per_class``)."""
+        """``section``: the step's config section (``epochs``, ``batch_size``, ``lr``, ``samples_per_class``,
+        ``precision``)."""
         self.run, self.section, self.train, self.seed, self.samples = run, section, train, seed, samples
 
     def start(self, state: RoundState) -> ArrayRecord | None:
@@ -68,7 +69,7 @@ class AdapterTrainingStep:
         x, y = self.samples.draw(state, self.section.samples_per_class, seed)
         s = self.section
         settings = replace(TrainSettings.from_config(self.train, seed), epochs=s.epochs, batch_size=s.batch_size,
-                           lr_clip=s.lr, lr_t5=s.lr, proximal_mu=0.0)  # FedProx is a node-side term
+                           lr_clip=s.lr, lr_t5=s.lr, proximal_mu=0.0, precision=s.precision)  # FedProx is a node-side term
         adapters = self.run.adapters(init)
         t0 = time.perf_counter()
         history = self.fit(adapters, teachers, x, y, settings, state)

@@ -105,6 +105,18 @@ def test_identity_needs_no_model_and_matches_the_built_encoder(tmp_path, monkeyp
     assert audio_encoder_identity(str(tmp_path / "ast"), 1.0, **ast_args())["files_sha256"] != ident["files_sha256"]
 
 
+def test_identity_reads_extractor_defaults_without_importing_transformers():
+    """A fully cached ClientApp process must not pay ~1.5 s for importing transformers to build its key."""
+    from common.models import audio_encoder
+
+    assert audio_encoder._feature_extractor_defaults_from_source() == audio_encoder._feature_extractor_defaults_from_class()
+    code = ("import sys, client_app.app; from common.models.audio_encoder import audio_encoder_identity; "
+            "audio_encoder_identity('tiny', 1.0, 16000, 'pool', 8, 'float32', 0); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'diffusers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_second_pass_hits_everything_and_equals_uncached_extraction(dataset, tmp_path):
     first = embed(dataset, tmp_path)
     n = len(clips_of(dataset))

@@ -59,7 +59,7 @@ def means_for(classes: list[str], counts: list[int]) -> ClassTensors:
 
 def settings(**kw) -> TrainSettings:
     base = dict(epochs=2, batch_size=8, lr_clip=1e-2, lr_t5=1e-2, weight_decay=0.0, cosine_weight=0.5,
-                contrastive_weight=1.0, temperature=0.1, proximal_mu=0.0, seed=0)
+                contrastive_weight=1.0, temperature=0.1, proximal_mu=0.0, seed=0, precision="fp32")
     base.update(kw)
     return TrainSettings(**base)
 

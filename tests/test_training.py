@@ -39,7 +39,7 @@ def _adapters(seed: int = 0) -> Adapters:
 
 def _settings(**kw) -> TrainSettings:
     base = dict(epochs=30, batch_size=8, lr_clip=3e-3, lr_t5=3e-3, weight_decay=0.0, cosine_weight=0.5,
-                contrastive_weight=0.0, temperature=0.1, proximal_mu=0.0, seed=0)
+                contrastive_weight=0.0, temperature=0.1, proximal_mu=0.0, seed=0, precision="fp32")
     base.update(kw)
     return TrainSettings(**base)
 

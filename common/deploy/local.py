@@ -42,7 +42,9 @@ __all__ = ["LocalFederation", "free_port", "http_ok", "register_node", "wait_unt
 # running on this machine does not collide with (or get reused by) a drill.
 _RESERVED_PORTS = {8000, 9091, 9092, 9093, 9094, 9095, 39091, 39092, 39093, 39094}
 _HANDED_OUT: set[int] = set()
-NODE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # co-located SuperNodes must not oversubscribe
+# Co-located SuperNodes must not oversubscribe the cores; the SuperExec a SuperNode starts looks for a
+# new message every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (Flower's default 1 s, twice per round).
+NODE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
 
 
 def free_port() -> int:

@@ -29,16 +29,18 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
 
 from common.dtypes import torch_dtype
 from common.errors import FedA2VError
 from common.models.fingerprint import files_fingerprint
 from common.seeds import seeded
+
+if TYPE_CHECKING:  # transformers is imported where a model is built: a fully cached node never pays for it
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,8 @@ def build_tiny_ast(max_length: int, seed: int = 0) -> ASTModel:
     original AST, so the tiny model has positional information and position-embedding surgery is
     observable. The global RNG state is left untouched.
     """
+    from transformers import ASTConfig, ASTModel
+
     config = ASTConfig(**TINY_AST, max_length=int(max_length))
     with seeded(seed):
         model = ASTModel(config)
@@ -229,6 +233,8 @@ class AudioEncoder:
         max_length = ast_frames(clip_seconds, sample_rate)
         model = str(model)
         if model == "tiny":
+            from transformers import ASTFeatureExtractor
+
             ast = build_tiny_ast(max_length, seed)
             fe = ASTFeatureExtractor()
             used_seed: int | None = seed
@@ -326,6 +332,8 @@ class AudioEncoder:
 
 def _load_pretrained(model: str) -> tuple[ASTModel, ASTFeatureExtractor]:
     """ASTModel with its original config (+ extractor) from a local folder or the local HF cache."""
+    from transformers import ASTFeatureExtractor, ASTModel
+
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -388,13 +396,49 @@ def _resolve_ast_folder(model: str) -> Path:
         raise ModelLoadError(f"{_load_hint(model)} ({type(err).__name__}: {err})") from err
 
 
+_FE_DEFAULT_KEYS = ("num_mel_bins", "mean", "std", "do_normalize")
+_FE_MODULE = ("models", "audio_spectrogram_transformer", "feature_extraction_audio_spectrogram_transformer.py")
+
+
 @functools.lru_cache(maxsize=1)
 def _feature_extractor_defaults() -> dict[str, Any]:
-    """The ASTFeatureExtractor defaults that shape fbanks, read from its signature (nothing is built)."""
+    """The ASTFeatureExtractor defaults that shape fbanks (nothing is built).
+
+    Why two ways: this is part of the cache key, computed in every fresh ClientApp process, and
+    importing transformers costs ~1.5 s there. The defaults are read from the installed source file's
+    ``__init__`` signature (literals only); if that file cannot be read that way, from the imported
+    class's signature, which gives the same values (tested).
+    """
+    try:
+        return _feature_extractor_defaults_from_source()
+    except (OSError, SyntaxError, ValueError, LookupError, StopIteration) as err:
+        log.debug("ASTFeatureExtractor defaults not read from source (%s): importing transformers", err)
+        return _feature_extractor_defaults_from_class()
+
+
+def _feature_extractor_defaults_from_class() -> dict[str, Any]:
     import inspect
 
+    from transformers import ASTFeatureExtractor
+
     params = inspect.signature(ASTFeatureExtractor.__init__).parameters
-    return {k: params[k].default for k in ("num_mel_bins", "mean", "std", "do_normalize") if k in params}
+    return {k: params[k].default for k in _FE_DEFAULT_KEYS if k in params}
+
+
+def _feature_extractor_defaults_from_source() -> dict[str, Any]:
+    import ast as pyast
+    import importlib.util
+
+    spec = importlib.util.find_spec("transformers")  # a top-level spec: transformers is not imported
+    if spec is None or not spec.submodule_search_locations:
+        raise LookupError("transformers is not installed")
+    source = Path(list(spec.submodule_search_locations)[0]).joinpath(*_FE_MODULE)
+    tree = pyast.parse(source.read_text(encoding="utf-8"), filename=str(source))
+    cls = next(n for n in tree.body if isinstance(n, pyast.ClassDef) and n.name == "ASTFeatureExtractor")
+    init = next(n for n in cls.body if isinstance(n, pyast.FunctionDef) and n.name == "__init__")
+    args = init.args.args[len(init.args.args) - len(init.args.defaults):]
+    defaults = {a.arg: pyast.literal_eval(d) for a, d in zip(args, init.args.defaults)}
+    return {k: defaults[k] for k in _FE_DEFAULT_KEYS if k in defaults}
 
 
 def audio_encoder_identity(
