@@ -7,13 +7,19 @@ with the default (:mod:`server_app.grid`, "after"). Per round, from ``summary.js
 
 * ``wall_s``: the round's wall time (``elapsed_seconds`` differences; round 1 is left out of the
   means, it also holds the run's start);
-* ``node_s``: the node compute on the critical path: the slowest node's train handler plus the
-  slowest node's evaluate handler (``call_seconds``; nodes work in parallel);
-* ``process_start_s``: what each message paid before its handler ran, for a fresh ClientApp process
-  (start and imports: ``process_age_seconds`` at handler entry), slowest node per phase;
+Per phase (train, evaluate) the node whose reply came last is followed (nodes work in parallel):
+
+* ``node_s``: its handler (``call_seconds``), both phases;
+* ``process_start_s``: what the message paid before its handler ran, for a fresh ClientApp process
+  (start and imports: ``process_age_seconds`` at handler entry);
+* ``wait_s``: from the server's push to the process start (``dispatch_seconds`` minus the above):
+  the SuperLink -> SuperNode pull (Flower's SuperNode sleeps 3 s when it found nothing), the
+  SuperExec's poll for new messages, and the message's transfer;
+* ``return_s``: from the handler's exit until the server pulled the reply (``return_seconds``):
+  encoding, ClientApp -> SuperNode -> SuperLink, the server's reply polling;
 * ``server_s``: the server's own steps (``step_seconds_*``);
-* ``overhead_s`` = wall - node - process_start - server: polling waits (server and SuperNode),
-  message transfer and (de)serialisation.
+* ``rest_s`` = wall - all of the above: building and pushing messages, process exits, the round's
+  bookkeeping; ``overhead_s`` = ``wait_s`` + ``return_s`` + ``rest_s``.
 
 Usage:  python bench/round_latency.py [--rounds 4] [--work DIR]
 Last line of output: one JSON object {"before": {...}, "after": {...}}.
@@ -38,8 +44,14 @@ from common.report.run_data import server_step_seconds
 log = logging.getLogger("bench.round_latency")
 
 
-def _slowest(entry: dict, phase: str, key: str) -> float:
-    return max((float(m.get(key, 0.0)) for m in entry.get(phase, {}).get("nodes", {}).values()), default=0.0)
+PARTS = ("wall_s", "node_s", "process_start_s", "wait_s", "return_s", "server_s", "rest_s", "overhead_s")
+
+
+def _last_reply(entry: dict, phase: str) -> dict:
+    """The metrics of the node whose reply completed the phase (largest dispatch + handler + return)."""
+    nodes = list(entry.get(phase, {}).get("nodes", {}).values())
+    trip = lambda m: sum(float(m.get(k, 0.0)) for k in ("dispatch_seconds", "call_seconds", "return_seconds"))  # noqa: E731
+    return max(nodes, key=trip, default={})
 
 
 def breakdown(summary: dict) -> dict:
@@ -47,15 +59,22 @@ def breakdown(summary: dict) -> dict:
     for entry in summary["rounds"]:
         wall = float(entry["elapsed_seconds"]) - previous
         previous = float(entry["elapsed_seconds"])
-        node = _slowest(entry, "train", "call_seconds") + _slowest(entry, "evaluate", "call_seconds")
-        start = _slowest(entry, "train", "process_age_seconds") + _slowest(entry, "evaluate", "process_age_seconds")
+        part = dict.fromkeys(("node_s", "process_start_s", "wait_s", "return_s"), 0.0)
+        for phase in ("train", "evaluate"):
+            m = _last_reply(entry, phase)
+            age, dispatch = float(m.get("process_age_seconds", 0.0)), float(m.get("dispatch_seconds", 0.0))
+            fresh = age <= dispatch  # deployment: the process was started for this message
+            part["node_s"] += float(m.get("call_seconds", 0.0))
+            part["process_start_s"] += age if fresh else 0.0
+            part["wait_s"] += dispatch - age if fresh else dispatch
+            part["return_s"] += float(m.get("return_seconds", 0.0))
         server = server_step_seconds(entry)
-        rows.append({"round": entry["round"], "wall_s": round(wall, 2), "node_s": round(node, 2),
-                     "process_start_s": round(start, 2), "server_s": round(server, 2),
-                     "overhead_s": round(wall - node - start - server, 2)})
+        row = {"round": entry["round"], "wall_s": wall, **part, "server_s": server,
+               "rest_s": wall - sum(part.values()) - server}
+        row["overhead_s"] = row["wait_s"] + row["return_s"] + row["rest_s"]
+        rows.append({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()})
     steady = rows[1:] or rows
-    mean = {k: round(statistics.mean(r[k] for r in steady), 2) for k in ("wall_s", "node_s", "process_start_s",
-                                                                          "server_s", "overhead_s")}
+    mean = {k: round(statistics.mean(r[k] for r in steady), 2) for k in PARTS}
     mean["beyond_compute_s"] = round(mean["wall_s"] - mean["node_s"] - mean["server_s"], 2)
     return {"rounds": rows, "steady": mean, "final_acc": summary.get("final", {}).get("test_retrieval_acc")}
 

@@ -44,7 +44,7 @@ from common.config import FedA2VConfig, NodeRuntimeConfig, load_config
 from common.errors import redact_paths
 from common.logs import setup_logging
 from common.factory import adapter_config, build_adapters, resolve_device
-from common.metrics.resources import memory_metrics, process_age_seconds
+from common.metrics.resources import ENTRY_UNIX, EXIT_UNIX, memory_metrics, process_age_seconds
 from common.models.adapters import Adapters
 from common.records import (
     ARRAYS,
@@ -211,6 +211,7 @@ def _no_host_paths(handler):
 def train(msg: Message, context: Context) -> Message:
     t_call = time.perf_counter()  # the whole handler: ``call_seconds`` (node compute, as bench/scale.py counts it)
     age = process_age_seconds()  # deployment: this message's process start and imports
+    entry = time.time()  # wall clock: the server turns it into ``dispatch_seconds`` (server_app.grid)
     cfg, node, targets, state_directory, carried, state_metrics = _setup(msg, context)
     server_round = int(_round_config(msg).get("server-round", 0))
     device = resolve_device(cfg)
@@ -255,7 +256,7 @@ def train(msg: Message, context: Context) -> Message:
         "node %d round %d: trained on %d embeddings in %.1fs, loss %.4f (clip %.4f, t5 %.4f)",
         node.partition_id, server_round, labels.numel(), train_seconds, losses["loss"], losses["loss_clip"], losses["loss_t5"],
     )
-    metrics.update({"call_seconds": time.perf_counter() - t_call, "process_age_seconds": age})
+    metrics.update({"call_seconds": time.perf_counter() - t_call, "process_age_seconds": age, ENTRY_UNIX: entry})
     content = RecordDict({ARRAYS: weights, METRICS: MetricRecord(metrics)})
     codec = codec_of(msg.content)
     if WIRE in msg.content:  # the server's codec; a difference only from weights it sent (common.wire)
@@ -268,6 +269,7 @@ def train(msg: Message, context: Context) -> Message:
     if has_bank and not cfg.generate_only:
         for name in (GENERATORS, GENERATORS_META):
             content[name] = context.state[name]
+    content[METRICS][EXIT_UNIX] = time.time()
     return Message(content=content, reply_to=msg)
 
 
@@ -276,6 +278,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()  # the whole handler: ``call_seconds``
     age = process_age_seconds()
+    entry = time.time()
     cfg, node, targets, state_directory, _, state_metrics = _setup(msg, context)
     device = resolve_device(cfg)
     adapters, _ = _adapters(cfg, msg, context, targets)
@@ -313,5 +316,6 @@ def evaluate(msg: Message, context: Context) -> Message:
                                           str(device), cache_only=_cache_only(cfg), memo=NODE_DATA))
     if server_round >= cfg.num_rounds:  # the run's last message to this node: its held records' files can go
         forget_files(state_directory)
-    metrics.update({"call_seconds": time.perf_counter() - t0, "process_age_seconds": age, **memory_metrics()})
+    metrics.update({"call_seconds": time.perf_counter() - t0, "process_age_seconds": age, **memory_metrics(),
+                    ENTRY_UNIX: entry, EXIT_UNIX: time.time()})
     return Message(content=RecordDict({METRICS: MetricRecord(metrics), HELD: held(context.state)}), reply_to=msg)

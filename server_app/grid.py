@@ -6,6 +6,13 @@ pulls of replies, so every train and evaluate phase ends up to 3 s after its las
 ``push_messages`` / ``pull_messages``, polling every ``reply-poll-interval`` seconds; everything
 else is the wrapped Grid's. The loop is bounded by the phase's ``timeout`` (``round-timeout``),
 exactly as Flower's is; with no timeout it waits for every reply, as Flower's does.
+
+It also times each message's trip: a node stamps its handler's wall-clock entry and exit in the
+reply's metrics (:data:`~common.metrics.resources.ENTRY_UNIX`, ``EXIT_UNIX``); here they become
+``dispatch_seconds`` (push done -> handler entry: the SuperNode's and SuperExec's polling, transfer,
+and in deployment the fresh ClientApp process's start, which ``process_age_seconds`` tells apart)
+and ``return_seconds`` (handler exit -> reply pulled here). Both clocks are the same on one host;
+across hosts they are as close as the hosts' clocks.
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from flwr.app import Message
+
+from common.metrics.resources import ENTRY_UNIX, EXIT_UNIX
+from common.records import METRICS
 
 
 class PromptGrid:
@@ -31,10 +41,14 @@ class PromptGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``, then pull their replies until all arrived or ``timeout`` seconds passed."""
         pending = set(self._grid.push_messages(messages))
+        pushed = time.time()
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
             got = list(self._grid.pull_messages(pending))
+            arrived = time.time()
+            for reply in got:
+                trip_times(reply, pushed, arrived)
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending:
@@ -44,3 +58,15 @@ class PromptGrid:
                 break
             time.sleep(self.interval if left is None else min(self.interval, left))
         return replies
+
+
+def trip_times(reply: Message, pushed: float, arrived: float) -> None:
+    """Replace a reply's handler entry/exit stamps by ``dispatch_seconds`` and ``return_seconds``."""
+    if reply.has_error() or METRICS not in reply.content:
+        return
+    metrics = reply.content[METRICS]
+    entry, exit_ = metrics.pop(ENTRY_UNIX, None), metrics.pop(EXIT_UNIX, None)
+    if entry is not None:
+        metrics["dispatch_seconds"] = max(0.0, float(entry) - pushed)
+    if exit_ is not None:
+        metrics["return_seconds"] = max(0.0, arrived - float(exit_))

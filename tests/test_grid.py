@@ -7,7 +7,10 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from flwr.app import MetricRecord
 
+from common.metrics.resources import ENTRY_UNIX, EXIT_UNIX
+from common.records import METRICS
 from server_app.grid import PromptGrid
 
 
@@ -15,16 +18,19 @@ class FakeGrid:
     """Replies to message i become pullable at ``ready[i]`` seconds after the push."""
 
     def __init__(self, ready: list[float]) -> None:
-        self.ready, self.pulls, self.t0 = ready, 0, 0.0
+        self.ready, self.pulls, self.t0, self.wall0 = ready, 0, 0.0, 0.0
 
     def push_messages(self, messages):
-        self.t0 = time.monotonic()
+        self.t0, self.wall0 = time.monotonic(), time.time()
         return [f"m{i}" for i, _ in enumerate(messages)]
 
     def pull_messages(self, ids):
         self.pulls += 1
         now = time.monotonic() - self.t0
-        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=f"m{i}"))
+        # the node's handler ran from 0.1 s after the push until 0.1 s before its reply was ready
+        stamps = lambda at: MetricRecord({"x": 1.0, ENTRY_UNIX: self.wall0 + 0.1, EXIT_UNIX: self.wall0 + at - 0.1})  # noqa: E731
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=f"m{i}"), has_error=lambda: False,
+                                content={METRICS: stamps(at)})
                 for i, at in enumerate(self.ready) if f"m{i}" in ids and at <= now]
 
     def get_node_ids(self):
@@ -42,6 +48,14 @@ def test_replies_are_gathered_as_soon_as_the_last_one_arrives():
     assert pulls >= 3
     assert grid.get_node_ids() == [1, 2]  # delegated
     assert fake.pulls == pulls
+
+
+def test_each_reply_says_how_long_it_took_to_reach_the_node_and_to_come_back():
+    replies = PromptGrid(FakeGrid([0.5]), interval=0.05).send_and_receive(["a"], timeout=10)
+    metrics = dict(replies[0].content[METRICS])
+    assert ENTRY_UNIX not in metrics and EXIT_UNIX not in metrics and metrics["x"] == 1.0
+    assert 0.0 <= metrics["dispatch_seconds"] <= 0.1 + 1e-3  # push done -> handler entry
+    assert 0.1 - 1e-3 <= metrics["return_seconds"] < 5.0  # handler exit -> pulled (one poll interval late at most)
 
 
 def test_the_wait_ends_at_the_deadline_with_the_replies_it_has():

@@ -33,6 +33,12 @@ def rss_mb() -> float:
     return peak_rss_mb()
 
 
+# A handler's wall-clock entry and exit (``time.time()``), sent in its reply's metrics. The server's Grid
+# (server_app.grid) replaces them with ``dispatch_seconds`` (its push -> the handler's entry: polling,
+# transfer, process start) and ``return_seconds`` (the handler's exit -> the server has the reply).
+ENTRY_UNIX, EXIT_UNIX = "entry_unix", "exit_unix"
+
+
 def memory_metrics(prefix: str = "") -> dict[str, float]:
     """``{prefix}rss_mb`` and ``{prefix}peak_rss_mb`` of this process, rounded to 0.1 MB."""
     return {f"{prefix}rss_mb": round(rss_mb(), 1), f"{prefix}peak_rss_mb": round(peak_rss_mb(), 1)}
