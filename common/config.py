@@ -309,11 +309,17 @@ class RenderConfig(_Strict):
     oracle: Literal["none", "clip", "t5", "both"] = Field(
         "none", description="Replace this branch's adapter output by the class text embedding (a baseline)."
     )
-    calibrate: Literal["none", "target-radius", "target-span"] = Field(
-        "target-span", description="Before rendering, rescale each adapter output's offset from the class text "
-        "targets' centre to the targets' mean radius (adapters shrink toward the mean on ambiguous clips); "
-        "'target-span' first keeps only the offset's part in the span of the class targets (for a picture model that "
-        "knows only these prompts); needs the targets; 'none' renders the outputs as they are.",
+    calibrate: Literal["none", "target-radius", "target-span", "target-soft"] = Field(
+        "target-soft", description="Before rendering (needs the class text targets): 'target-radius' rescales each "
+        "adapter output's offset from the targets' centre to their mean radius (adapters shrink toward the mean on "
+        "ambiguous clips); 'target-span' first keeps only the offset's part in the targets' span; 'target-soft' "
+        "replaces each output by a mix of the class targets weighted by its whitened distance to each (for a "
+        "picture model that knows only these prompts, the tiny-trained preset); 'none' renders the outputs as they "
+        "are.",
+    )
+    calibrate_sigma: float = Field(
+        0.25, gt=0, description="target-soft: width of the weights, as a fraction of the mean distance between two "
+        "class targets (whitened): smaller snaps to the nearest prompt, larger blends more."
     )
     server: bool = Field(True, description="The server also renders global images (global adapters).")
     output_dir: str = Field("", description="Where images go. Empty: <run dir>/images (node-config 'image-dir' wins).")

@@ -19,7 +19,7 @@ from common.generator_bank import GeneratorBank, GeneratorCheckpointError, save_
 from common.models.generators import GeneratorSpec, GeneratorTrainSettings
 from common.records import ClassTensors
 from common.render.backend import Conditioning
-from common.render.conditioning import target_radius, with_oracle
+from common.render.conditioning import calibrate, target_radius, target_soft, with_oracle
 from common.render.images import MANIFEST, read_manifest
 from common.render.jobs import render_job
 
@@ -128,7 +128,8 @@ def test_target_radius_restores_the_length_of_shrunk_outputs_and_keeps_their_dir
     assert torch.allclose(alone.tensors["clip_pooled"], new_clip[:1])
     # the job applies it (recorded in the manifest) and renders differently from the uncalibrated rows
     cond = Conditioning({"clip_pooled": clip[:2], "t5_sequence": t5[:2]})
-    render_job(cfg_with(), 0, cond, ["rain", "dog"], ["a", "b"], tmp_path / "cal", None, targets)
+    render_job(cfg_with(**{"render.calibrate": "target-span"}), 0, cond, ["rain", "dog"], ["a", "b"], tmp_path / "cal",
+               None, targets)
     render_job(cfg_with(**{"render.calibrate": "none"}), 0, cond, ["rain", "dog"], ["a", "b"], tmp_path / "raw", None, targets)
     assert {e["render_calibrate"] for e in read_manifest(tmp_path / "cal")} == {"target-span"}
     assert {e["render_calibrate"] for e in read_manifest(tmp_path / "raw")} == {"none"}
@@ -151,6 +152,39 @@ def test_target_span_drops_what_lies_outside_the_class_targets_span():
     assert float(cos(span, offsets[1], dim=0)) > 0.999  # the class's direction, and nothing else
     assert float(cos(radius_only, offsets[1], dim=0)) < 0.5  # the noise took most of the radius
     assert torch.allclose(span.norm(), offsets.norm(dim=1).mean(), rtol=1e-4)
+
+
+def test_target_soft_gives_a_clear_row_its_class_prompt_and_an_ambiguous_row_a_blend(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    targets = ClassTensors(CLASSES, torch.randn(3, 768, generator=g), torch.randn(3, 4, 4096, generator=g))
+    dog, rain = CLASSES.index("dog"), CLASSES.index("rain")
+    clip = torch.stack([
+        targets.clip[rain],  # exactly a prompt
+        targets.clip[dog] + 0.1 * (targets.clip[rain] - targets.clip[dog]) + 0.05 * torch.randn(768, generator=g),
+        0.5 * (targets.clip[dog] + targets.clip[rain]),  # half way between two prompts
+    ])
+    t5 = targets.t5[[rain, dog, dog]]
+    out = target_soft(Conditioning({"clip_pooled": clip, "t5_sequence": t5}), targets, sigma=0.25)
+    new = out.tensors["clip_pooled"]
+    assert torch.allclose(new[0], targets.clip[rain], atol=1e-2)
+    assert torch.allclose(new[1], targets.clip[dog], atol=0.05 * float(targets.clip[dog].abs().max()))
+    # the blend: equally far from both, so equal weights on both prompts and ~none on the third
+    w = torch.linalg.lstsq(targets.clip.T, new[2][:, None]).solution.flatten()
+    assert abs(float(w[dog]) - float(w[rain])) < 0.02 and float(w[dog] + w[rain]) > 0.98
+    assert torch.allclose(out.tensors["t5_sequence"], targets.t5[[rain, dog, dog]], atol=1e-2)
+    # per row: a row's result does not depend on the other rows in its batch
+    alone = target_soft(Conditioning({"clip_pooled": clip[2:], "t5_sequence": t5[2:]}), targets, sigma=0.25)
+    assert torch.allclose(alone.tensors["clip_pooled"][0], new[2], atol=1e-5)
+    # a wider sigma blends more; the dispatcher knows every name and refuses others
+    wide = calibrate(Conditioning({"clip_pooled": clip[1:2], "t5_sequence": t5[1:2]}), targets, "target-soft", 2.0)
+    assert (wide.tensors["clip_pooled"][0] - targets.clip[dog]).norm() > (new[1] - targets.clip[dog]).norm()
+    with pytest.raises(ValueError, match="render.calibrate must be one of"):
+        calibrate(out, targets, "nearest", 1.0)
+    with pytest.raises(ValueError, match="calibrate-sigma"):
+        target_soft(out, targets, 0.0)
+    render_job(cfg_with(), 0, Conditioning({"clip_pooled": clip[:2], "t5_sequence": t5[:2]}), ["rain", "dog"], ["a", "b"],
+               tmp_path / "soft", None, targets)
+    assert {e["render_calibrate"] for e in read_manifest(tmp_path / "soft")} == {"target-soft"}  # the default
 
 
 @pytest.fixture()

@@ -18,7 +18,7 @@ import torch
 from common.config import FedA2VConfig
 from common.records import ClassTensors
 from common.render.backend import Conditioning, RenderBackend, RenderSettings
-from common.render.conditioning import target_radius, with_oracle
+from common.render.conditioning import calibrate, with_oracle
 from common.render.images import ImageRequest, RenderReport, owner_name, render_images
 from common.render.registry import build_backend
 from common.render.trained_preset import PRESET, Recipe, ensure_preset
@@ -106,7 +106,7 @@ def render_job(
             log.info("%s: render.calibrate=%r needs the class text targets, which this job lacks: the conditioning "
                      "is rendered as it is", owner_name(node_id), cfg.render.calibrate)
         else:
-            cond = target_radius(cond, targets, span=cfg.render.calibrate == "target-span")
+            cond = calibrate(cond, targets, cfg.render.calibrate, cfg.render.calibrate_sigma)
     if cfg.render.oracle != "none":
         if targets is None:
             raise ValueError("render.oracle needs the class text targets")
