@@ -44,7 +44,7 @@ from common.config import FedA2VConfig, NodeRuntimeConfig, load_config
 from common.errors import redact_paths
 from common.logs import setup_logging
 from common.factory import adapter_config, build_adapters, resolve_device
-from common.metrics.resources import ENTRY_UNIX, EXIT_UNIX, memory_metrics, process_age_seconds
+from common.metrics.resources import ENTRY_UNIX, EXIT_UNIX, memory_metrics, process_age_seconds, release_memory
 from common.models.adapters import Adapters
 from common.records import (
     ARRAYS,
@@ -238,6 +238,7 @@ def train(msg: Message, context: Context) -> Message:
     present = [i for i, c in enumerate(class_names) if c in shared]
     withheld = [i for i, n in enumerate(counts.tolist()) if n > 0 and class_names[i] not in shared]
     means = ClassTensors([class_names[i] for i in present], clip_means[present], t5_means[present], counts[present])
+    release_memory()  # what training freed goes back to the OS before the memory is measured
     metrics = {
         "num-examples": int(labels.numel()),
         "withheld_classes": len(withheld),  # privacy.min-class-count: too few clips to share a mean
@@ -316,6 +317,7 @@ def evaluate(msg: Message, context: Context) -> Message:
                                           str(device), cache_only=_cache_only(cfg), memo=NODE_DATA))
     if server_round >= cfg.num_rounds:  # the run's last message to this node: its held records' files can go
         forget_files(state_directory)
+    release_memory()
     metrics.update({"call_seconds": time.perf_counter() - t0, "process_age_seconds": age, **memory_metrics(),
                     ENTRY_UNIX: entry, EXIT_UNIX: time.time()})
     return Message(content=RecordDict({METRICS: MetricRecord(metrics), HELD: held(context.state)}), reply_to=msg)

@@ -22,7 +22,7 @@ from typing import Protocol
 
 from common.config import FedA2VConfig
 from common.factory import embedding_shape
-from common.metrics.resources import memory_metrics
+from common.metrics.resources import memory_metrics, release_memory
 from common.report.run_data import STEP_SECONDS_PREFIX
 from common.models.generators import GeneratorSpec, GeneratorTrainSettings
 from common.render.jobs import images_dir
@@ -69,6 +69,7 @@ class Pipeline:
             state.metrics[f"{STEP_SECONDS_PREFIX}{step.name}"] = round(seconds, 4)
             log.debug("round %d: %s step '%s' took %.2fs", state.server_round, self.name, step.name, seconds)
         if self.name == "round":
+            release_memory()
             state.metrics.update(memory_metrics("server_"))
         return state
 

@@ -8,6 +8,10 @@ from which round. Read from ``/proc/self/status`` (Linux: the resident set now) 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import gc
 import os
 import resource
 import sys
@@ -37,6 +41,33 @@ def rss_mb() -> float:
 # (server_app.grid) replaces them with ``dispatch_seconds`` (its push -> the handler's entry: polling,
 # transfer, process start) and ``return_seconds`` (the handler's exit -> the server has the reply).
 ENTRY_UNIX, EXIT_UNIX = "entry_unix", "exit_unix"
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (``None`` elsewhere: musl, macOS)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS, once per round and per handler.
+
+    Why: a round frees tens of MB of tensors (weights, messages, teacher outputs). glibc serves
+    allocations below its mmap threshold from heap arenas, and raises that threshold each time a
+    large block is freed, so later rounds' tensors land in arenas whose free pages glibc keeps: the
+    resident set then creeps up round after round although nothing is alive (``bench/memory.py``
+    measured 4-9 MB per round before this). ``malloc_trim(0)`` returns those pages.
+    """
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def memory_metrics(prefix: str = "") -> dict[str, float]:
