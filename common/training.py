@@ -45,7 +45,7 @@ class TrainSettings:
     temperature: float
     proximal_mu: float  # FedProx; 0 for the server's own training
     seed: int
-    precision: str  # "fp32", or "bf16": forward passes under bfloat16 autocast (weights and optimiser stay fp32)
+    precision: str  # "fp32", "bf16" (forward passes under bfloat16 autocast; fp32 weights), "auto" (bf16 where fast)
 
     @classmethod
     def from_config(cls, train_cfg, seed: int) -> "TrainSettings":
@@ -65,19 +65,34 @@ class TrainSettings:
         )
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether ``device`` has bfloat16 matmul units (a CUDA GPU that supports bf16; a CPU with AVX512-BF16
+    or AMX). Elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        try:
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        except AttributeError:  # a torch without these probes: assume none
+            return False
+    return False
 
 
 def precision_context(precision: str, device: torch.device) -> torch.autocast:
-    """The autocast context of a training forward pass: bfloat16 matmuls for ``"bf16"``, none for ``"fp32"``.
+    """The autocast context of a training forward pass: bfloat16 matmuls for ``"bf16"`` (and for ``"auto"``
+    where :func:`fast_bf16`), none for ``"fp32"``.
 
     Why: the adapters' wide output projections make a training step matmul-bound; on CPUs with
-    bfloat16 units (AVX512-BF16, AMX) and on GPUs bf16 autocast halves a step's time, while weights,
-    gradients and optimiser state stay fp32 (``bench/aggregation.py`` measures the accuracy effect).
+    bfloat16 units and on GPUs bf16 autocast nearly halves a step's time, while weights, gradients
+    and optimiser state stay fp32 (``bench/aggregation.py`` measures the accuracy effect).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    bf16 = precision == "bf16" or (precision == "auto" and fast_bf16(device))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def match_loss(pred: Tensor, target: Tensor, cosine_weight: float) -> Tensor:

@@ -13,6 +13,7 @@ from common.training import (
     branch_loss,
     class_mean_outputs,
     evaluate_adapters,
+    fit_adapters,
     retrieval_correct,
     train_adapters,
 )
@@ -63,6 +64,32 @@ def test_training_on_mixed_batches_learns_every_class():
     assert after["loss"] < 0.5 * before["loss"]
     assert losses["loss"] == pytest.approx(losses["loss_clip"] + losses["loss_t5"])
     assert after["retrieval_acc_clip"] == 1.0 and after["retrieval_acc_t5"] == 1.0
+
+
+def test_bf16_precision_runs_forward_passes_under_autocast_and_still_learns(monkeypatch):
+    x, y, t_clip, t_t5 = _toy()
+    adapters = _adapters()
+    before = evaluate_adapters(adapters, x, y, t_clip, t_t5, _settings())
+    train_adapters(adapters, x, y, t_clip, t_t5, _settings(precision="bf16"))
+    after = evaluate_adapters(adapters, x, y, t_clip, t_t5, _settings())
+    assert after["loss"] < 0.5 * before["loss"] and after["retrieval_acc_t5"] == 1.0
+    assert all(p.dtype == torch.float32 for p in adapters.parameters())  # weights stay fp32
+
+    seen = []
+
+    def batch_loss(idx):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        out_clip, _ = adapters(x[idx])
+        return out_clip.float().pow(2).mean(), out_clip.float().abs().mean()
+
+    for precision, fast, expected in (("fp32", True, False), ("bf16", False, True), ("auto", True, True),
+                                      ("auto", False, False)):
+        seen.clear()
+        monkeypatch.setattr("common.training.fast_bf16", lambda device, fast=fast: fast)
+        fit_adapters(adapters, len(x), batch_loss, _settings(epochs=1, precision=precision))
+        assert seen and set(seen) == {expected}, precision
+    with pytest.raises(ValueError, match="precision must be one of"):
+        fit_adapters(adapters, len(x), batch_loss, _settings(epochs=1, precision="fp8"))
 
 
 def test_contrastive_term_is_honoured_and_changes_the_loss():
