@@ -68,3 +68,31 @@ def test_the_wait_ends_at_the_deadline_with_the_replies_it_has():
 def test_a_non_positive_interval_is_refused():
     with pytest.raises(ValueError, match="reply-poll-interval"):
         PromptGrid(FakeGrid([]), interval=0)
+
+
+def test_the_deployment_grid_retries_objects_still_in_flight_promptly(monkeypatch):
+    from flwr.superlink.grid import http_grid
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    from server_app.grid import PULL_BACKOFF, PULL_BACKOFF_CAP, prompt_object_pulls
+
+    calls = []
+    monkeypatch.setattr(http_grid, "pull_objects", lambda ids, fn, **kw: calls.append(kw) or {i: fn(i) for i in ids})
+    PromptGrid(FakeGrid([]), interval=0.1)  # installs it
+    assert prompt_object_pulls()  # and a second time does not wrap twice
+    http_grid.pull_objects(["a"], lambda i: b"x")
+    assert calls == [{"initial_backoff": PULL_BACKOFF, "backoff_cap": PULL_BACKOFF_CAP, "max_tries_per_object": None}]
+    # with Flower's own pull_objects: an object that is not uploaded yet is retried until it is there
+    from flwr.supercore.inflatable import inflatable_utils
+
+    monkeypatch.setattr(http_grid, "pull_objects", inflatable_utils.pull_objects)
+    prompt_object_pulls()
+    tries = {"n": 0}
+
+    def pull(object_id):
+        tries["n"] += 1
+        if tries["n"] < 3:
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    assert http_grid.pull_objects(["obj"], pull) == {"obj": b"content"} and tries["n"] == 3
