@@ -17,7 +17,6 @@ across hosts they are as close as the hosts' clocks.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Iterable
@@ -25,13 +24,11 @@ from typing import Any
 
 from flwr.app import Message
 
+from common.deploy.prompt_timing import prompt_pulls
 from common.metrics.resources import ENTRY_UNIX, EXIT_UNIX
 from common.records import METRICS
 
 log = logging.getLogger(__name__)
-
-# Backoff of the deployment Grid's object pulls (seconds): first retry, and the largest wait between two
-PULL_BACKOFF, PULL_BACKOFF_CAP = 0.05, 0.5
 
 
 class PromptGrid:
@@ -85,34 +82,14 @@ def prompt_object_pulls() -> bool:
 
     Why: a reply becomes pullable at the SuperLink before its SuperNode finished uploading the
     reply's objects (the weights). Flower 1.41's Grid then retries each missing object after 1 s,
-    2 s, 4 s ... (``PULL_INITIAL_BACKOFF`` 1, ``PULL_BACKOFF_CAP`` 10 in ``flwr/supercore/constant.py``,
-    used by ``HttpGrid.pull_messages``), so an upload that takes 1.1 s costs 3 s; polling for replies
-    every 0.1 s makes such early pulls the rule. Here the Grid module's ``pull_objects`` gets
-    :data:`PULL_BACKOFF` / :data:`PULL_BACKOFF_CAP`, unlimited tries and Flower's own time limit
-    (``PULL_MAX_TIME``, 2 h). Only this process (the ServerApp) is affected; the SuperNode's pulls
-    from the SuperLink keep Flower's backoff (``flwr/supernode/start_client_internal.py``).
-    Returns whether the Grid module was found (an unknown Flower version is left alone, logged once).
+    2 s, 4 s ... (``HttpGrid.pull_messages``), so an upload that takes 1.1 s costs 3 s; polling for
+    replies every 0.1 s makes such early pulls the rule. Only this process (the ServerApp) is
+    affected (:func:`common.deploy.prompt_timing.prompt_pulls`). Returns whether the Grid module was
+    found (an unknown Flower version is left alone and logged).
     """
     try:
         from flwr.superlink.grid import http_grid
     except ImportError:
         log.info("flwr.superlink.grid.http_grid not found: the deployment Grid's object pulls keep Flower's backoff")
         return False
-    pull = getattr(http_grid, "pull_objects", None)
-    if pull is None:
-        log.info("HttpGrid has no pull_objects: its object pulls keep Flower's backoff")
-        return False
-    if getattr(pull, "feda2v_prompt", False):
-        return True
-    original = pull
-
-    @functools.wraps(original)
-    def prompt(object_ids, pull_object_fn, **kwargs):
-        kwargs.setdefault("initial_backoff", PULL_BACKOFF)
-        kwargs.setdefault("backoff_cap", PULL_BACKOFF_CAP)
-        kwargs.setdefault("max_tries_per_object", None)
-        return original(object_ids, pull_object_fn, **kwargs)
-
-    prompt.feda2v_prompt = True  # type: ignore[attr-defined]
-    http_grid.pull_objects = prompt
-    return True
+    return prompt_pulls(http_grid)

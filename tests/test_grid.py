@@ -74,7 +74,8 @@ def test_the_deployment_grid_retries_objects_still_in_flight_promptly(monkeypatc
     from flwr.superlink.grid import http_grid
     from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 
-    from server_app.grid import PULL_BACKOFF, PULL_BACKOFF_CAP, prompt_object_pulls
+    from common.deploy.prompt_timing import PULL_BACKOFF, PULL_BACKOFF_CAP
+    from server_app.grid import prompt_object_pulls
 
     calls = []
     monkeypatch.setattr(http_grid, "pull_objects", lambda ids, fn, **kw: calls.append(kw) or {i: fn(i) for i in ids})
