@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
-from common.wire import SCALE_SUFFIX, WIRE, WireError, content_bytes, decode, encode, is_delta, received, wire_config
+from common.wire import PACKED_LAYOUT, PACKED_PREFIX, SCALE_SUFFIX, WIRE, WireError, content_bytes, decode, encode, is_delta, received, wire_config
 
 
 def weights(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -18,9 +18,11 @@ def weights(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def test_int8_is_within_half_a_step_of_each_row_and_small_or_integer_tensors_pass_as_they_are():
     w = weights()
-    record = encode(w, "int8")
+    record = encode(w, "int8", packed=False)
     assert record["proj.weight"].dtype == "int8" and "proj.weight" + SCALE_SUFFIX in record
     back = decode(record)
+    for name, t in decode(encode(w, "int8")).items():  # the packed wire form decodes to the same tensors
+        assert torch.equal(t, back[name]) and t.dtype == back[name].dtype, name
     assert set(back) == set(w)
     for name in ("proj.weight", "seq"):
         rows = w[name].reshape(-1, w[name].shape[-1])
@@ -46,7 +48,7 @@ def test_a_difference_from_the_weights_sent_comes_back_far_more_precisely_than_t
 
 def test_float16_and_float32_codecs():
     w = weights()
-    half = encode(w, "float16")
+    half = encode(w, "float16", packed=False)
     assert half["proj.weight"].dtype == "float16"
     assert torch.allclose(decode(half)["proj.weight"], w["proj.weight"], atol=1e-4)
     assert torch.equal(decode(encode(w, "float32"))["seq"], w["seq"])
@@ -60,10 +62,31 @@ def test_bad_records_and_bases_are_errors_that_name_the_tensor():
         encode(w, "int8", base={"seq": w["seq"]})
     with pytest.raises(WireError, match="seq"):
         decode(encode(w, "int8"), base={"proj.weight": w["proj.weight"], "proj.bias": w["proj.bias"]})
-    broken = encode(w, "int8").to_torch_state_dict()
+    broken = encode(w, "int8", packed=False).to_torch_state_dict()
     broken["proj.weight" + SCALE_SUFFIX] = torch.ones(3)
     with pytest.raises(WireError, match="proj.weight"):
         decode(ArrayRecord(broken))
+
+
+def test_a_packed_record_holds_one_buffer_per_dtype_and_its_layout_and_bad_layouts_are_named_errors():
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    w = {f"layer{i}.weight": torch.randn(32, 64) for i in range(40)} | {"steps": torch.tensor([3])}
+    record = encode(w, "int8")
+    assert sorted(record) == sorted([PACKED_LAYOUT] + [PACKED_PREFIX + k for k in ("float32", "int8", "int64")])
+    per_tensor = encode(w, "int8", packed=False)
+    # Flower moves each array (and each chunk) as one object: packed, a handful instead of ~two per tensor
+    assert len(get_all_nested_objects(record)) < 10 < 80 < len(get_all_nested_objects(per_tensor))
+    assert content_bytes(RecordDict({"a": record})) < 1.05 * content_bytes(RecordDict({"a": per_tensor}))
+    assert decode(record).keys() == w.keys() and torch.equal(decode(record)["steps"], w["steps"])
+    state = record.to_torch_state_dict()
+    short = dict(state, **{PACKED_PREFIX + "int8": state[PACKED_PREFIX + "int8"][:100]})
+    with pytest.raises(WireError, match="layer0.weight.*buffer \(100\)"):
+        decode(ArrayRecord(short))
+    with pytest.raises(WireError, match="layer0.weight.*missing"):
+        decode(ArrayRecord({k: v for k, v in state.items() if k != PACKED_PREFIX + "int8"}))
+    with pytest.raises(WireError, match="layout"):
+        decode(ArrayRecord(dict(state, **{PACKED_LAYOUT: torch.tensor([255, 0, 1], dtype=torch.uint8)})))
 
 
 def test_int8_takes_about_a_quarter_of_the_bytes_and_the_wire_record_says_what_was_sent():
