@@ -72,7 +72,6 @@ def test_a_non_positive_interval_is_refused():
 
 def test_the_deployment_grid_retries_objects_still_in_flight_promptly(monkeypatch):
     from flwr.superlink.grid import http_grid
-    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 
     from common.deploy.prompt_timing import PULL_BACKOFF, PULL_BACKOFF_CAP
     from server_app.grid import prompt_object_pulls
@@ -83,17 +82,3 @@ def test_the_deployment_grid_retries_objects_still_in_flight_promptly(monkeypatc
     assert prompt_object_pulls()  # and a second time does not wrap twice
     http_grid.pull_objects(["a"], lambda i: b"x")
     assert calls == [{"initial_backoff": PULL_BACKOFF, "backoff_cap": PULL_BACKOFF_CAP, "max_tries_per_object": None}]
-    # with Flower's own pull_objects: an object that is not uploaded yet is retried until it is there
-    from flwr.supercore.inflatable import inflatable_utils
-
-    monkeypatch.setattr(http_grid, "pull_objects", inflatable_utils.pull_objects)
-    prompt_object_pulls()
-    tries = {"n": 0}
-
-    def pull(object_id):
-        tries["n"] += 1
-        if tries["n"] < 3:
-            raise ObjectUnavailableError(object_id)
-        return b"content"
-
-    assert http_grid.pull_objects(["obj"], pull) == {"obj": b"content"} and tries["n"] == 3
