@@ -90,12 +90,16 @@ def unpack(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         layout = json.loads(bytes(state[PACKED_LAYOUT].to(torch.uint8).tolist()).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise WireError(f"wire record: unreadable '{PACKED_LAYOUT}' ({err})") from None
+    if not isinstance(layout, list):
+        raise WireError(f"wire record: '{PACKED_LAYOUT}' is not a list of tensors")
     out: dict[str, Tensor] = {}
     for entry in layout:
         try:
             name, kind, shape, offset = str(entry[0]), str(entry[1]), [int(d) for d in entry[2]], int(entry[3])
         except (TypeError, ValueError, IndexError):
             raise WireError(f"wire record: bad layout entry {entry!r}") from None
+        if any(d < 0 for d in shape):
+            raise WireError(f"wire record: '{name}' has a negative dimension in {tuple(shape)}")
         buffer = state.get(PACKED_PREFIX + kind)
         numel = int(torch.Size(shape).numel())
         if buffer is None or offset < 0 or offset + numel > buffer.numel():

@@ -85,8 +85,9 @@ def test_a_packed_record_holds_one_buffer_per_dtype_and_its_layout_and_bad_layou
         decode(ArrayRecord(short))
     with pytest.raises(WireError, match="layer0.weight.*missing"):
         decode(ArrayRecord({k: v for k, v in state.items() if k != PACKED_PREFIX + "int8"}))
-    with pytest.raises(WireError, match="layout"):
-        decode(ArrayRecord(dict(state, **{PACKED_LAYOUT: torch.tensor([255, 0, 1], dtype=torch.uint8)})))
+    for bad in (bytes([255, 0, 1]), b"null", b'[["w", "int8", [-1], 0]]'):
+        with pytest.raises(WireError, match="layout|negative"):
+            decode(ArrayRecord(dict(state, **{PACKED_LAYOUT: torch.tensor(list(bad), dtype=torch.uint8)})))
 
 
 def test_int8_takes_about_a_quarter_of_the_bytes_and_the_wire_record_says_what_was_sent():
