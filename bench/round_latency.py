@@ -4,8 +4,8 @@ Runs the same small federation (4 classes, 12 clips each, 2 local epochs, ``rend
 twice after an untimed warm-up run that fills the embedding cache: "before" with Flower's timing
 (``flower-supernode``, which sleeps 3 s when it finds no message and retries objects after 1-10 s,
 and the server polling for replies every 3 s, ``reply-poll-interval = 3``, as Flower's deployment Grid
-does) and "after" with this project's (``feda2v-supernode``, :mod:`common.deploy.prompt_timing`, and
-the default reply polling of :mod:`server_app.grid`). Both runs' ServerApp retries in-flight reply
+does) and "after" with the opt-in ``feda2v-supernode`` (:mod:`common.deploy.prompt_timing`) and the
+default reply polling of :mod:`server_app.grid`). Both runs' ServerApp retries in-flight reply
 objects promptly. Per round, from ``summary.json``:
 
 * ``wall_s``: the round's wall time (``elapsed_seconds`` differences; round 1 is left out of the
@@ -47,8 +47,8 @@ from common.report.run_data import server_step_seconds
 log = logging.getLogger("bench.round_latency")
 
 
-# (name, SuperNodes with Flower's own timing, the server's reply-poll-interval; None = the default)
-VARIANTS = (("before", True, 3.0), ("after", False, None))
+# (name, feda2v-supernode instead of flower-supernode, the server's reply-poll-interval; None = the default)
+VARIANTS = (("before", False, 3.0), ("after", True, None))
 PARTS = ("wall_s", "node_s", "process_start_s", "wait_s", "return_s", "server_s", "rest_s", "overhead_s")
 
 
@@ -95,8 +95,9 @@ def main() -> None:
                               clips_per_class=drills.BASE_CONFIG["data.clips-per-class"], seed=0)
     out = work / "out"
     results: dict[str, dict] = {}
-    for name, flower_timing, interval in VARIANTS:
-        with LocalFederation(work / f"fed-{name}", 2, data, cache_dir=work / "cache", flower_timing=flower_timing) as fed:
+    for name, prompt_supernodes, interval in VARIANTS:
+        with LocalFederation(work / f"fed-{name}", 2, data, cache_dir=work / "cache",
+                             prompt_supernodes=prompt_supernodes) as fed:
             if not results:
                 fed.run(drills.run_config(out, "warm", **{"num-rounds": 1, "min-nodes": 2}))  # fills the embedding cache
             extra = {"num-rounds": args.rounds, "min-nodes": 2}

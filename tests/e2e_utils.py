@@ -108,7 +108,7 @@ class E2EEnv:
         self._started: list[_Started] = []
         self._log_names: set[str] = set()
         self.env = self._base_env()
-        missing = [exe for exe in ("flwr", "flower-superlink", "flower-supernode", "feda2v-supernode", "feda2v")
+        missing = [exe for exe in ("flwr", "flower-superlink", "flower-supernode", "feda2v")
                    if shutil.which(exe, path=self.env["PATH"]) is None]
         if missing:
             pytest.fail(f"{', '.join(missing)} not found next to {sys.executable}: install the project "

@@ -117,10 +117,10 @@ class LocalFederation:
     def __init__(self, root: Path, num_nodes: int, data_root: Path, cache_dir: Path | None = None,
                  base_env: Mapping[str, str] | None = None, startup_timeout_s: float = 90.0, secure: bool = False,
                  superlink_host: Host = LOOPBACK, node_hosts: Sequence[Host] | None = None,
-                 flower_timing: bool = False) -> None:
+                 prompt_supernodes: bool = False) -> None:
         self.root = Path(root)
-        # feda2v-supernode is flower-supernode with prompt hand-offs; flower_timing keeps Flower's own
-        self.node_program = "flower-supernode" if flower_timing else "feda2v-supernode"
+        # feda2v-supernode is flower-supernode with prompt hand-offs (opt-in, see common.deploy.prompt_timing)
+        self.node_program = "feda2v-supernode" if prompt_supernodes else "flower-supernode"
         self.num_nodes = num_nodes
         self.data_root = Path(data_root)
         self.logs = self.root / "logs"
@@ -199,8 +199,8 @@ class LocalFederation:
         return register_node(key.public, self.CONNECTION, self.env, self.root)
 
     def node_command(self, pid: int, auth_key: Path | None = None, root_certificates: Path | None = None) -> list[str]:
-        """The SuperNode command of node ``pid``: ``feda2v-supernode`` (``flower-supernode`` with prompt
-        hand-offs, :mod:`common.deploy.prompt_timing`) unless ``flower_timing``; ``auth_key``/``root_certificates``
+        """The SuperNode command of node ``pid``: ``flower-supernode``, or ``feda2v-supernode`` with
+        ``prompt_supernodes`` (:mod:`common.deploy.prompt_timing`); ``auth_key``/``root_certificates``
         override the federation's (a secure federation uses the node's registered key and the CA)."""
         if self.secure:
             ca = root_certificates or (self.tls.ca_cert if self.tls else None)
