@@ -17,11 +17,13 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.config import Precision
 from common.seeds import seeded
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ class TrainSettings:
         )
 
 
-PRECISIONS = ("fp32", "bf16", "auto")
+PRECISIONS = get_args(Precision)
 
 
 def fast_bf16(device: torch.device) -> bool:

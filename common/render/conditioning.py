@@ -112,9 +112,9 @@ def target_soft(cond: Conditioning, targets: ClassTensors, sigma: float) -> Cond
             continue
         table = table.float().flatten(1)
         pre = Preconditioner.fit(table, WHITEN_FLOOR)
-        z_targets = (table - pre.centre) @ pre.basis / pre.scale
+        z_targets = pre.coords(table)
         x = out[name].float()
-        z = (x.flatten(1) - pre.centre) @ pre.basis / pre.scale
+        z = pre.coords(x.flatten(1))
         spacing = torch.pdist(z_targets).mean() if len(z_targets) > 1 else torch.tensor(1.0)
         weights = torch.softmax(-torch.cdist(z, z_targets).pow(2) / (2 * (sigma * spacing) ** 2), dim=1)
         out[name] = (weights @ table).view(x.shape)

@@ -186,8 +186,12 @@ class Preconditioner:
         scale = sv[keep] / max(1, len(rows)) ** 0.5
         return cls(centre, vh[keep].T.contiguous(), scale.clamp_min(float(scale[0]) * min_scale))
 
+    def coords(self, x: Tensor) -> Tensor:
+        """``[..., k]``: the offset from the centre in the span's whitened coordinates."""
+        return (x - self.centre) @ self.basis / self.scale
+
     def __call__(self, x: Tensor) -> Tensor:
-        return ((x - self.centre) @ self.basis / self.scale) @ self.basis.T
+        return self.coords(x) @ self.basis.T
 
     def fold(self, linear: torch.nn.Linear) -> None:
         """Make ``linear(x)`` compute what ``linear(self(x))`` computed."""
