@@ -15,10 +15,9 @@ Flower's own time limit, ``PULL_MAX_TIME``); the ServerApp applies it to its Gri
 sleeps: the idle poll to ``FEDA2V_SUPERNODE_IDLE_POLL`` seconds (default :data:`IDLE_POLL`), the local
 reply checks to :data:`LOCAL_POLL`. ``feda2v-supernode`` (:func:`main`) is ``flower-supernode`` with
 that patch, same arguments. It is **experimental and opt-in** (``LocalFederation(prompt_supernodes=True)``,
-``bench/round_latency.py``): in one of two full test runs a fault drill failed with it, because a
-ClientApp's final ``push-task-output`` to its SuperNode was cut off and Flower expired the task 60 s
-later, answering the node's next message with "ClientApp stopped responding"; Flower's slower
-checks leave that report more time. An unknown Flower layout is left alone and logged, never a crash. Imports only Flower and the standard library
+``bench/round_latency.py``) until an intermittent fault is understood (README, "Cost at scale"): a
+ClientApp's final ``push-task-output`` to its SuperNode cut off at the end of a run, seen with and
+without this patch. An unknown Flower layout is left alone and logged, never a crash. Imports only Flower and the standard library
 (the SuperNode's host needs neither torch nor this project's models).
 """
 
