@@ -1,7 +1,7 @@
 """The feda2v ClientApp: a site trains adapters on its own audio and reports weights + class means.
 
 ``train``: load the global adapters (or, with ``aggregation = "none"``, this node's own adapters kept
-in the node's Context state), train local epochs toward the per-clip class targets sent by the
+in the node's state on its disk), train local epochs toward the per-clip class targets sent by the
 server, reply with adapter weights, metrics and per-class mean adapter outputs. The metrics include
 what obtaining the node's embeddings cost in this message: ``cache_hits``, ``cache_misses``,
 ``extract_seconds`` (AST extraction of misses, 0 when all hit) and ``load_seconds`` (cache reads);
@@ -36,8 +36,8 @@ from client_app.augment import augment_from_server
 from client_app.generators import shareable_classes, train_node_generators
 from client_app.held import HELD, by_reference, forget_files, held, resolve, state_keys
 from client_app.node_data import NodeDataMemo, load_node_data, node_cache_dir
-from client_app.node_state import LOCAL_ADAPTERS, persist, restore, state_dir
-from client_app.pretrained import synthetic_train_set
+from client_app.node_state import LOCAL_ADAPTERS, DiskState, state_dir
+from client_app.pretrained import load_node_bank, pretrained_index, synthetic_train_set
 from client_app.render import render_node_images
 from common import seeds
 from common.config import FedA2VConfig, NodeRuntimeConfig, load_config
@@ -72,30 +72,31 @@ NODE_DATA = NodeDataMemo(max_entries=8)  # this process's node embeddings (see c
 
 
 
-def _setup(msg: Message, context: Context) -> tuple[FedA2VConfig, NodeRuntimeConfig, ClassTensors, Path, tuple[str, ...],
-                                                  dict[str, int]]:
+def _setup(msg: Message, context: Context, evaluate: bool = False) -> tuple[
+        FedA2VConfig, NodeRuntimeConfig, ClassTensors, DiskState, tuple[str, ...], dict[str, int]]:
     """Config, node, class targets, and the carried state (:func:`_carried_state`) of one message.
 
     The message's content is completed from what the node holds (:mod:`client_app.held`: records the
-    server sent by reference) and the records it brought in full are kept, on the node's disk too."""
+    server sent by reference) and the records it brought in full are kept, on the node's disk (and in
+    memory only where the disk failed: :class:`~client_app.node_state.DiskState`)."""
     setup_logging()
     cfg = load_config(context.run_config)
     node = NodeRuntimeConfig.from_node_config(context.node_config)
     if node.num_threads:
         torch.set_num_threads(node.num_threads)
-    directory, carried, state_metrics = _carried_state(cfg, node, msg, context)
+    disk, carried, state_metrics = _carried_state(cfg, node, msg, context, evaluate)
     server_round = int(_round_config(msg).get("server-round", 0))
     if by_reference(msg.content):
-        restore(context.state, directory, state_keys(), server_round + 1)  # a restarted SuperNode's held records
+        disk.restore(context.state, state_keys(), server_round + 1)  # the held records live on the node's disk
     msg.content, kept = resolve(msg.content, context.state)
     if kept:
         try:
-            persist(context.state, directory, tuple(kept), server_round)
+            disk.persist(context.state, tuple(kept), server_round)
         except OSError as err:  # an optimisation only: the state in memory still serves this SuperNode's life
             log.warning("node %d: the server's records could not be kept on disk (%s); a restart will need them "
                         "sent again", node.partition_id, redact_paths(str(err)))
     targets = ClassTensors.from_records(msg.content, TARGETS, TARGETS_META)
-    return cfg, node, targets, directory, carried, state_metrics
+    return cfg, node, targets, disk, carried, state_metrics
 
 
 def _check_classes(targets: ClassTensors, class_names: list[str], node: NodeRuntimeConfig) -> None:
@@ -165,26 +166,30 @@ def _training_set(
     return data.class_names, split.embeddings, split.labels, metrics, cfg.generator.mode != "off"
 
 
-def _carried_state(cfg: FedA2VConfig, node: NodeRuntimeConfig, msg: Message, context: Context) -> tuple[Path, tuple[str, ...], dict[str, int]]:
-    """Reload what this node carries across rounds if a restart lost it (see :mod:`client_app.node_state`).
+def _carried_state(cfg: FedA2VConfig, node: NodeRuntimeConfig, msg: Message, context: Context,
+                   evaluate: bool = False) -> tuple[DiskState, tuple[str, ...], dict[str, int]]:
+    """Read back what this node carries across rounds (see :mod:`client_app.node_state`): the files of
+    earlier rounds for a train message, and for an evaluate message also this round's (what its train
+    message just wrote).
 
-    Returns the node's state directory, the keys it carries in this run and the ``state_restored`` /
-    ``state_lost`` metrics of this message."""
+    Returns the message's :class:`~client_app.node_state.DiskState`, the keys the node carries in this
+    run and the ``state_restored`` (reloaded after a SuperNode restart) / ``state_lost`` metrics."""
     keys: tuple[str, ...] = ()
     if _keeps_own_adapters(msg):
         keys += (LOCAL_ADAPTERS,)
     if cfg.generator.mode in ("generator-training", "generator-only"):
         keys += (GENERATORS,)
-    directory = state_dir(node_cache_dir(cfg, node), str(_round_config(msg).get(RUN_NAME, "")), node.partition_id)
+    disk = DiskState(state_dir(node_cache_dir(cfg, node), str(_round_config(msg).get(RUN_NAME, "")), node.partition_id))
+    directory = disk.directory
     server_round = int(_round_config(msg).get("server-round", 0))
-    restored = restore(context.state, directory, keys, server_round)
+    restored, _ = disk.restore(context.state, keys, server_round + int(evaluate))
     if restored:
         log.info("node %d: restored %s from %s (the SuperNode restarted)", node.partition_id, restored, directory)
     lost = [k for k in keys if k not in context.state]
     if lost and server_round > 1:
         log.warning("node %d round %d: %s from earlier rounds is gone (not in the node's state nor in %s): starting "
                     "them over", node.partition_id, server_round, lost, directory)
-    return directory, keys, {"state_restored": int(bool(restored)), "state_lost": int(bool(lost) and server_round > 1)}
+    return disk, keys, {"state_restored": int(bool(restored)), "state_lost": int(bool(lost) and server_round > 1)}
 
 
 def _no_host_paths(handler):
@@ -212,10 +217,12 @@ def train(msg: Message, context: Context) -> Message:
     t_call = time.perf_counter()  # the whole handler: ``call_seconds`` (node compute, as bench/scale.py counts it)
     age = process_age_seconds()  # deployment: this message's process start and imports
     entry = time.time()  # wall clock: the server turns it into ``dispatch_seconds`` (server_app.grid)
-    cfg, node, targets, state_directory, carried, state_metrics = _setup(msg, context)
+    cfg, node, targets, disk, carried, state_metrics = _setup(msg, context)
     server_round = int(_round_config(msg).get("server-round", 0))
     device = resolve_device(cfg)
     class_names, embeddings, labels, data_metrics, has_bank = _training_set(cfg, node, context, server_round)
+    if cfg.generator.mode == "use-pretrained-generators":
+        disk.on_disk.add(GENERATORS)  # the pretrained bank is in its checkpoints: the next message reads them again
     _check_classes(targets, class_names, node)
     adapters, sent = _adapters(cfg, msg, context, targets)
     settings = TrainSettings.from_config(cfg.train, seed=seeds.node_train(cfg.seed, server_round, node.partition_id))
@@ -233,7 +240,7 @@ def train(msg: Message, context: Context) -> Message:
     weights = module_to_arrays(adapters)
     if _keeps_own_adapters(msg):
         context.state[LOCAL_ADAPTERS] = weights
-    persist(context.state, state_directory, carried, server_round)
+    disk.persist(context.state, carried, server_round)
     shared = set(shareable_classes(cfg, node, dict(zip(class_names, counts.tolist()))))
     present = [i for i, c in enumerate(class_names) if c in shared]
     withheld = [i for i, n in enumerate(counts.tolist()) if n > 0 and class_names[i] not in shared]
@@ -270,6 +277,7 @@ def train(msg: Message, context: Context) -> Message:
     if has_bank and not cfg.generate_only:
         for name in (GENERATORS, GENERATORS_META):
             content[name] = context.state[name]
+    disk.release(context.state)  # the Context goes back to the SuperNode small (client_app.node_state)
     content[METRICS][EXIT_UNIX] = time.time()
     return Message(content=content, reply_to=msg)
 
@@ -280,7 +288,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()  # the whole handler: ``call_seconds``
     age = process_age_seconds()
     entry = time.time()
-    cfg, node, targets, state_directory, _, state_metrics = _setup(msg, context)
+    cfg, node, targets, disk, _, state_metrics = _setup(msg, context, evaluate=True)
     device = resolve_device(cfg)
     adapters, _ = _adapters(cfg, msg, context, targets)
     metrics: dict[str, float | int] = {"num-examples": 0, "num_val": 0, "partition_id": node.partition_id,
@@ -313,10 +321,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     if cfg.render.due(server_round, cfg.num_rounds):  # the aggregated adapters of this round draw the images
         run_name = str(_round_config(msg).get(RUN_NAME, ""))
         run_dir = node_run_dir(cfg, run_name)
+        if cfg.generator.mode == "use-pretrained-generators" and cfg.render.source == "generator":
+            load_node_bank(cfg, node, pretrained_index(cfg, node), context.state)  # from its checkpoints
+            disk.on_disk.add(GENERATORS)
         metrics.update(render_node_images(cfg, node, adapters, targets, context.state, str(run_dir or ""), server_round,
                                           str(device), cache_only=_cache_only(cfg), memo=NODE_DATA))
     if server_round >= cfg.num_rounds:  # the run's last message to this node: its held records' files can go
-        forget_files(state_directory)
+        forget_files(disk.directory)
+    disk.release(context.state)
     release_memory()
     metrics.update({"call_seconds": time.perf_counter() - t0, "process_age_seconds": age, **memory_metrics(),
                     ENTRY_UNIX: entry, EXIT_UNIX: time.time()})

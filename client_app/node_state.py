@@ -7,12 +7,23 @@ an empty one. Two things must survive: the node's own adapters when there is no 
 names them by hash. Each is written atomically to
 ``<node cache-dir>/node-state/<run-name>/partition{id}/{key}_round_{r}`` whenever it changes and read back when the
 state lacks it. A node that should have carried something and cannot find it says so in its reply
-(``state_lost = 1``) instead of silently starting over; ``state_restored = 1`` when it reloaded.
+(``state_lost = 1``) instead of silently starting over; ``state_restored = 1`` when it reloaded
+after a restart.
+
+Between messages the bulky records live **on disk only** (:class:`DiskState`): ``Context.state`` keeps
+their small ``-meta`` records and an ``on-disk`` note. Why: in a deployment Flower moves the whole
+Context between the SuperNode and every ClientApp process, in (``pull-task-input``) and out
+(``push-task-output``), so a state holding the adapters or a generator bank (tens of MB) cost every
+message two large transfers, and Flower gives the final push only 5 s before it ends the exiting
+process (``FORCE_EXIT_TIMEOUT_SECONDS`` in ``flwr/supercore/constant.py``). On busy cores a large push
+was cut off; the SuperNode then kept the task open until its token expired (60 s) and answered the
+node's next message of that run with "ClientApp stopped responding".
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -41,9 +52,11 @@ def _files(directory: Path, key: str) -> dict[int, Path]:
     return out
 
 
-def persist(state: RecordDict, directory: Path, keys: tuple[str, ...], server_round: int) -> None:
+def persist(state: RecordDict, directory: Path, keys: tuple[str, ...], server_round: int) -> list[str]:
     """Write the ``keys`` present in ``state`` (ArrayRecords, with their ``-meta`` ConfigRecord if any) as
-    this round's files; files older than the newest :data:`KEEP` rounds are removed."""
+    this round's files; files older than the newest :data:`KEEP` rounds are removed. Returns the keys
+    written."""
+    written = []
     for key in keys:
         if key not in state:
             continue
@@ -55,6 +68,8 @@ def persist(state: RecordDict, directory: Path, keys: tuple[str, ...], server_ro
         for r, path in _files(directory, key).items():
             if r <= server_round - KEEP:
                 path.unlink(missing_ok=True)
+        written.append(key)
+    return written
 
 
 def restore(state: RecordDict, directory: Path, keys: tuple[str, ...], server_round: int) -> list[str]:
@@ -79,3 +94,45 @@ def restore(state: RecordDict, directory: Path, keys: tuple[str, ...], server_ro
             state[f"{key}-meta"] = ConfigRecord(dict(meta["record-meta"]))
         restored.append(key)
     return restored
+
+
+ON_DISK = "on-disk"  # Context.state ConfigRecord {key: True}: records this node keeps on its disk only
+
+
+@dataclass
+class DiskState:
+    """One message's dealings with the node's state directory, and what the Context may leave behind.
+
+    Every record this message read from or wrote to ``directory`` is on disk (and a pretrained generator
+    bank, in its checkpoints, which the app adds to :attr:`on_disk`); :meth:`release` takes
+    those ArrayRecords out of the Context state before the reply (their ``-meta`` records and the
+    :data:`ON_DISK` note stay) so the Context that travels back to the SuperNode is small. A record
+    whose write failed stays in memory: it still serves this SuperNode's life.
+    """
+
+    directory: Path
+    on_disk: set[str] = field(default_factory=set)
+
+    def restore(self, state: RecordDict, keys: tuple[str, ...], server_round: int) -> tuple[list[str], list[str]]:
+        """:func:`restore`; returns (the keys reloaded after a restart, the keys read back as usual):
+        a key the Context notes as :data:`ON_DISK` was released by an earlier message, not lost."""
+        noted = set(dict(state[ON_DISK])) if ON_DISK in state else set()  # type: ignore[arg-type]
+        restored = restore(state, self.directory, keys, server_round)
+        self.on_disk.update(restored)
+        return [k for k in restored if k not in noted], [k for k in restored if k in noted]
+
+    def persist(self, state: RecordDict, keys: tuple[str, ...], server_round: int) -> None:
+        """:func:`persist`; the keys written may leave the Context."""
+        self.on_disk.update(persist(state, self.directory, keys, server_round))
+
+    def release(self, state: RecordDict) -> list[str]:
+        """Remove the ArrayRecords that are on disk from ``state`` and note them; returns the keys removed."""
+        released = sorted(k for k in self.on_disk if isinstance(state.get(k), ArrayRecord))
+        if not released:
+            return []
+        noted = dict(state[ON_DISK]) if ON_DISK in state else {}  # type: ignore[arg-type]
+        for key in released:
+            del state[key]
+            noted[key] = True
+        state[ON_DISK] = ConfigRecord(noted)
+        return released

@@ -128,7 +128,7 @@ def test_aggregation_none_keeps_the_nodes_own_adapters(data_root, tmp_path):
     cfg = load_config(rc)
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config=rc)
     first = train(make_message(server_content(cfg, 1)), ctx)
-    assert "local-adapters" in ctx.state
+    assert "local-adapters" in ctx.state["on-disk"]  # kept, on the node's disk (client_app.node_state)
     second_msg = make_message(server_content(cfg, 2))  # carries the untouched initial weights
     second = train(second_msg, ctx)
     w_init = second_msg.content["arrays"].to_torch_state_dict()

@@ -15,6 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 
 from client_app.app import NODE_DATA, evaluate, train
+from client_app.node_state import LOCAL_ADAPTERS, ON_DISK
 from common.config import ConfigError, load_config
 from common.data.audio import AudioLoadError, load_clip
 from common.errors import redact_paths
@@ -227,6 +228,39 @@ def test_a_restarted_node_restores_its_own_adapters_and_says_so(data_root, tmp_p
     gone = train(make_message(server_content(cfg, 3)), Context(run_id=1, node_id=7, node_config=node_config,
                                                                state=RecordDict(), run_config=rc))
     assert gone.content["metrics"]["state_lost"] == 1  # another run name: nothing to restore, and it says so
+
+
+def test_the_context_goes_back_small_and_the_next_messages_read_the_node_disk(data_root, tmp_path):  # noqa: F811
+    """Flower moves the whole Context between the SuperNode and each ClientApp process and gives the final
+    push 5 s: a node's adapters must travel on its disk, not in the Context (client_app.node_state)."""
+    rc = run_config(data_root, tmp_path, aggregation="none")
+    cfg = load_config(rc)
+    node_config = {"partition-id": 0, "num-partitions": 2}
+
+    def message(r, kind=MessageType.TRAIN):
+        c = server_content(cfg, r)
+        c["config"]["run-name"] = "run-small"
+        return make_message(c, kind)
+
+    def arrays_in(state):
+        return sorted(k for k, v in state.items() if isinstance(v, ArrayRecord))
+
+    ctx = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=rc)
+    first = train(message(1), ctx)
+    assert arrays_in(ctx.state) == [] and dict(ctx.state[ON_DISK]) == {LOCAL_ADAPTERS: True}
+    read_back = evaluate(message(1, MessageType.EVALUATE), ctx)  # this round's own adapters, from the disk
+    in_memory = Context(run_id=1, node_id=7, node_config=node_config, run_config=rc,
+                        state=RecordDict({LOCAL_ADAPTERS: first.content["arrays"]}))
+    expected = evaluate(message(1, MessageType.EVALUATE), in_memory)
+    for m in (read_back.content["metrics"], expected.content["metrics"]):
+        assert m["state_restored"] == 0 and m["state_lost"] == 0
+    assert read_back.content["metrics"]["val_loss"] == pytest.approx(expected.content["metrics"]["val_loss"])
+    assert arrays_in(ctx.state) == [] and arrays_in(in_memory.state) == [LOCAL_ADAPTERS]  # not on disk: kept
+    second = train(message(2), ctx)
+    assert second.content["metrics"]["state_restored"] == 0 and second.content["metrics"]["state_lost"] == 0
+    w0, w1, w2 = (m["arrays"].to_torch_state_dict() for m in (message(2).content, first.content, second.content))
+    key = next(iter(w1))
+    assert (w2[key] - w1[key]).abs().sum() < (w2[key] - w0[key]).abs().sum()  # continued its own weights
 
 
 def test_classes_below_the_privacy_floor_are_withheld_from_class_means(data_root, tmp_path):  # noqa: F811

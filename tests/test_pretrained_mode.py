@@ -69,6 +69,7 @@ def test_pretrained_mode_trains_and_evaluates_without_ast_or_audio(run1, no_ast_
     assert metrics["synthetic_samples"] == sum(real.values()) == metrics["num-examples"]  # 'auto' = real counts
     assert metrics["real_samples"] == 0
     assert GENERATORS in reply.content  # the server gets the node's generators in run 2 too
+    assert GENERATORS not in ctx.state  # the bank stays in its checkpoints, not in the Context that travels
     assert sum("the AST is not loaded" in r.getMessage() for r in caplog.records) == 1  # said once
     ev = evaluate(make_message(server_content(cfg, 2)), ctx).content["metrics"]
     assert ev["num-examples"] > 0 and 0.0 <= ev["test_retrieval_acc"] <= 1.0  # from the cache alone
