@@ -1,12 +1,18 @@
 """Where a deployment round's time goes: a loopback SuperLink and 2 SuperNodes (real processes).
 
 Runs the same small federation (4 classes, 12 clips each, 2 local epochs, ``render.when = "off"``)
-twice after an untimed warm-up run that fills the embedding cache: "before" with Flower's timing
-(``flower-supernode``, which sleeps 3 s when it finds no message and retries objects after 1-10 s,
-and the server polling for replies every 3 s, ``reply-poll-interval = 3``, as Flower's deployment Grid
-does) and "after" with the opt-in ``feda2v-supernode`` (:mod:`common.deploy.prompt_timing`) and the
-default reply polling of :mod:`server_app.grid`). Both runs' ServerApp retries in-flight reply
-objects promptly. Per round, from ``summary.json``:
+once per variant after an untimed warm-up run that fills the embedding cache:
+
+* "before": Flower's timing (``flower-supernode``, which sleeps 3 s when it finds no message and
+  retries objects after 1-10 s, and the server polling for replies every 3 s,
+  ``reply-poll-interval = 3``, as Flower's deployment Grid does);
+* "flower": ``flower-supernode`` with the default reply polling of :mod:`server_app.grid` (what a
+  site running Flower's own binaries gets);
+* "after": ``feda2v-supernode`` (:mod:`common.deploy.prompt_timing`: prompt polling, and warm
+  ClientApp processes forked by ``feda2v-superexec``, :mod:`common.deploy.warm_superexec`) with the
+  default reply polling.
+
+Every run's ServerApp retries in-flight reply objects promptly. Per round, from ``summary.json``:
 
 * ``wall_s``: the round's wall time (``elapsed_seconds`` differences; round 1 is left out of the
   means, it also holds the run's start);
@@ -24,8 +30,8 @@ Per phase (train, evaluate) the node whose reply came last is followed (nodes wo
 * ``rest_s`` = wall - all of the above: building and pushing messages, process exits, the round's
   bookkeeping; ``overhead_s`` = ``wait_s`` + ``return_s`` + ``rest_s``.
 
-Usage:  python bench/round_latency.py [--rounds 4] [--work DIR]
-Last line of output: one JSON object {"before": {...}, "after": {...}}.
+Usage:  python bench/round_latency.py [--rounds 4] [--work DIR] [--variants before,flower,after]
+Last line of output: one JSON object {"before": {...}, "flower": {...}, "after": {...}}.
 """
 
 from __future__ import annotations
@@ -47,8 +53,8 @@ from common.report.run_data import server_step_seconds
 log = logging.getLogger("bench.round_latency")
 
 
-# (name, feda2v-supernode instead of flower-supernode, the server's reply-poll-interval; None = the default)
-VARIANTS = (("before", False, 3.0), ("after", True, None))
+# name: (feda2v-supernode instead of flower-supernode, the server's reply-poll-interval; None = the default)
+VARIANTS = {"before": (False, 3.0), "flower": (False, None), "after": (True, None)}
 PARTS = ("wall_s", "node_s", "process_start_s", "wait_s", "return_s", "server_s", "rest_s", "overhead_s")
 
 
@@ -88,14 +94,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--work", default="", help="work folder (default: a temporary one)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     args = parser.parse_args()
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not chosen or any(v not in VARIANTS for v in chosen):
+        parser.error(f"--variants: choose from {list(VARIANTS)}, got {args.variants!r}")
     setup_logging()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="feda2v-latency-"))
     data = synthesize_dataset(work / "data", list(SYNTH_CLASSES[: drills.BASE_CONFIG["data.num-classes"]]),
                               clips_per_class=drills.BASE_CONFIG["data.clips-per-class"], seed=0)
     out = work / "out"
     results: dict[str, dict] = {}
-    for name, prompt_supernodes, interval in VARIANTS:
+    for name in chosen:
+        prompt_supernodes, interval = VARIANTS[name]
         with LocalFederation(work / f"fed-{name}", 2, data, cache_dir=work / "cache",
                              prompt_supernodes=prompt_supernodes) as fed:
             if not results:

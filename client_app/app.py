@@ -44,7 +44,8 @@ from common.config import FedA2VConfig, NodeRuntimeConfig, load_config
 from common.errors import redact_paths
 from common.logs import setup_logging
 from common.factory import adapter_config, build_adapters, resolve_device
-from common.metrics.resources import ENTRY_UNIX, EXIT_UNIX, memory_metrics, process_age_seconds, release_memory
+from common.metrics.resources import (ENTRY_UNIX, EXIT_UNIX, memory_metrics, process_age_seconds, release_memory,
+                                      warm_start)
 from common.models.adapters import Adapters
 from common.records import (
     ARRAYS,
@@ -264,7 +265,8 @@ def train(msg: Message, context: Context) -> Message:
         "node %d round %d: trained on %d embeddings in %.1fs, loss %.4f (clip %.4f, t5 %.4f)",
         node.partition_id, server_round, labels.numel(), train_seconds, losses["loss"], losses["loss_clip"], losses["loss_t5"],
     )
-    metrics.update({"call_seconds": time.perf_counter() - t_call, "process_age_seconds": age, ENTRY_UNIX: entry})
+    metrics.update({"call_seconds": time.perf_counter() - t_call, "process_age_seconds": age, "warm_start": warm_start(),
+                    ENTRY_UNIX: entry})
     content = RecordDict({ARRAYS: weights, METRICS: MetricRecord(metrics)})
     codec = codec_of(msg.content)
     if WIRE in msg.content:  # the server's codec; a difference only from weights it sent (common.wire)
@@ -330,6 +332,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         forget_files(disk.directory)
     disk.release(context.state)
     release_memory()
-    metrics.update({"call_seconds": time.perf_counter() - t0, "process_age_seconds": age, **memory_metrics(),
+    metrics.update({"call_seconds": time.perf_counter() - t0, "process_age_seconds": age, "warm_start": warm_start(),
+                    **memory_metrics(),
                     ENTRY_UNIX: entry, EXIT_UNIX: time.time()})
     return Message(content=RecordDict({METRICS: MetricRecord(metrics), HELD: held(context.state)}), reply_to=msg)

@@ -148,19 +148,24 @@ def test_secure_loopback_deployment(tmp_path: Path) -> None:
 
 def test_multi_host_deployment_over_tls(tmp_path: Path) -> None:
     """SuperLink and SuperNodes on separate hosts (network namespaces this test makes), TLS and node
-    authentication by LAN address, `flwr run` from this machine: 2 rounds to `finished:completed`."""
+    authentication by LAN address, `flwr run` from this machine: 2 rounds to `finished:completed`.
+    The sites run ``feda2v-supernode``: every ClientApp process is forked warm by ``feda2v-superexec``."""
     data_root = _data(tmp_path)
     out = tmp_path / "out"
     with NetnsLan(["superlink", "site0", "site1"]) as lan:
         superlink = lan.hosts["superlink"]
         fed = LocalFederation(tmp_path / "fed", NUM_NODES, data_root, cache_dir=tmp_path / "cache", secure=True,
-                              superlink_host=superlink, node_hosts=[lan.hosts["site0"], lan.hosts["site1"]])
+                              superlink_host=superlink, node_hosts=[lan.hosts["site0"], lan.hosts["site1"]],
+                              prompt_supernodes=True)
         with fed:
             assert fed.address.startswith(f"{superlink.address}:")
             result = fed.run(_run_config(out, "lan"), timeout=RUN_TIMEOUT_S)
             assert result.ok, f"{result.problem}\n{result.output[-3000:]}\n{fed.superlink_log()[-3000:]}"
             assert result.status["status"] == "finished:completed"
             _assert_trained(fed, out / "lan", data_root)
+            rounds = load_summary(out / "lan")["rounds"]
+            starts = [m.get("warm_start") for e in rounds for ph in ("train", "evaluate") for m in e[ph]["nodes"].values()]
+            assert len(starts) == ROUNDS * 2 * NUM_NODES and set(starts) == {1}, starts  # no cold ClientApp start
             # the sites reached the SuperLink from their own addresses, over the LAN
             peers = set(re.findall(r"(\d+\.\d+\.\d+\.\d+):\d+ - \"POST /v1/fleet/", fed.superlink_log()))
             assert {lan.hosts["site0"].address, lan.hosts["site1"].address} <= peers, peers

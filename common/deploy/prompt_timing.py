@@ -30,6 +30,8 @@ import time
 from types import ModuleType
 from typing import Any
 
+from common.deploy.warm_superexec import warm_supernode
+
 log = logging.getLogger(__name__)
 
 # Backoff of prompt object pulls (seconds): first retry, and the largest wait between two
@@ -118,7 +120,8 @@ def patch_supernode(idle: float | None = None) -> bool:
 
 
 def main() -> None:
-    """``feda2v-supernode``: ``flower-supernode`` (same arguments) with :func:`patch_supernode` applied."""
+    """``feda2v-supernode``: ``flower-supernode`` (same arguments) with :func:`patch_supernode` applied and,
+    with ``--isolation subprocess``, ``feda2v-superexec`` as its SuperExec (warm ClientApp processes)."""
     from flwr.supernode.cli import flower_supernode
 
     try:
@@ -126,6 +129,7 @@ def main() -> None:
     except ValueError as err:
         raise SystemExit(f"feda2v-supernode: {err}") from None
     patch_supernode(idle)
+    warm_supernode()  # its SuperExec forks ClientApps from a preloaded process (common.deploy.warm_superexec)
     flower_supernode()
 
 

@@ -75,6 +75,16 @@ def memory_metrics(prefix: str = "") -> dict[str, float]:
     return {f"{prefix}rss_mb": round(rss_mb(), 1), f"{prefix}peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
+def warm_start() -> int:
+    """1 when this process was forked from a preloaded one (``feda2v-superexec``'s forkserver,
+    :mod:`common.deploy.warm_superexec`), 0 for a process started from scratch.
+
+    Why: with it a report tells a warm ClientApp start from a cold one without reading timings."""
+    import multiprocessing
+
+    return int(multiprocessing.parent_process() is not None)
+
+
 def process_age_seconds() -> float:
     """Seconds since this process started (Linux ``/proc``; 0 where it cannot be read).
 
