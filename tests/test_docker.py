@@ -50,6 +50,9 @@ def test_compose_federation_with_tls_and_auth(tmp_path: Path) -> None:
         assert [r["round"] for r in summary["rounds"]] == list(range(1, ROUNDS + 1))
         for entry in summary["rounds"]:
             assert set(entry["train"]["nodes"]) == {str(i) for i in range(NUM_SITES)}, entry["train"]["nodes"]
+            # the sites' feda2v-superexec forked every ClientApp from its preloaded process
+            starts = [m.get("warm_start") for ph in ("train", "evaluate") for m in entry[ph]["nodes"].values()]
+            assert set(starts) == {1}, (entry["round"], starts)
         checkpoints = fed.compose("exec", "-T", "serverapp", "ls", "/app/outputs/compose/checkpoints").stdout
         assert "adapters.safetensors" in checkpoints, checkpoints
         # each site generated its dataset on its own data volume and cached its embeddings on its own cache volume

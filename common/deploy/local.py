@@ -119,7 +119,7 @@ class LocalFederation:
                  superlink_host: Host = LOOPBACK, node_hosts: Sequence[Host] | None = None,
                  prompt_supernodes: bool = False) -> None:
         self.root = Path(root)
-        # feda2v-supernode is flower-supernode with prompt hand-offs (opt-in, see common.deploy.prompt_timing)
+        # feda2v-supernode: flower-supernode with prompt hand-offs and warm ClientApps (common.deploy.prompt_timing)
         self.node_program = "feda2v-supernode" if prompt_supernodes else "flower-supernode"
         self.num_nodes = num_nodes
         self.data_root = Path(data_root)

@@ -14,11 +14,13 @@ Flower's own time limit, ``PULL_MAX_TIME``); the ServerApp applies it to its Gri
 (:mod:`server_app.grid`). :func:`patch_supernode` does the same for the SuperNode and shortens its
 sleeps: the idle poll to ``FEDA2V_SUPERNODE_IDLE_POLL`` seconds (default :data:`IDLE_POLL`), the local
 reply checks to :data:`LOCAL_POLL`. ``feda2v-supernode`` (:func:`main`) is ``flower-supernode`` with
-that patch, same arguments. It is **experimental and opt-in** (``LocalFederation(prompt_supernodes=True)``,
-``bench/round_latency.py``) until an intermittent fault is understood (README, "Cost at scale"): a
-ClientApp's final ``push-task-output`` to its SuperNode cut off at the end of a run, seen with and
-without this patch. An unknown Flower layout is left alone and logged, never a crash. Imports only Flower and the standard library
-(the SuperNode's host needs neither torch nor this project's models).
+that patch, same arguments; with ``--isolation subprocess`` (Flower's default) it also starts
+``feda2v-superexec`` instead of ``flower-superexec``, so its ClientApp processes start warm
+(:mod:`common.deploy.warm_superexec`). A site chooses it instead of ``flower-supernode``
+(``LocalFederation(prompt_supernodes=True)``, ``bench/round_latency.py``); Flower's own binaries stay
+the documented default. An unknown Flower layout is left alone and logged, never a crash. Imports
+only Flower and the standard library (the SuperNode's host needs neither torch nor this project's
+models; the SuperExec's forkserver imports torch where the ClientApps run).
 """
 
 from __future__ import annotations
