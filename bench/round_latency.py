@@ -11,6 +11,12 @@ once per variant after an untimed warm-up run that fills the embedding cache:
 * "after": ``feda2v-supernode`` (:mod:`common.deploy.prompt_timing`: prompt polling, and warm
   ClientApp processes forked by ``feda2v-superexec``, :mod:`common.deploy.warm_superexec`) with the
   default reply polling.
+* "memory": "after" with the SuperLink's state in memory (no ``--database`` file): Flower 1.41 then
+  keeps the objects (the weights) in a Python dict instead of SQLite, and nothing survives a
+  SuperLink restart.
+
+Every variant but "memory" runs the SuperLink with a ``--database`` file, as README's deployment
+guide does.
 
 Every run's ServerApp retries in-flight reply objects promptly. Per round, from ``summary.json``:
 
@@ -30,8 +36,8 @@ Per phase (train, evaluate) the node whose reply came last is followed (nodes wo
 * ``rest_s`` = wall - all of the above: building and pushing messages, process exits, the round's
   bookkeeping; ``overhead_s`` = ``wait_s`` + ``return_s`` + ``rest_s``.
 
-Usage:  python bench/round_latency.py [--rounds 4] [--work DIR] [--variants before,flower,after]
-Last line of output: one JSON object {"before": {...}, "flower": {...}, "after": {...}}.
+Usage:  python bench/round_latency.py [--rounds 4] [--work DIR] [--variants before,flower,after,memory]
+Last line of output: one JSON object {"before": {...}, "flower": {...}, "after": {...}, "memory": {...}}.
 """
 
 from __future__ import annotations
@@ -53,8 +59,10 @@ from common.report.run_data import server_step_seconds
 log = logging.getLogger("bench.round_latency")
 
 
-# name: (feda2v-supernode instead of flower-supernode, the server's reply-poll-interval; None = the default)
-VARIANTS = {"before": (False, 3.0), "flower": (False, None), "after": (True, None)}
+# name: (feda2v-supernode instead of flower-supernode, the server's reply-poll-interval (None = the default),
+#        the SuperLink's --database file)
+VARIANTS = {"before": (False, 3.0, True), "flower": (False, None, True), "after": (True, None, True),
+            "memory": (True, None, False)}
 PARTS = ("wall_s", "node_s", "process_start_s", "wait_s", "return_s", "server_s", "rest_s", "overhead_s")
 
 
@@ -106,9 +114,9 @@ def main() -> None:
     out = work / "out"
     results: dict[str, dict] = {}
     for name in chosen:
-        prompt_supernodes, interval = VARIANTS[name]
+        prompt_supernodes, interval, database = VARIANTS[name]
         with LocalFederation(work / f"fed-{name}", 2, data, cache_dir=work / "cache",
-                             prompt_supernodes=prompt_supernodes) as fed:
+                             prompt_supernodes=prompt_supernodes, superlink_database=database) as fed:
             if not results:
                 fed.run(drills.run_config(out, "warm", **{"num-rounds": 1, "min-nodes": 2}))  # fills the embedding cache
             extra = {"num-rounds": args.rounds, "min-nodes": 2}

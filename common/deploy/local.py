@@ -117,10 +117,13 @@ class LocalFederation:
     def __init__(self, root: Path, num_nodes: int, data_root: Path, cache_dir: Path | None = None,
                  base_env: Mapping[str, str] | None = None, startup_timeout_s: float = 90.0, secure: bool = False,
                  superlink_host: Host = LOOPBACK, node_hosts: Sequence[Host] | None = None,
-                 prompt_supernodes: bool = False) -> None:
+                 prompt_supernodes: bool = False, superlink_database: bool = True) -> None:
         self.root = Path(root)
         # feda2v-supernode: flower-supernode with prompt hand-offs and warm ClientApps (common.deploy.prompt_timing)
         self.node_program = "feda2v-supernode" if prompt_supernodes else "flower-supernode"
+        # the SuperLink's --database file (README's production setup). Without it Flower keeps its state and
+        # every object in memory: nothing survives a SuperLink restart, but weights skip SQLite (faster rounds)
+        self.superlink_database = superlink_database
         self.num_nodes = num_nodes
         self.data_root = Path(data_root)
         self.logs = self.root / "logs"
@@ -178,10 +181,10 @@ class LocalFederation:
             names = list(dict.fromkeys(["127.0.0.1", "localhost", self.superlink_host.address]))
             self.tls = make_tls(self.pki, names, overwrite=True)
             security = [*self.tls.superlink_args(), "--enable-supernode-auth"]
+        database = ["--database", str(self.root / "superlink-state.db")] if self.superlink_database else []
         self.superlink = self._start("superlink", [
             "flower-superlink", *security, "--host", self.superlink_host.address, "--port", str(self.port),
-            "--database", str(self.root / "superlink-state.db"), "--disable-runtime-dependency-installation"],
-            host=self.superlink_host)
+            *database, "--disable-runtime-dependency-installation"], host=self.superlink_host)
         cafile = self.tls.ca_cert if self.tls is not None else None
         wait_until(f"the SuperLink at {self.address}", lambda: http_ok(self.health_url, cafile),
                    self.startup_timeout_s, alive=[self.superlink])
