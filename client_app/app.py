@@ -36,7 +36,7 @@ from client_app.augment import augment_from_server
 from client_app.generators import shareable_classes, train_node_generators
 from client_app.held import HELD, by_reference, forget_files, held, resolve, state_keys
 from client_app.node_data import NodeDataMemo, load_node_data, node_cache_dir
-from client_app.node_state import LOCAL_ADAPTERS, DiskState, state_dir
+from client_app.node_state import LOCAL_ADAPTERS, DiskState, release_noted, state_dir
 from client_app.pretrained import load_node_bank, pretrained_index, synthetic_train_set
 from client_app.render import render_node_images
 from common import seeds
@@ -195,13 +195,15 @@ def _carried_state(cfg: FedA2VConfig, node: NodeRuntimeConfig, msg: Message, con
 
 def _no_host_paths(handler):
     """An exception leaves the node (Flower sends ``str(exception)`` to the server) with absolute paths
-    cut to their last part; the full message and traceback stay in the node's own log."""
+    cut to their last part; the full message and traceback stay in the node's own log. The Context
+    goes back small after a failure too (:func:`~client_app.node_state.release_noted`)."""
 
     @functools.wraps(handler)
     def wrapper(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
         except Exception as err:
+            release_noted(context.state)
             log.exception("node handler %s failed", handler.__name__)
             message = redact_paths(str(err))
             if isinstance(err, OSError):  # str() of an OSError is built from its filename, not its args

@@ -136,3 +136,14 @@ class DiskState:
             noted[key] = True
         state[ON_DISK] = ConfigRecord(noted)
         return released
+
+
+def release_noted(state: RecordDict) -> list[str]:
+    """After a failed message: remove the ArrayRecords that the :data:`ON_DISK` note says are on disk
+    (the failed message's changes to them never reached the server); returns the keys removed. Why:
+    the Context goes back to the SuperNode after a failure too, within Flower's 5 s."""
+    noted = dict(state[ON_DISK]) if ON_DISK in state else {}  # type: ignore[arg-type]
+    removed = sorted(k for k in noted if isinstance(state.get(k), ArrayRecord))
+    for key in removed:
+        del state[key]
+    return removed

@@ -258,6 +258,12 @@ def test_the_context_goes_back_small_and_the_next_messages_read_the_node_disk(da
     assert arrays_in(ctx.state) == [] and arrays_in(in_memory.state) == [LOCAL_ADAPTERS]  # not on disk: kept
     second = train(message(2), ctx)
     assert second.content["metrics"]["state_restored"] == 0 and second.content["metrics"]["state_lost"] == 0
+    bad = server_content(cfg, 3)
+    bad["config"]["run-name"] = "run-small"
+    bad["targets-meta"] = ConfigRecord({"class-names": ["dog", "rain", "siren"]})  # fails after the disk read
+    with pytest.raises(ValueError, match="same data.classes"):
+        train(make_message(bad), ctx)
+    assert arrays_in(ctx.state) == []  # a failed message sends the Context back small too
     w0, w1, w2 = (m["arrays"].to_torch_state_dict() for m in (message(2).content, first.content, second.content))
     key = next(iter(w1))
     assert (w2[key] - w1[key]).abs().sum() < (w2[key] - w0[key]).abs().sum()  # continued its own weights
