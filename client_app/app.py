@@ -183,7 +183,7 @@ def _carried_state(cfg: FedA2VConfig, node: NodeRuntimeConfig, msg: Message, con
     disk = DiskState(state_dir(node_cache_dir(cfg, node), str(_round_config(msg).get(RUN_NAME, "")), node.partition_id))
     directory = disk.directory
     server_round = int(_round_config(msg).get("server-round", 0))
-    restored, _ = disk.restore(context.state, keys, server_round + int(evaluate))
+    restored = disk.restore(context.state, keys, server_round + int(evaluate))
     if restored:
         log.info("node %d: restored %s from %s (the SuperNode restarted)", node.partition_id, restored, directory)
     lost = [k for k in keys if k not in context.state]

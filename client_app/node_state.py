@@ -113,13 +113,13 @@ class DiskState:
     directory: Path
     on_disk: set[str] = field(default_factory=set)
 
-    def restore(self, state: RecordDict, keys: tuple[str, ...], server_round: int) -> tuple[list[str], list[str]]:
-        """:func:`restore`; returns (the keys reloaded after a restart, the keys read back as usual):
-        a key the Context notes as :data:`ON_DISK` was released by an earlier message, not lost."""
-        noted = set(dict(state[ON_DISK])) if ON_DISK in state else set()  # type: ignore[arg-type]
+    def restore(self, state: RecordDict, keys: tuple[str, ...], server_round: int) -> list[str]:
+        """:func:`restore`; returns the keys reloaded after a restart (a key the Context notes as
+        :data:`ON_DISK` was released by an earlier message, not lost)."""
+        noted = _noted(state)
         restored = restore(state, self.directory, keys, server_round)
         self.on_disk.update(restored)
-        return [k for k in restored if k not in noted], [k for k in restored if k in noted]
+        return [k for k in restored if k not in noted]
 
     def persist(self, state: RecordDict, keys: tuple[str, ...], server_round: int) -> None:
         """:func:`persist`; the keys written may leave the Context."""
@@ -130,11 +130,8 @@ class DiskState:
         released = sorted(k for k in self.on_disk if isinstance(state.get(k), ArrayRecord))
         if not released:
             return []
-        noted = dict(state[ON_DISK]) if ON_DISK in state else {}  # type: ignore[arg-type]
-        for key in released:
-            del state[key]
-            noted[key] = True
-        state[ON_DISK] = ConfigRecord(noted)
+        state[ON_DISK] = ConfigRecord({**_noted(state), **dict.fromkeys(released, True)})
+        _drop(state, released)
         return released
 
 
@@ -142,8 +139,16 @@ def release_noted(state: RecordDict) -> list[str]:
     """After a failed message: remove the ArrayRecords that the :data:`ON_DISK` note says are on disk
     (the failed message's changes to them never reached the server); returns the keys removed. Why:
     the Context goes back to the SuperNode after a failure too, within Flower's 5 s."""
-    noted = dict(state[ON_DISK]) if ON_DISK in state else {}  # type: ignore[arg-type]
-    removed = sorted(k for k in noted if isinstance(state.get(k), ArrayRecord))
-    for key in removed:
-        del state[key]
+    removed = sorted(k for k in _noted(state) if isinstance(state.get(k), ArrayRecord))
+    _drop(state, removed)
     return removed
+
+
+def _noted(state: RecordDict) -> dict:
+    """The :data:`ON_DISK` note of ``state`` ({key: True}; empty without one)."""
+    return dict(state[ON_DISK]) if ON_DISK in state else {}  # type: ignore[arg-type]
+
+
+def _drop(state: RecordDict, keys: list[str]) -> None:
+    for key in keys:
+        del state[key]

@@ -99,7 +99,6 @@ class ForkserverExecutor(SubprocessExecutor):
         self.preload = tuple(preload)
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(list(self.preload))
-        self.started = 0
         try:  # the forkserver imports the preload now, not in the first message's time
             from multiprocessing import forkserver
 
@@ -119,7 +118,6 @@ class ForkserverExecutor(SubprocessExecutor):
         except OSError as err:
             log.warning("forking ClientApp task %s failed (%s): starting it as a fresh process", spec.task_id, err)
             return super().launch(spec)
-        self.started += 1
         return LaunchResult.accepted()
 
     def reconcile(self) -> None:
