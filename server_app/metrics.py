@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Callable
+
 from flwr.app import MetricRecord, RecordDict
 
 ID_KEYS = ("partition_id",)
@@ -34,3 +37,27 @@ def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> Metric
             weights[key] = weights.get(key, 0.0) + w
     # A metric no node had data for (weight 0) is left out rather than reported as 0.
     return MetricRecord({k: sums[k] / weights[k] for k in sums if weights[k]})
+
+
+def median_metrics(records: list[RecordDict], weighted_by_key: str = "num-examples") -> MetricRecord:
+    """The median over nodes of each metric (counts summed, ids left out): one node, whatever it reports,
+    cannot move a median beyond the range of the others' values. A key is over the nodes that reported it."""
+    values: dict[str, list[float]] = {}
+    sums: dict[str, float] = {}
+    for record in records:
+        metrics = next(iter(record.metric_records.values()))
+        for key, value in metrics.items():
+            if key in ID_KEYS or not isinstance(value, (int, float)):
+                continue
+            if key in (weighted_by_key, *SUMMED):
+                sums[key] = sums.get(key, 0.0) + float(value)
+            else:
+                values.setdefault(key, []).append(float(value))
+    return MetricRecord({**sums, **{k: statistics.median(v) for k, v in values.items()}})
+
+
+#: How the server turns the nodes' evaluation metrics into the global figure (``robust.evaluate``)
+EVALUATE_AGGREGATES: dict[str, Callable[[list[RecordDict], str], MetricRecord]] = {
+    "weighted": aggregate_metrics,
+    "median": median_metrics,
+}

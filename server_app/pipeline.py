@@ -29,6 +29,7 @@ from common.render.jobs import images_dir
 from server_app.aggregators import AGGREGATORS, Aggregator
 from server_app.aggregators.step import AggregateStep
 from server_app.checkpoint import CheckpointStep
+from server_app.clip import ClipUpdatesStep
 from server_app.finetune import FinetuneStep
 from server_app.render import GlobalRenderer, RenderStep
 from server_app.round_state import RoundState
@@ -91,8 +92,11 @@ def build_pipelines(cfg: FedA2VConfig, run: ServerRun, summary: RunSummary) -> R
     """The one place where the configuration decides which steps a round has, in which order."""
     samples = SAMPLE_SOURCES[cfg.sample_source()](run.class_names)
     method = aggregation_method(cfg)
-    aggregator = AGGREGATORS[method](run, kd=cfg.kd, train=cfg.train, seed=cfg.seed, samples=samples)
+    aggregator = AGGREGATORS[method](run, kd=cfg.kd, train=cfg.train, seed=cfg.seed, samples=samples,
+                                     trim_fraction=cfg.robust.trim_fraction)
     steps: list[Step] = [AggregateStep(aggregator)]
+    if cfg.robust.clip_norm != "off" and aggregator.global_model:
+        steps.insert(0, ClipUpdatesStep(cfg.robust.clip_norm))
     server_generator = None
     if cfg.server_generator.mode != "off" and not cfg.generate_only:
         sg = cfg.server_generator

@@ -29,6 +29,7 @@ from common.records import (
 )
 from common.wire import WireError
 from server_app.teachers import OwnerTeachers
+from server_app.validation import Rejected
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +127,11 @@ def collect_train_replies(server_round: int, replies: Iterable[Message], validat
     """Parse and check every train reply (weights, metrics, class means, generator bank).
 
     The messages stay as they are. With a ``validator`` (:class:`server_app.validation.ReplyValidator`)
-    a reply that fails a check is dropped with a warning naming the node and the reason, and listed in
-    ``rejected``. ``decode_arrays`` turns a reply's weights as they travelled into float32 weights
-    (:mod:`common.wire`; default: as they are); a reply it cannot decode is rejected.
+    every reply is parsed totally (:func:`parse_train_reply`): a reply that fails a check is dropped with
+    a warning naming the node and the reason, and listed in ``rejected``; so is one whose parsing raised
+    anything else (logged with its traceback: a parser fault to fix, never a reason to stop the run).
+    ``decode_arrays`` turns a reply's weights as they travelled into float32 weights (:mod:`common.wire`;
+    default: as they are).
     """
     replies = list(replies)
     fail_if_all_failed(server_round, replies, "train")
@@ -138,34 +141,57 @@ def collect_train_replies(server_round: int, replies: Iterable[Message], validat
             out.failures.append(describe_error(msg, sent_to))
             log.warning("round %d: %s", server_round, out.failures[-1])
             continue
-        content = msg.content
         node_id = int(msg.metadata.src_node_id)
-        metrics = dict(content[METRICS]) if METRICS in content else {}
-        pid = partition_id(msg)
-        reason = validator.check_identity(node_id, pid, set(out.nodes), connected) if validator is not None else None
         try:
-            arrays = decode_arrays(content) if decode_arrays is not None else content.get(ARRAYS)
-        except (WireError, RecordError, ValueError, TypeError) as err:
-            arrays, reason = None, reason or f"weights unusable: {err}"
-        reply = NodeReply(pid, node_id, arrays, metrics)  # type: ignore[arg-type]
-        if reason is None:
-            reason = _parse_extras(reply, content, server_round)
-        if reason is None and validator is not None:
-            reason = validator.check_train(reply)
-        if reason is not None:
-            out.rejected.append(f"node {node_id} (partition {pid}): {reason}")
-            log.warning("round %d: reply of node %d (partition %s) rejected: %s", server_round, node_id, pid, reason)
+            reply = parse_train_reply(msg, validator, set(out.nodes), connected, decode_arrays)
+        except Exception as err:  # noqa: BLE001 - one node's reply never stops the run (see the docstring)
+            reason = str(err) if isinstance(err, Rejected) else f"unparseable reply ({type(err).__name__}: {err})"
+            if not isinstance(err, Rejected):
+                log.error("round %d: parsing the reply of node %d raised", server_round, node_id, exc_info=True)
+            out.rejected.append(f"node {node_id}: {reason}")
+            log.warning("round %d: reply of node %d rejected: %s", server_round, node_id, reason)
             continue
         if validator is not None:
-            validator.remember(node_id, pid)
-        out.nodes[pid] = reply
+            validator.remember(node_id, reply.partition_id)
+        out.nodes[reply.partition_id] = reply
     log.info("round %d: %d valid train replies, %d failures, %d rejected", server_round, len(out.nodes),
              len(out.failures), len(out.rejected))
     return out
 
 
-def _parse_extras(reply: NodeReply, content: RecordDict, server_round: int) -> str | None:
-    """Class means and generator bank of a reply; the reason it is unusable, or ``None``."""
+def parse_train_reply(msg: Message, validator=None, seen: set[int] | None = None, connected: set[int] | None = None,
+                      decode_arrays: Callable[[RecordDict], ArrayRecord | None] | None = None) -> NodeReply:
+    """One train reply as a :class:`NodeReply`, or :class:`Rejected` with the reason (size first, then
+    metrics and identity, then weights, class means and generator bank)."""
+    content = msg.content
+    node_id = int(msg.metadata.src_node_id)
+    if validator is None:
+        metrics = dict(content[METRICS]) if METRICS in content else {}
+        reply = NodeReply(partition_id(msg), node_id, None, metrics)
+    else:
+        validator.check_size(content)
+        metrics = validator.metrics_of(msg)
+        reply = NodeReply(validator.check_partition(node_id, metrics, seen or set(), connected), node_id, None, metrics)
+    try:
+        reply.arrays = decode_arrays(content) if decode_arrays is not None else content.get(ARRAYS)  # type: ignore[assignment]
+    except (WireError, RecordError, ValueError, TypeError) as err:
+        raise Rejected(f"weights unusable: {err}") from None
+    if validator is None:
+        reason = _parse_extras(reply, content)
+        if reason:
+            raise Rejected(reason)
+        return reply
+    reason = validator.check_train(reply)
+    if reason:
+        raise Rejected(reason)
+    reply.means = validator.parse_means(content, metrics)
+    reply.bank, meta = validator.parse_bank(content, f"reply of node {reply.partition_id}")
+    reply.encoder_key = str(meta.get("encoder-key", ""))[:200]
+    return reply
+
+
+def _parse_extras(reply: NodeReply, content: RecordDict) -> str | None:
+    """Class means and generator bank of a reply without a validator (tests); the reason it is unusable."""
     if CLASS_MEANS in content:
         try:
             reply.means = ClassTensors.from_records(content, CLASS_MEANS, CLASS_MEANS_META)
@@ -218,6 +244,7 @@ class RoundState:
     server_bank: GeneratorBank | None = None
     evaluate_metrics: dict[str, float] = field(default_factory=dict)
     evaluate_nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evaluate_median: dict[str, float] = field(default_factory=dict)  # the median over nodes of each metric
     evaluate_failures: list[str] = field(default_factory=list)  # error and rejected evaluate replies
     render_metrics: dict[str, float] = field(default_factory=dict)
     _teachers: OwnerTeachers | None = None

@@ -34,12 +34,12 @@ from flwr.serverapp.strategy import FedAvg
 from common.records import ARRAYS, METRICS, SERVER_GENERATOR, SERVER_GENERATOR_META, TARGETS, TARGETS_META, ClassTensors, bank_to_records
 from common.wire import WIRE, WireError, content_bytes, decode, encode, is_delta, received, wire_config
 from server_app.holdings import NodeHoldings
-from server_app.metrics import aggregate_metrics
+from server_app.metrics import EVALUATE_AGGREGATES, median_metrics
 from server_app.pipeline import Pipeline
 from server_app.quorum import check_quorum, wait_for_nodes
 from server_app.server_generator import ServerGeneratorStep
 from server_app.round_state import RoundState, collect_train_replies, describe_error, fail_if_all_failed, partition_id
-from server_app.validation import ReplyValidator
+from server_app.validation import Rejected, ReplyValidator
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,11 @@ class FedA2VStrategy(FedAvg):
         connect_timeout: float = 300.0,
         round_offset: int = 0,
         wire_codec: str = "float32",
+        evaluate_metrics: str = "weighted",
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
+        self.evaluate_aggregate = EVALUATE_AGGREGATES[evaluate_metrics]  # robust.evaluate
         self.targets = targets
         self.round_pipeline = round_pipeline
         self.after_round_pipeline = after_round
@@ -102,7 +104,9 @@ class FedA2VStrategy(FedAvg):
             return None
         if is_delta(content) and self.sent_base is None:
             raise WireError("the reply is a difference from weights this server did not send this round")
-        return ArrayRecord(decode(content[ARRAYS], self.sent_base if is_delta(content) else None))  # type: ignore[arg-type]
+        limits = (self.validator.shapes, self.validator.limits.max_abs) if self.validator is not None else (None, None)
+        return ArrayRecord(decode(content[ARRAYS], self.sent_base if is_delta(content) else None,  # type: ignore[arg-type]
+                                  expected=limits[0], max_abs=limits[1]))
 
     def _sent_to(self, phase: str) -> dict[str, int]:
         return {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent.get(phase, []) if m.metadata.message_id}
@@ -163,28 +167,15 @@ class FedA2VStrategy(FedAvg):
         replies = list(replies)
         self.holdings.update(replies)
         fail_if_all_failed(server_round, replies, "evaluate")
-        nodes: dict[str, dict[str, Any]] = {}
-        failures, rejected = [], []
-        for msg in replies:
-            if msg.has_error():
-                failures.append(describe_error(msg, self._sent_to("evaluate")))
-                continue
-            metrics = dict(msg.content[METRICS]) if METRICS in msg.content else {}
-            pid = partition_id(msg)
-            reason = (ReplyValidator.check_metrics(metrics, min_examples=0)
-                      or ("partition id replied twice" if str(pid) in nodes else None))
-            if reason:
-                rejected.append(f"node {msg.metadata.src_node_id} (partition {pid}): {reason}")
-                log.warning("round %d: evaluate reply rejected: %s", server_round, rejected[-1])
-                continue
-            nodes[str(pid)] = metrics
+        nodes, failures, rejected = self._parse_evaluate_replies(server_round, replies)
         if self.asked.get("evaluate"):
             check_quorum(server_round, "evaluate", [int(p) for p in nodes], self.asked["evaluate"], self.min_replies,
                          failures, rejected)
         records = [RecordDict({METRICS: MetricRecord(m)}) for m in nodes.values()]
-        global_metrics = dict(aggregate_metrics(records, self.weighted_by_key)) if records else {}
+        global_metrics = dict(self.evaluate_aggregate(records, self.weighted_by_key)) if records else {}
         if self.state is not None and self.state.server_round == server_round:
             self.state.evaluate_metrics, self.state.evaluate_nodes = global_metrics, nodes
+            self.state.evaluate_median = dict(median_metrics(records)) if records else {}
             self.state.evaluate_failures = failures + rejected
         if global_metrics:
             log.info(
@@ -197,6 +188,40 @@ class FedA2VStrategy(FedAvg):
                 len(nodes),
             )
         return MetricRecord(global_metrics) if records else None
+
+    def _parse_evaluate_replies(self, server_round: int, replies: list[Message]
+                                ) -> tuple[dict[str, dict[str, Any]], list[str], list[str]]:
+        """Each node's evaluation metrics by partition id, with the same size, metric and identity checks as
+        a train reply (:mod:`server_app.validation`); error replies and rejected ones listed apart."""
+        nodes: dict[str, dict[str, Any]] = {}
+        failures, rejected = [], []
+        for msg in replies:
+            if msg.has_error():
+                failures.append(describe_error(msg, self._sent_to("evaluate")))
+                continue
+            node_id = int(msg.metadata.src_node_id)
+            try:
+                if self.validator is None:
+                    metrics = dict(msg.content[METRICS]) if METRICS in msg.content else {}
+                    pid = partition_id(msg)
+                    reason = (ReplyValidator.check_metrics(metrics, min_examples=0)
+                              or ("partition id replied twice" if str(pid) in nodes else None))
+                    if reason:
+                        raise Rejected(reason)
+                else:
+                    self.validator.check_size(msg.content)
+                    metrics = self.validator.metrics_of(msg, min_examples=0)
+                    pid = self.validator.check_partition(node_id, metrics, {int(p) for p in nodes}, self.connected)
+                    self.validator.remember(node_id, pid)
+            except Exception as err:  # noqa: BLE001 - one node's reply never stops the run
+                if not isinstance(err, Rejected):
+                    log.error("round %d: parsing the evaluate reply of node %d raised", server_round, node_id,
+                              exc_info=True)
+                rejected.append(f"node {node_id}: {err if isinstance(err, Rejected) else repr(err)}")
+                log.warning("round %d: evaluate reply rejected: %s", server_round, rejected[-1])
+                continue
+            nodes[str(pid)] = metrics
+        return nodes, failures, rejected
 
     # ------------------------------------------------------------------ side effects
     def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

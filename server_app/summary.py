@@ -60,7 +60,8 @@ class RunSummary:
         # privacy floor are withheld by the node and absent here)
         entry["node_class_counts"] = {str(p): {c: int(n) for c, n in zip(m.class_names, m.counts.tolist()) if n > 0}
                                       for p, m in sorted(state.replies.means.items()) if m.counts is not None}
-        entry["evaluate"] = {"global": dict(state.evaluate_metrics), "nodes": dict(state.evaluate_nodes)}
+        entry["evaluate"] = {"global": dict(state.evaluate_metrics), "median": dict(state.evaluate_median),
+                             "nodes": dict(state.evaluate_nodes)}
         if state.evaluate_failures:
             entry["evaluate"]["failures"] = list(state.evaluate_failures)
         entry["elapsed_seconds"] = round(time.time() - self._t0, 3)

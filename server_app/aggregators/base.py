@@ -10,7 +10,8 @@ from typing import Any, ClassVar
 
 from flwr.app import ArrayRecord
 
-from server_app.round_state import RoundState
+from common.records import ClassTensors
+from server_app.round_state import RoundState, merge_class_means
 from server_app.run_context import ServerRun
 
 AGGREGATORS: dict[str, type["Aggregator"]] = {}
@@ -35,6 +36,10 @@ class Aggregator:
 
     def aggregate(self, state: RoundState) -> ArrayRecord | None:
         raise NotImplementedError
+
+    def merge_means(self, class_names: list[str], node_means: dict[int, ClassTensors]) -> ClassTensors:
+        """The round's global class means: count-weighted over the nodes that own each class."""
+        return merge_class_means(class_names, node_means)
 
     def extra_steps(self) -> list[Any]:
         """Steps this method adds after the server generator (KD's distillation); none by default."""

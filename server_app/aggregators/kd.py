@@ -11,6 +11,7 @@ the server generator step. Per-branch losses are logged every epoch and kept per
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
@@ -103,7 +104,8 @@ class KDAggregator(Aggregator):
 
     name = "kd"
 
-    def __init__(self, run: ServerRun, *, kd: KDConfig, train: TrainConfig, seed: int, samples: SampleSource) -> None:
+    def __init__(self, run: ServerRun, *, kd: KDConfig, train: TrainConfig, seed: int, samples: SampleSource,
+                 **_: Any) -> None:
         super().__init__(run)
         self.distill_step = DistillStep(run, kd, train, seed, samples)
 

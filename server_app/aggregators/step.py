@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from server_app.aggregators.base import Aggregator
 from server_app.metrics import aggregate_metrics
-from server_app.round_state import RoundState, merge_class_means
+from server_app.round_state import RoundState
 
 
 class AggregateStep:
@@ -19,6 +19,6 @@ class AggregateStep:
         replies = state.replies
         state.arrays = self.aggregator.aggregate(state)
         records = [r.record_dict() for r in replies.nodes.values()]
-        state.metrics = dict(aggregate_metrics(records, self.weighted_by_key)) if records else {}
+        state.metrics.update(aggregate_metrics(records, self.weighted_by_key) if records else {})
         if replies.means:
-            state.global_means = merge_class_means(self.aggregator.run.class_names, replies.means)
+            state.global_means = self.aggregator.merge_means(self.aggregator.run.class_names, replies.means)
