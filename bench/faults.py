@@ -2,8 +2,10 @@
 
 Scenarios (:mod:`common.deploy.drills`): kill -9 a SuperNode during round 2 of 4; kill -9 the ServerApp after
 round 2 and resume (compared with an uninterrupted run of the same config); restart a SuperNode after
-round 1 with ``aggregation = "none"``. Then one round through the real strategy with two malformed
-replies (NaN weights, wrong shapes) among four. Prints one JSON object as its last line.
+round 1 with ``aggregation = "none"``; a SuperNode that registers its train replies and never uploads
+their objects (``overruns``: how many seconds after its deadline each such phase ended). Then one round
+through the real strategy with two malformed replies (NaN weights, wrong shapes) among four. Prints one
+JSON object as its last line.
 
     python bench/faults.py [--work DIR]
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 from flwr.app import Message, MessageType, Metadata, MetricRecord, RecordDict
 
-from common.deploy import drills
+from common.deploy import drills, faulty_supernode
 from common.config import load_config
 from common.data.synth import SYNTH_CLASSES, synthesize_dataset
 from common.deploy.local import LocalFederation
@@ -89,6 +91,12 @@ def main() -> None:
             log.info("drill %s ...", name)
             results[name] = drill(fed, root / "out")
             log.info("drill %s: %s", name, results[name])
+    victim = args.nodes - 1
+    with LocalFederation(work / "withheld", args.nodes, data, cache_dir=work / "cache",
+                         node_programs={victim: faulty_supernode.command(["train"])}) as fed:
+        log.info("drill withheld_objects ...")
+        results["withheld_objects"] = drills.withheld_reply_objects(fed, work / "withheld" / "out", victim)
+        log.info("drill withheld_objects: %s", results["withheld_objects"])
     results["malformed_replies"] = malformed_round(work / "malformed")
     print(json.dumps(results))
 

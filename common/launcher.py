@@ -7,6 +7,13 @@ Used by ``feda2v run``, the benchmarks and the end-to-end tests. Flower 1.41 fac
 * Without a running SuperLink, ``flwr run`` starts a *detached* local SuperLink (its own session;
   it outlives ``flwr run``) that keeps the working directory of the first ``flwr run``: commands
   run from a neutral directory so it never imports the app from a checkout by accident.
+* That SuperLink listens on fixed ports (``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``, default 39091) and
+  ``flwr run`` silently reuses any SuperLink already answering there, so two launches on one machine
+  would share one SuperLink, and the first to end would stop it under the other's run. Therefore
+  every launch of a local simulation gets **its own SuperLink** (:class:`LocalSuperLink`): free
+  ports and its own ``FLWR_HOME`` (database, log, installed app) in the temp directory, stopped and
+  removed when the launch ends. A caller that sets ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` itself
+  (the tests' isolated environments) manages its SuperLink as before.
 * ``flwr run`` starts ``flower-superlink`` by name: this interpreter's scripts directory goes first
   on ``PATH``, so no activated virtual environment is needed.
 * Offline by default: ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` (otherwise Flower installs
@@ -29,7 +36,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -51,8 +60,10 @@ __all__ = [
     "COMPLETED",
     "RUN_TAG_VAR",
     "LaunchResult",
+    "LocalSuperLink",
     "federation_config",
     "flwr_run_command",
+    "free_port",
     "launch",
     "ls_command",
     "new_run_tag",
@@ -76,6 +87,26 @@ KILL_GRACE_S = 5.0
 LS_TIMEOUT_S = 120.0
 
 OFFLINE_DEFAULTS = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1"}
+
+# Where ``flwr run`` looks for (and starts) its local SuperLink: flwr/cli/constant.py
+LOCAL_HTTP_PORT_VAR = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
+LOCAL_CONTROL_PORT_VAR = "FLWR_LOCAL_CONTROL_API_PORT"
+# Ports Flower uses by default: never hand them out, so a default-configured SuperLink or SuperNode
+# running on this machine does not collide with (or get reused by) ours.
+_RESERVED_PORTS = {8000, 9091, 9092, 9093, 9094, 9095, 39091, 39092, 39093, 39094}
+_HANDED_OUT: set[int] = set()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now and was not handed out before by this process."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _RESERVED_PORTS and port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("could not find a free TCP port")
 
 
 # ------------------------------------------------------------------------------- reading flwr output
@@ -160,6 +191,57 @@ def run_env(
         tags = [t for t in env.get(RUN_TAG_VAR, "").split(",") if t]
         env[RUN_TAG_VAR] = ",".join(tags + ([tag] if tag not in tags else []))
     return env
+
+
+# ------------------------------------------------------------------------------- a launch's own SuperLink
+@dataclass(frozen=True)
+class LocalSuperLink:
+    """The local SuperLink one launch owns: its ports and its ``FLWR_HOME``.
+
+    Why: ``flwr run`` reuses whatever answers on its local ports; fresh ports make it start one for
+    this launch alone, and a fresh ``FLWR_HOME`` keeps that SuperLink's SQLite state and log apart
+    from any other SuperLink's (two SuperLinks on one database file would see each other's runs).
+    """
+
+    home: Path
+    http_port: int
+    control_port: int
+
+    @classmethod
+    def create(cls) -> "LocalSuperLink":
+        return cls(Path(tempfile.mkdtemp(prefix="feda2v-superlink-")), free_port(), free_port())
+
+    def env(self) -> dict[str, str]:
+        """What ``flwr run`` / ``flwr ls`` need to start and find this SuperLink."""
+        return {"FLWR_HOME": str(self.home), LOCAL_HTTP_PORT_VAR: str(self.http_port),
+                LOCAL_CONTROL_PORT_VAR: str(self.control_port)}
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def log_file(self) -> Path:
+        """Where Flower's local SuperLink writes its log (flwr/cli/local_superlink.py)."""
+        return self.home / "local-superlink" / "superlink.log"
+
+    def started_by(self, output: str) -> bool:
+        """``flwr run`` said it started this SuperLink (rather than reusing one that answered on its port)."""
+        return f"Starting local SuperLink on {self.address}" in output
+
+    def discard(self) -> None:
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+def own_local_superlink(env: Mapping[str, str], superlink: str | None) -> LocalSuperLink | None:
+    """A fresh :class:`LocalSuperLink` for a launch that targets the local SuperLink, or None.
+
+    None when the launch names a SuperLink connection (a deployment: not ours to start) or when the
+    environment already chooses the local SuperLink's port (the caller manages that SuperLink).
+    """
+    if superlink is not None or env.get(LOCAL_HTTP_PORT_VAR):
+        return None
+    return LocalSuperLink.create()
 
 
 # ------------------------------------------------------------------------------- processes
@@ -311,6 +393,7 @@ class LaunchResult:
     status: dict[str, Any] | None = None
     problem: str | None = None
     leftovers: list[str] | None = None  # processes that survived the cleanup
+    local_superlink: LocalSuperLink | None = None  # the SuperLink this launch started for itself
 
     @property
     def ok(self) -> bool:
@@ -353,15 +436,22 @@ def launch(
     ``env``: the base environment (default ``os.environ``), completed by :func:`run_env` with
     ``extra_env`` and a fresh tag. ``cwd``: default the temp directory (neutral). Output is copied to
     ``sys.stdout`` line by line unless ``quiet`` and kept in the result. ``timeout`` (s) bounds the
-    run. Afterwards the processes the launch started (the detached local SuperLink, ...) are stopped
-    by tag unless ``keep_superlink``. Never raises for a failed run: check ``result.ok``.
+    run. A local simulation (no ``superlink``) runs on a SuperLink of its own
+    (:func:`own_local_superlink`; its ``FLWR_HOME`` replaces any the caller set), so concurrent
+    launches never share one. Afterwards the processes
+    the launch started (that SuperLink, ...) are stopped by tag and its ``FLWR_HOME`` removed, unless
+    ``keep_superlink`` (then ``result.local_superlink`` says where it listens); the home stays when
+    the run did not complete, for its log. Never raises for a failed run: check ``result.ok``.
     """
     tag = new_run_tag()
     full_env = run_env(env, tag=tag, extra=extra_env)
+    own = own_local_superlink(full_env, superlink)
+    if own is not None:
+        full_env.update(own.env())
     workdir = str(cwd) if cwd is not None else tempfile.gettempdir()
     lines: list[str] = []
     t0 = time.monotonic()
-    result = LaunchResult(list(cmd), 0, "", 0.0, tag)
+    result = LaunchResult(list(cmd), 0, "", 0.0, tag, local_superlink=own)
     try:
         proc = subprocess.Popen(list(cmd), env=full_env, cwd=workdir, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
@@ -389,6 +479,9 @@ def launch(
         result.returncode = proc.returncode
         result.output = "".join(lines)
         result.seconds = time.monotonic() - t0
+        if own is not None and not own.started_by(result.output):
+            log.warning("flwr run did not start its own local SuperLink on %s: another one answered there",
+                        own.address)
         if result.problem is None:
             if proc.returncode != 0:
                 result.problem = f"flwr run exited with {proc.returncode}"
@@ -399,7 +492,18 @@ def launch(
             result.leftovers = stop_tagged(tag)
             if result.leftovers:
                 log.warning("processes of run tag %s survived SIGKILL: %s", tag, "; ".join(result.leftovers))
+            _tidy(own, result)
     return result
+
+
+def _tidy(own: LocalSuperLink | None, result: LaunchResult) -> None:
+    """Remove a stopped own SuperLink's home; keep it (and say where) when its log explains a failure."""
+    if own is None:
+        return
+    if result.problem is not None and own.log_file.is_file():
+        result.problem += f" (local SuperLink log: {own.log_file})"
+        return
+    own.discard()
 
 
 def _pump(proc: subprocess.Popen, lines: list[str], quiet: bool) -> None:

@@ -137,3 +137,33 @@ def test_sites_cannot_reach_each_others_supernodes() -> None:
     for site in range(SITES):
         assert base[f"supernode-{site}"]["networks"] == ["federation", f"site-{site}"]
         assert base[f"clientapp-{site}"]["networks"] == [f"site-{site}"]
+
+
+# ------------------------------------------------------------------ the drills' faulty SuperNode
+def test_the_faulty_supernode_sends_withheld_replies_without_their_objects() -> None:
+    """common.deploy.faulty_supernode, as Flower's SuperNode loop calls it: a train reply is registered
+    (sent with its object tree) and none of its objects is pushed; an evaluate reply travels whole."""
+    from types import SimpleNamespace
+
+    from common.deploy import faulty_supernode
+
+    withheld, rest = faulty_supernode.split_args(["--insecure", "--withhold-replies=train", "--port", "9"])
+    assert withheld == {"train"} and rest == ["--insecure", "--port", "9"]
+    sent, pushed = [], []
+
+    def flower_push_messages(*, state, object_store, send, push_object):  # the shape of Flower's _push_messages
+        for kind in state:
+            message = SimpleNamespace(metadata=SimpleNamespace(message_type=kind, message_id=f"r-{kind}"))
+            to_push, session = send(message, f"tree-{kind}", 0.1)
+            for object_id in sorted(to_push):
+                push_object(1, session, object_id, b"x")
+
+    def send(message, tree, runtime):
+        sent.append(tree)
+        return {f"{message.metadata.message_type}-a", f"{message.metadata.message_type}-b"}, f"s-{tree}"
+
+    faulty = faulty_supernode.withholding(flower_push_messages, withheld)
+    faulty(state=["train", "evaluate"], object_store=None, send=send,
+           push_object=lambda run, session, object_id, content: pushed.append(object_id))
+    assert sent == ["tree-train", "tree-evaluate"]
+    assert pushed == ["evaluate-a", "evaluate-b"]

@@ -211,3 +211,34 @@ def test_deployment_survives_node_death_server_crash_and_node_restart(tmp_path: 
     finally:
         leftovers = fed.close()
     assert not leftovers, leftovers
+
+
+WITHHELD_ROUND_TIMEOUT_S = 60  # generous: the honest nodes' train replies must arrive within it
+
+
+def test_a_node_that_registers_its_reply_and_never_uploads_it_cannot_stall_the_round(tmp_path: Path) -> None:
+    """Node 2 (common.deploy.faulty_supernode) registers its train reply at the SuperLink and never uploads the
+    weights: the train phase ends at round-timeout without it (logged with its node id), the round goes on,
+    and its evaluate reply, which it does upload, is counted. bench/faults.py reports by how much the phase
+    overran its deadline."""
+    from common.deploy import drills, faulty_supernode
+
+    data = synthesize_dataset(tmp_path / "data", list(SYNTH_CLASSES[: drills.BASE_CONFIG["data.num-classes"]]),
+                              clips_per_class=drills.BASE_CONFIG["data.clips-per-class"], seed=0)
+    victim = FAULT_NODES - 1
+    fed = LocalFederation(tmp_path / "fed", FAULT_NODES, data, cache_dir=tmp_path / "cache",
+                          node_programs={victim: faulty_supernode.command(["train"])})
+    try:
+        fed.start()
+        result = drills.withheld_reply_objects(fed, tmp_path / "out", victim, num_rounds=1,
+                                               round_timeout=WITHHELD_ROUND_TIMEOUT_S, timeout_s=DRILL_TIMEOUT_S)
+        victim_log = fed.log(f"supernode{victim}")
+    finally:
+        leftovers = fed.close()
+    assert not leftovers, leftovers
+    assert result["completed"], result
+    assert result["train_nodes"] == {"1": ["0", "1"]}, result
+    assert result["evaluate_nodes"] == {"1": ["0", "1", str(victim)]}, result
+    assert "will never be uploaded" in victim_log, victim_log[-3000:]
+    assert result["left_out_logged"] >= 1 and result["overruns"], result
+    assert all(len(o["missing_nodes"]) == 1 for o in result["overruns"]), result

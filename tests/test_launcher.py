@@ -1,14 +1,21 @@
-"""The one ``flwr run`` launcher: it stops exactly what its run started (by tag and PID), and a run
-it cannot confirm as completed is never reported as a success."""
+"""The one ``flwr run`` launcher: it stops exactly what its run started (by tag and PID), a run it
+cannot confirm as completed is never reported as a success, and every local simulation runs on a
+SuperLink of its own (so runs started side by side on one machine never stop each other's)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
 
 from common import launcher
+from e2e_utils import e2e_cache  # noqa: F401 - fixture
 
 # A stand-in for `flwr run`: starts a detached long-lived child (like Flower's local SuperLink, in a
 # session of its own, outliving its parent), prints its PID, exits 0 without a run id.
@@ -75,3 +82,70 @@ def test_parsers():
     assert launcher.parse_run_id("nothing") is None
     status = launcher.parse_run_status('noise {"runs": [{"status": "finished:failed", "status-details": "x"}]}')
     assert status["status"] == "finished:failed"
+
+
+# A stand-in for `flwr run` that reports where its local SuperLink would live.
+FAKE_FLWR_RUN_ENV = (
+    "import json, os; "
+    "print(json.dumps({k: os.environ.get(k) for k in ('FLWR_HOME', 'FLWR_LOCAL_SUPERLINK_HTTP_API_PORT', "
+    "'FLWR_LOCAL_CONTROL_API_PORT')}), flush=True)"
+)
+
+
+def _seen(result: launcher.LaunchResult) -> dict:
+    return json.loads(next(line for line in result.output.splitlines() if line.startswith("{")))
+
+
+def test_every_local_launch_gets_its_own_superlink_ports_and_home_and_removes_the_home():
+    results = [launcher.launch([sys.executable, "-c", FAKE_FLWR_RUN_ENV], quiet=True, timeout=60,
+                               env={"PATH": os.environ["PATH"]}) for _ in range(2)]
+    seen = [_seen(r) for r in results]
+    for result, env in zip(results, seen):
+        own = result.local_superlink
+        assert own is not None and env == own.env()
+        assert not own.home.exists(), "the launch's own FLWR_HOME was left behind"
+    assert seen[0]["FLWR_HOME"] != seen[1]["FLWR_HOME"]
+    ports = {seen[i][var] for i in range(2) for var in (launcher.LOCAL_HTTP_PORT_VAR, launcher.LOCAL_CONTROL_PORT_VAR)}
+    assert len(ports) == 4 and "39091" not in ports and "39093" not in ports
+
+
+def test_a_caller_managed_or_remote_superlink_is_left_to_the_caller():
+    managed = {"PATH": os.environ["PATH"], launcher.LOCAL_HTTP_PORT_VAR: "45678", "FLWR_HOME": "/somewhere"}
+    result = launcher.launch([sys.executable, "-c", FAKE_FLWR_RUN_ENV], quiet=True, timeout=60, env=managed)
+    assert result.local_superlink is None
+    assert _seen(result)["FLWR_HOME"] == "/somewhere" and _seen(result)[launcher.LOCAL_HTTP_PORT_VAR] == "45678"
+    assert launcher.own_local_superlink({}, superlink="my-deployment") is None
+
+
+# ------------------------------------------------------------------------------------------ real runs
+def _sim_config(out: Path, name: str, rounds: int) -> str:
+    values = {"output-dir": str(out), "run-name": name, "num-rounds": rounds, "train.local-epochs": 1,
+              "data.num-classes": 4, "data.clips-per-class": 8, "min-nodes": 2, "privacy.min-class-count": 1,
+              "render.when": "off"}
+    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in values.items())
+
+
+@pytest.mark.slow
+def test_two_simulations_side_by_side_both_complete(tmp_path: Path, e2e_cache: Path) -> None:  # noqa: F811
+    """The run that ends first stops only its own SuperLink: the other, still running, completes."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "PYTEST_", launcher.RUN_TAG_VAR))}
+    base.update({"FEDA2V_CACHE": str(e2e_cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                 "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"})
+    federation = launcher.federation_config(2, 1)
+
+    def run(name: str, rounds: int) -> launcher.LaunchResult:
+        cmd = launcher.flwr_run_command(launcher.APP_DIR, federation_config=federation,
+                                        run_config=[_sim_config(tmp_path / "out", name, rounds)])
+        return launcher.launch(cmd, env=base, cwd=tmp_path, quiet=True, timeout=1200)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        short, long = pool.submit(run, "short", 1), pool.submit(run, "long", 2)
+        results = {"short": short.result(), "long": long.result()}
+    for name, result in results.items():
+        assert result.ok, f"{name}: {result.problem}\n{result.output[-3000:]}"
+        assert result.status["status"] == launcher.COMPLETED
+        assert result.local_superlink.started_by(result.output), f"{name} reused another SuperLink"
+        assert result.leftovers == []
+    assert results["short"].local_superlink.http_port != results["long"].local_superlink.http_port
+    summary = json.loads((tmp_path / "out" / "long" / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]

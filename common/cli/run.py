@@ -39,6 +39,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                                     stream=not args.no_stream)
     print("+ " + shlex.join(cmd), file=sys.stderr)
     result = launcher.launch(cmd, keep_superlink=args.keep_superlink)
+    kept = result.local_superlink if args.keep_superlink else None
+    if kept is not None:  # how to reach it afterwards (flwr ls, flwr log ...): its own home and port
+        print(f"local SuperLink left running on {kept.address}; reach it with: "
+              + " ".join(f"{k}={v}" for k, v in kept.env().items()), file=sys.stderr)
     if not result.ok:
         report_error(result.problem)
         return result.exit_code
@@ -57,5 +61,6 @@ def add_parser(sub) -> None:
     run.add_argument("-c", "--run-config", action="append", help="run-config override(s), as for `flwr run`")
     run.add_argument("--no-stream", action="store_true", help="do not stream the run's logs")
     run.add_argument("--keep-superlink", action="store_true",
-                     help="leave the local SuperLink that this run started running (default: stop it afterwards)")
+                     help="leave the local SuperLink that this run started running (default: stop it afterwards); "
+                          "every run starts its own, on free ports")
     run.set_defaults(func=cmd_run)

@@ -7,6 +7,9 @@ must survive, run as real processes on loopback. Used by ``bench/faults.py`` and
   rounds 3.. run and ``summary.json`` holds every round exactly once.
 * :func:`restart_node_between_rounds`: restart a SuperNode after round 1 with ``aggregation = "none"``:
   it reloads its own adapters from disk (``state_restored``) instead of starting over.
+* :func:`withheld_reply_objects`: one SuperNode registers its train replies and never uploads their
+  objects (:mod:`common.deploy.faulty_supernode`); each train phase must end at its deadline without
+  that node, and the drill reports how many seconds after the deadline each phase ended.
 
 Each returns a JSON-able dict: ``completed``, ``rounds_in_summary``, ``lost_rounds``, ``seconds`` and
 what the drill observed.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import time
 from pathlib import Path
@@ -133,3 +137,30 @@ def restart_node_between_rounds(fed: LocalFederation, out: Path, num_rounds: int
                    restored_in=[f"{r}/{ph}" for r, ph, m in mine if m.get("state_restored") == 1],
                    lost_in=[f"{r}/{ph}" for r, ph, m in mine if m.get("state_lost") == 1],
                    node_trained_in_rounds=[r for r, ph, m in mine if m and ph == "train"])
+
+
+# what server_app.grid logs when a phase ends at its deadline with replies missing
+PHASE_OVERRUN = re.compile(r"phase ended (\d+(?:\.\d+)?) s after its deadline without replies from nodes \[([^\]]*)\]")
+
+
+def phase_overruns(log_text: str) -> list[dict[str, Any]]:
+    """Every phase that ended at its deadline: seconds past the deadline and the (Flower) node ids missing."""
+    return [{"after_deadline_s": float(m.group(1)), "missing_nodes": [int(n) for n in m.group(2).split(",") if n.strip()]}
+            for m in PHASE_OVERRUN.finditer(log_text)]
+
+
+def withheld_reply_objects(fed: LocalFederation, out: Path, victim: int, num_rounds: int = 2,
+                           round_timeout: float = 60, timeout_s: float = 900) -> dict[str, Any]:
+    """Run with node ``victim`` started as a faulty node (``LocalFederation(node_programs={victim:
+    faulty_supernode.command()})``) that registers its train replies and never uploads their objects."""
+    t0 = time.monotonic()
+    name = "withheld-objects"
+    result = fed.run(run_config(out, name, **{"num-rounds": num_rounds, "min-nodes": fed.num_nodes,
+                                              "round-timeout": round_timeout}), timeout=timeout_s)
+    status = launcher.COMPLETED if result.ok else str((result.status or {}).get("status"))
+    rounds = summary_of(out, name).get("rounds", [])
+    return _result(out, name, num_rounds, status, t0, problem=result.problem, round_timeout_s=round_timeout,
+                   train_nodes={str(e["round"]): sorted(e["train"]["nodes"]) for e in rounds},
+                   evaluate_nodes={str(e["round"]): sorted(e["evaluate"]["nodes"]) for e in rounds},
+                   overruns=phase_overruns(result.output),
+                   left_out_logged=result.output.count("left out of this phase"))

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -33,30 +32,15 @@ from common import launcher
 from common.deploy.netns import LOOPBACK, Host
 from common.deploy.pki import NodeKey, ServerTLS, make_node_key, make_tls
 from common.errors import FedA2VError
+from common.launcher import free_port
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LocalFederation", "free_port", "http_ok", "register_node", "wait_until", "write_flower_config"]
 
-# Ports Flower uses by default: never hand them out, so a default-configured SuperLink or SuperNode
-# running on this machine does not collide with (or get reused by) a drill.
-_RESERVED_PORTS = {8000, 9091, 9092, 9093, 9094, 9095, 39091, 39092, 39093, 39094}
-_HANDED_OUT: set[int] = set()
 # Co-located SuperNodes must not oversubscribe the cores; the SuperExec a SuperNode starts looks for a
 # new message every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (Flower's default 1 s, twice per round).
 NODE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now and was not handed out before by this process."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in _RESERVED_PORTS and port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
-    raise RuntimeError("could not find a free TCP port")
 
 
 def write_flower_config(flwr_home: Path, connections: Mapping[str, Mapping[str, Any]], default: str = "local") -> Path:
@@ -117,10 +101,13 @@ class LocalFederation:
     def __init__(self, root: Path, num_nodes: int, data_root: Path, cache_dir: Path | None = None,
                  base_env: Mapping[str, str] | None = None, startup_timeout_s: float = 90.0, secure: bool = False,
                  superlink_host: Host = LOOPBACK, node_hosts: Sequence[Host] | None = None,
-                 prompt_supernodes: bool = False, superlink_database: bool = True) -> None:
+                 prompt_supernodes: bool = False, superlink_database: bool = True,
+                 node_programs: Mapping[int, Sequence[str]] | None = None) -> None:
         self.root = Path(root)
         # feda2v-supernode: flower-supernode with prompt hand-offs and warm ClientApps (common.deploy.prompt_timing)
         self.node_program = "feda2v-supernode" if prompt_supernodes else "flower-supernode"
+        # per node, a program that replaces it (drills: a faulty node, common.deploy.faulty_supernode)
+        self.node_programs = {pid: list(program) for pid, program in (node_programs or {}).items()}
         # the SuperLink's --database file (README's production setup). Without it Flower keeps its state and
         # every object in memory: nothing survives a SuperLink restart, but weights skip SQLite (faster rounds)
         self.superlink_database = superlink_database
@@ -213,7 +200,8 @@ class LocalFederation:
         else:
             security = ["--insecure"]
         node_config = f'partition-id={pid} num-partitions={self.num_nodes} data-root="{self.data_root}" num-threads=1'
-        return [self.node_program, *security, "--superlink", self.address, "--port", str(free_port()),
+        program = self.node_programs.get(pid, [self.node_program])
+        return [*program, *security, "--superlink", self.address, "--port", str(free_port()),
                 "--node-config", node_config]
 
     def start_node(self, pid: int, wait: bool = True, name: str | None = None,

@@ -10,8 +10,9 @@ Why: in a deployment, most of a short round is waiting, not work. Flower 1.41 wa
   node even sees it; while its ClientApp works it checks for the reply every 0.5 s.
 
 :func:`prompt_pulls` gives one module's ``pull_objects`` a 0.05-0.5 s backoff (unlimited tries within
-Flower's own time limit, ``PULL_MAX_TIME``); the ServerApp applies it to its Grid
-(:mod:`server_app.grid`). :func:`patch_supernode` does the same for the SuperNode and shortens its
+Flower's own time limit, ``PULL_MAX_TIME``). The ServerApp's Grid has its own, bounded by each phase's
+deadline (:mod:`server_app.grid`: the app imports no deployment tooling). :func:`patch_supernode`
+applies it to the SuperNode and shortens its
 sleeps: the idle poll to ``FEDA2V_SUPERNODE_IDLE_POLL`` seconds (default :data:`IDLE_POLL`), the local
 reply checks to :data:`LOCAL_POLL`. ``feda2v-supernode`` (:func:`main`) is ``flower-supernode`` with
 that patch, same arguments; with ``--isolation subprocess`` (Flower's default) it also starts
