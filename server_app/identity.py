@@ -1,31 +1,62 @@
-"""Who may reply for a partition: a partition belongs to the node that first replied for it.
+"""Who may reply for a partition.
 
-Why: a node states its partition id in its own metrics, so without a record of owners any node could
-reply for another site's partition (its data, its class means, its place in the quorum). The owner of
-a partition is the Flower node id that first replied for it; a second node claiming it while the
-owner is still connected is rejected and named. A restarted SuperNode comes back under a new Flower
-node id: it takes its partition over once the old node is gone (no longer connected).
+A node states its partition id in its own metrics, so without a record of owners any node could reply
+for another site's partition (its data, its class means, its place in the quorum). Two modes:
+
+* **pinned** (``robust.pin-partitions = true``, for deployments with SuperNode authentication, where a
+  Flower node id is bound to the key the operator registered and survives a node restart): a
+  partition belongs to the node that first claimed it, or to the node the operator assigned
+  (:mod:`common.owners`, ``feda2v owners``). The record lives in the run folder, so it persists across
+  resume; a different node claiming the partition is rejected and named, whether the owner is online
+  or not; only the operator moves it.
+* **unpinned** (simulation, insecure loopback: node ids change when a node restarts): a partition
+  belongs to the Flower node that first replied for it while that node is connected; a restarted
+  SuperNode, back under a new id, takes it over once the old one is gone. The run warns once that a
+  node may then take over a disconnected node's partition.
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
+from common.owners import load_owners, save_owners
+
+log = logging.getLogger(__name__)
+
 
 class PartitionOwners:
-    def __init__(self) -> None:
-        self.partition_of: dict[int, int] = {}  # Flower node id -> the partition id it reported first
+    def __init__(self, path: Path | None = None, pinned: bool = False) -> None:
+        """``path``: the run's owners file (pinned mode reads it back and records first claims in it)."""
+        self.path, self.pinned = path, pinned
+        self.owner_of: dict[int, int] = load_owners(path) if pinned and path is not None else {}
+        if not pinned:
+            log.warning("partitions are not pinned to node keys (robust.pin-partitions = false): a node may take "
+                        "over the partition of a node that disconnected; pin them in deployments with SuperNode "
+                        "authentication")
 
     def check(self, node_id: int, partition_id: int, connected: set[int] | None = None) -> str | None:
         """The reason ``node_id`` may not reply for ``partition_id``, or ``None``."""
-        known = self.partition_of.get(node_id)
-        if known is not None and known != partition_id:
-            return f"Flower node {node_id} reported partition id {known} before, now {partition_id}"
-        owner = next((n for n, p in self.partition_of.items() if p == partition_id and n != node_id), None)
-        if owner is not None and (connected is None or owner in connected):
+        held = [p for p, n in self.owner_of.items() if n == node_id and p != partition_id]
+        if held:
+            return f"Flower node {node_id} reported partition id {held[0]} before, now {partition_id}"
+        owner = self.owner_of.get(partition_id)
+        if owner is None or owner == node_id:
+            return None
+        if self.pinned:
+            return (f"partition id {partition_id} is pinned to Flower node {owner} (its registered key), not "
+                    f"{node_id}; `feda2v owners` moves it")
+        if connected is None or owner in connected:
             return f"partition id {partition_id} belongs to Flower node {owner}"
-        return None  # no owner, or the old node left: a restart, not a spoof (remember() moves it)
+        return None  # unpinned: the old node left, a restart, not a spoof (remember() moves it)
 
     def remember(self, node_id: int, partition_id: int) -> None:
-        """``node_id`` owns ``partition_id`` (a restarted node takes it over)."""
-        for other in [n for n, p in self.partition_of.items() if p == partition_id and n != node_id]:
-            del self.partition_of[other]
-        self.partition_of.setdefault(node_id, partition_id)
+        """``node_id`` owns ``partition_id`` (pinned: recorded in the run's owners file on first claim)."""
+        if self.owner_of.get(partition_id) == node_id:
+            return
+        if self.pinned and partition_id in self.owner_of:
+            return  # check() refused it already; only the operator moves a pinned partition
+        self.owner_of[partition_id] = node_id
+        if self.pinned and self.path is not None:
+            save_owners(self.path, self.owner_of)
+            log.info("partition %d pinned to Flower node %d (%s)", partition_id, node_id, self.path)

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.records import ARRAYS, METRICS, SERVER_GENERATOR, SERVER_GENERATOR_META, TARGETS, TARGETS_META, ClassTensors, bank_to_records
-from common.wire import WIRE, WireError, content_bytes, decode, encode, is_delta, received, wire_config
+from common.wire import HELD, WIRE, WireError, content_bytes, decode, encode, is_delta, received, wire_config
 from server_app.holdings import NodeHoldings
 from server_app.metrics import EVALUATE_AGGREGATES, median_metrics
 from server_app.pipeline import Pipeline
@@ -150,7 +150,7 @@ class FedA2VStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         replies = list(replies)
-        self.holdings.update(replies)
+        self._update_holdings(replies)
         ok = [m for m in replies if not m.has_error()]
         if ok:
             self.wire_bytes["wire_bytes_train_up"] = sum(content_bytes(m.content) for m in ok) / len(ok)
@@ -165,7 +165,7 @@ class FedA2VStrategy(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
         replies = list(replies)
-        self.holdings.update(replies)
+        self._update_holdings(replies)
         fail_if_all_failed(server_round, replies, "evaluate")
         nodes, failures, rejected = self._parse_evaluate_replies(server_round, replies)
         if self.asked.get("evaluate"):
@@ -188,6 +188,17 @@ class FedA2VStrategy(FedAvg):
                 len(nodes),
             )
         return MetricRecord(global_metrics) if records else None
+
+    def _update_holdings(self, replies: list[Message]) -> None:
+        """What each node now holds (:mod:`server_app.holdings`), one reply at a time: a reply whose ``held``
+        record is unreadable is treated as holding nothing (it gets the records in full), never a crash."""
+        for msg in replies:
+            try:
+                self.holdings.update([msg])
+            except Exception as err:  # noqa: BLE001 - a node's bookkeeping record is as hostile as the rest
+                log.warning("node %s: unreadable '%s' record (%s); it gets held records in full",
+                            msg.metadata.src_node_id, HELD, type(err).__name__)
+                self.holdings.by_node.pop(int(msg.metadata.src_node_id), None)
 
     def _parse_evaluate_replies(self, server_round: int, replies: list[Message]
                                 ) -> tuple[dict[str, dict[str, Any]], list[str], list[str]]:

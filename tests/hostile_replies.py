@@ -8,6 +8,7 @@ server's generator spec) over tiny adapters; ``honest_content`` is what a node's
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -69,6 +70,25 @@ def honest_content(pid: int, adapters: Adapters | None = None, n: int = 12, code
     return content
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_records(pid: int, codec: str) -> tuple:
+    torch.manual_seed(pid)
+    content = honest_content(pid, codec=codec)
+    return tuple(content.items())
+
+
+@functools.lru_cache(maxsize=16)
+def cached_state(pid: int, codec: str) -> dict[str, torch.Tensor]:
+    """The packed tensors of ``cached_content(pid, codec)``'s weights (copy before changing)."""
+    return dict(_cached_records(pid, codec))["arrays"].to_torch_state_dict()
+
+
+def cached_content(pid: int, codec: str) -> RecordDict:
+    """``honest_content`` built once per (pid, codec): a fresh RecordDict over the same records (records
+    are replaced, never changed in place, by the fuzz and by the server)."""
+    return RecordDict(dict(_cached_records(pid, codec)))
+
+
 def as_reply(content: RecordDict, node_id: int, message_type: str = MessageType.TRAIN) -> Message:
     meta = Metadata(run_id=1, message_id=f"r{node_id}-{time.monotonic_ns()}", src_node_id=node_id, dst_node_id=0,
                     reply_to_message_id="x", group_id="1", created_at=time.time(), ttl=60, message_type=message_type)
@@ -79,9 +99,11 @@ def layout_bytes(text: str) -> torch.Tensor:
     return torch.tensor(list(text.encode()), dtype=torch.uint8)
 
 
-def with_layout(content: RecordDict, layout: object | str, buffers: dict[str, torch.Tensor] | None = None) -> RecordDict:
-    """``content`` whose packed weights have another layout (JSON text or an object) and buffers."""
-    state = content["arrays"].to_torch_state_dict()
+def with_layout(content: RecordDict, layout: object | str, buffers: dict[str, torch.Tensor] | None = None,
+                state: dict[str, torch.Tensor] | None = None) -> RecordDict:
+    """``content`` whose packed weights (``state``, default: read from ``content``) have another layout
+    (JSON text or an object) and buffers."""
+    state = dict(state) if state is not None else content["arrays"].to_torch_state_dict()
     text = layout if isinstance(layout, str) else json.dumps(layout)
     state[PACKED_LAYOUT] = layout_bytes(text)
     for kind, buffer in (buffers or {}).items():
@@ -92,15 +114,8 @@ def with_layout(content: RecordDict, layout: object | str, buffers: dict[str, to
 
 def bank_content(content: RecordDict, spec_changes: dict | None = None, meta_changes: dict | None = None) -> RecordDict:
     """``content`` plus a unified generator bank of the server's spec (changed by ``spec_changes``)."""
-    from common.generator_bank import GeneratorBank, Unit
-    from common.models.generators import build_generator
-
-    cfg = load_config(GEN)
-    spec = GeneratorSpec.from_config(cfg.generator, ACFG.in_tokens, ACFG.in_dim)
-    spec.num_classes = len(NAMES)
-    bank = GeneratorBank("unified", [Unit("unified", "unified", list(NAMES))], {"unified": build_generator(spec)})
-    bank.class_counts = {n: 4 for n in NAMES}
-    bank_to_records(bank, content, "enc", 0, 1)
+    for name, record in _bank_records():
+        content[name] = record
     if spec_changes or meta_changes:
         meta = json.loads(content[GENERATORS_META]["meta"])
         for unit in meta["units"]:
@@ -108,6 +123,21 @@ def bank_content(content: RecordDict, spec_changes: dict | None = None, meta_cha
         meta.update(meta_changes or {})
         content[GENERATORS_META] = ConfigRecord({"meta": json.dumps(meta)})
     return content
+
+
+@functools.lru_cache(maxsize=1)
+def _bank_records() -> tuple:
+    from common.generator_bank import GeneratorBank, Unit
+    from common.models.generators import build_generator
+
+    cfg = load_config(GEN)
+    spec = GeneratorSpec.from_config(cfg.generator, ACFG.in_tokens, ACFG.in_dim)
+    spec.num_classes = len(NAMES)
+    bank = GeneratorBank("unified", [Unit("unified", "unified", list(NAMES))], {"unified": build_generator(spec, seed=0)})
+    bank.class_counts = {n: 4 for n in NAMES}
+    content = RecordDict()
+    bank_to_records(bank, content, "enc", 0, 1)
+    return tuple(content.items())
 
 
 # ---------------------------------------------------------------------------- hypothesis strategies
@@ -156,14 +186,13 @@ _metrics = st.dictionaries(
 def reply_contents(draw) -> RecordDict:
     """A train reply with one or more of its records replaced by something hostile."""
     n = draw(st.sampled_from([12, 1, 10**12]))
-    content = honest_content(draw(st.integers(0, 3)), n=12, codec=draw(st.sampled_from(["int8", "float16", "float32"])))
+    pid, codec = draw(st.integers(0, 3)), draw(st.sampled_from(["int8", "float16", "float32"]))
+    content, state = cached_content(pid, codec), cached_state(pid, codec)
     kinds = draw(st.sets(st.sampled_from(["layout", "buffers", "plain", "means", "means_meta", "bank", "metrics",
                                           "config"]), min_size=1, max_size=3))
-    if "layout" in kinds:
-        with_layout(content, draw(_layouts))
-    if "buffers" in kinds:
-        with_layout(content, content["arrays"].to_torch_state_dict()[PACKED_LAYOUT].numpy().tobytes().decode(),
-                    draw(_buffers))
+    if "layout" in kinds or "buffers" in kinds:
+        layout = draw(_layouts) if "layout" in kinds else state[PACKED_LAYOUT].numpy().tobytes().decode()
+        with_layout(content, layout, draw(_buffers) if "buffers" in kinds else None, state)
     if "plain" in kinds:
         content["arrays"] = ArrayRecord(draw(st.dictionaries(st.sampled_from(_NAMES + [n + "::scale" for n in _NAMES]),
                                                              _tensor, max_size=4)))
@@ -187,4 +216,8 @@ def reply_contents(draw) -> RecordDict:
             pass
     if "config" in kinds:
         content[WIRE] = ConfigRecord({"codec": draw(st.text(max_size=5)), "delta": draw(st.booleans())})
+        content["held"] = draw(st.one_of(
+            st.dictionaries(st.text(max_size=6), st.one_of(st.text(max_size=6), st.integers(), st.booleans()),
+                            max_size=3).map(ConfigRecord),
+            st.just(ArrayRecord({"x": torch.zeros(2)}))))
     return content

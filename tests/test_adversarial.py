@@ -220,3 +220,35 @@ def test_fuzz_aggregate_train_and_evaluate_only_stop_on_the_quorum(fuzz_server, 
     except QuorumError:
         pass
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[-2000:]
+
+
+# ---------------------------------------------------------------------------- identity
+def test_pinned_partitions_keep_their_owner_across_resume_and_only_the_operator_moves_them(tmp_path):
+    from common.cli import main as cli
+    from common.owners import OWNERS_FILE
+    from server_app.identity import PartitionOwners
+
+    path = tmp_path / OWNERS_FILE
+    owners = PartitionOwners(path, pinned=True)
+    assert owners.check(10, 0) is None
+    owners.remember(10, 0)
+    # a restarted node with the same key (the same Flower node id) keeps its partition; another is named
+    resumed = PartitionOwners(path, pinned=True)
+    assert resumed.check(10, 0, connected=set()) is None
+    assert "pinned to Flower node 10" in resumed.check(99, 0, connected=set())  # even while the owner is offline
+    assert cli(["owners", str(tmp_path), "--release", "0", "--set", "0=99"]) == 0
+    moved = PartitionOwners(path, pinned=True)
+    assert moved.check(99, 0) is None and "pinned to Flower node 99" in moved.check(10, 0)
+
+
+def test_unpinned_partitions_pass_to_a_restarted_node_only_once_the_owner_left(caplog):
+    from server_app.identity import PartitionOwners
+
+    with caplog.at_level(logging.WARNING):
+        owners = PartitionOwners()
+    assert "not pinned" in caplog.text
+    owners.remember(10, 0)
+    assert "belongs to Flower node 10" in owners.check(11, 0, connected={10, 11})
+    assert owners.check(11, 0, connected={11}) is None
+    owners.remember(11, 0)
+    assert "belongs to Flower node 11" in owners.check(10, 0, connected={10, 11})

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 
-from common.cli import cache, config, data, deploy, generate, report, run
+from common.cli import cache, config, data, deploy, generate, owners, report, run
 from common.errors import FedA2VError
 from common.logs import report_error, setup_logging
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (run, report, data, cache, generate, config, deploy)  # the order of `feda2v --help`
+COMMANDS = (run, report, data, cache, generate, config, deploy, owners)  # the order of `feda2v --help`
 
 
 def build_parser() -> argparse.ArgumentParser:
