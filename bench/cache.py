@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from common.cache import ExtractionSettings, LazyEncoder, embed_clips, open_store
+from common.config import DataConfig
 from common.data.esc50 import read_esc50
 from common.logs import setup_logging
 
@@ -60,7 +61,7 @@ def _settings(model_dir: Path, args: argparse.Namespace) -> ExtractionSettings:
     return ExtractionSettings(
         model=str(model_dir), clip_seconds=5.0, sample_rate=16000, reduction="pool", tokens=args.tokens,
         dtype=args.dtype, storage_dtype="float16", batch_size=args.batch_size, device="cpu", seed=0,
-        min_clip_seconds=1.0,
+        min_clip_seconds=1.0, max_file_mb=DataConfig().max_file_mb,
     )
 
 

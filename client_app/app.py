@@ -43,6 +43,7 @@ from common import seeds
 from common.config import FedA2VConfig, NodeRuntimeConfig, load_config
 from common.errors import redact_paths
 from common.logs import setup_logging
+from common.names import folder_name_problem
 from common.factory import adapter_config, build_adapters, resolve_device
 from common.metrics.resources import (ENTRY_UNIX, EXIT_UNIX, memory_metrics, process_age_seconds, release_memory,
                                       warm_start)
@@ -85,6 +86,7 @@ def _setup(msg: Message, context: Context, evaluate: bool = False) -> tuple[
     node = NodeRuntimeConfig.from_node_config(context.node_config)
     if node.num_threads:
         torch.set_num_threads(node.num_threads)
+    checked_run_name(_round_config(msg).get(RUN_NAME, ""))  # before any path is built from it
     disk, carried, state_metrics = _carried_state(cfg, node, msg, context, evaluate)
     server_round = int(_round_config(msg).get("server-round", 0))
     if by_reference(msg.content):
@@ -134,9 +136,22 @@ def _adapters(cfg: FedA2VConfig, msg: Message, context: Context, targets: ClassT
     return arrays_to_module(ArrayRecord(sent), adapters), sent
 
 
+def checked_run_name(value: object) -> str:
+    """The run name the server sent (``run-name`` in the round config), refused unless it is one plain
+    folder name (:func:`common.names.folder_name_problem`, the rule the server's own config obeys).
+
+    Why: the node builds its state and image folders from it; a name such as ``..`` or ``/etc`` from a
+    buggy or hostile server would make the node write outside the directories its operator gave it."""
+    name = str(value)
+    problem = folder_name_problem(name) if name else None
+    if problem:
+        raise RecordError(f"{RUN_NAME} {name[:80]!r} in the server's round config is refused: {problem}")
+    return name
+
+
 def node_run_dir(cfg: FedA2VConfig, run_name: str) -> Path | None:
     """``<output-dir>/<run-name>`` resolved on this node (``None`` without a run name)."""
-    if not run_name:
+    if not checked_run_name(run_name):
         return None
     return (Path(cfg.output_dir).expanduser() / run_name).resolve()
 

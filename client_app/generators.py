@@ -22,6 +22,7 @@ import torch
 from flwr.app import RecordDict
 
 from client_app.node_data import NodeData, node_cache_dir
+from client_app.policy import SitePolicy
 from common import seeds
 from common.cache.embed import ExtractionSettings
 from common.cache.key import cache_key
@@ -49,14 +50,10 @@ def checkpoint_dir(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> Path:
 
 
 def shareable_classes(cfg: FedA2VConfig, node: NodeRuntimeConfig, counts: dict[str, int]) -> list[str]:
-    """The classes a node may model or summarise: at least ``privacy.min-class-count`` training clips
-    (a generator prior or a mean fitted on one clip is that clip). The others are logged, not shared."""
-    floor = cfg.privacy.min_class_count
-    withheld = {c: n for c, n in counts.items() if 0 < n < floor}
-    if withheld:
-        log.info("node %d: %s hold fewer than privacy.min-class-count=%d training clips: not shared (no generator, "
-                 "no class mean)", node.partition_id, withheld, floor)
-    return [c for c, n in counts.items() if n >= floor]
+    """The classes a node may model or summarise (class means, generators): the node's
+    :class:`~client_app.policy.SitePolicy` decides, so the site's own ``min-class-count`` floor
+    applies wherever the run's ``privacy.min-class-count`` does and the server cannot lower it."""
+    return SitePolicy.of(cfg, node).shareable_classes(counts)
 
 
 def generator_classes(cfg: FedA2VConfig, node: NodeRuntimeConfig, held: list[str], class_names: list[str]) -> tuple[str, list[str]]:

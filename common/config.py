@@ -29,6 +29,7 @@ from typing import Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import FedA2VError
+from common.names import folder_name_problem
 
 __all__ = [
     "ConfigError",
@@ -103,6 +104,10 @@ class DataConfig(_Strict):
     min_clip_seconds: float = Field(
         1.0, ge=0, description="Files with less audio than this (or fewer frames than their header declares) are "
         "skipped and counted, not padded with silence.",
+    )
+    max_file_mb: float = Field(
+        256.0, gt=0, description="Audio files larger than this (MiB) are skipped and counted (skipped_files) before "
+        "anything is decoded; of the others only the frames the clip needs are read.",
     )
     sample_rate: int = Field(16000, ge=8000, description="Sample rate the AST expects (16 kHz for AudioSet ASTs).")
     partition: Literal["iid", "explicit", "dirichlet", "pathological"] = Field(
@@ -457,7 +462,8 @@ class FedA2VConfig(_Strict):
     config_file: str = Field("", description="Optional TOML file whose values override the defaults.")
     seed: int = Field(42, description="Seed for splits, model init and training.")
     output_dir: str = Field("outputs", description="Where runs write summary.json and checkpoints.")
-    run_name: str = Field("", description="Sub-directory of output-dir for this run. Empty: a timestamp.")
+    run_name: str = Field("", description="Sub-directory of output-dir for this run: one plain folder name (no '/', "
+                          "'\\', '..'). Empty: a timestamp.")
     cache_dir: str = Field(
         "", description="Cache for datasets, text targets and AST embeddings. Empty: $FEDA2V_CACHE, else the user cache dir."
     )
@@ -523,6 +529,15 @@ class FedA2VConfig(_Strict):
     render: RenderConfig = Field(default_factory=RenderConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_is_one_folder(cls, value: str) -> str:
+        """The server and every node build ``<output-dir>/<run-name>``: a path here would write elsewhere."""
+        problem = folder_name_problem(value) if value else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("nodes")
     @classmethod
@@ -644,6 +659,11 @@ class NodeRuntimeConfig(_Strict):
     num_threads: int = Field(
         0, ge=0, description="torch CPU threads of this node's ClientApp (0: torch's default). Set it when "
         "several SuperNodes share one host, or they oversubscribe the cores.",
+    )
+    min_class_count: int = Field(
+        0, ge=0, description="This site's own privacy floor: classes it holds fewer training clips of are withheld "
+        "from its class means and generator training even when the run's privacy.min-class-count is lower "
+        "(the larger of the two applies; 0: the run's alone).",
     )
 
     @model_validator(mode="after")

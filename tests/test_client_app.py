@@ -80,6 +80,22 @@ def test_bad_file_is_skipped_counted_and_named(data_root, tmp_path, caplog):
     assert total == 35
 
 
+def test_file_over_max_file_mb_is_skipped_counted_and_named(data_root, tmp_path, caplog):
+    import numpy as np
+    import soundfile as sf
+
+    root = tmp_path / "esc"
+    shutil.copytree(data_root, root)
+    victim = sorted((root / "audio").glob("*.wav"))[0]
+    sf.write(victim, np.zeros((44100 * 30, 1), dtype=np.float32), 44100, subtype="PCM_16")  # 2.5 MiB of audio
+    cfg = load_config(run_config(root, tmp_path, **{"data.max-file-mb": 1.0}))
+    with caplog.at_level(logging.WARNING):
+        data = node_data.load_node_data(cfg, NodeRuntimeConfig(partition_id=0, num_partitions=1))
+    assert data.skipped_files == 1
+    assert victim.name in caplog.text and "data.max-file-mb=1" in caplog.text
+    assert sum(len(s) for s in data.splits.values()) == 35
+
+
 def test_train_reply_records_and_privacy_rule(data_root, tmp_path):
     cfg = load_config(run_config(data_root, tmp_path))
     NODE_DATA.clear()  # a fresh ClientApp process
@@ -218,3 +234,67 @@ def test_node_image_dir_comes_from_the_run_name_not_a_server_path(tmp_path):
     own = load_config({"output-dir": str(tmp_path / "out"), "render.output-dir": str(tmp_path / "imgs")})
     assert images_dir(own, node_run_dir(own, "run-1")) == tmp_path / "imgs"
     assert images_dir(own, node_run_dir(own, "run-1"), str(tmp_path / "node")) == tmp_path / "node"
+
+
+def test_site_floor_withholds_classes_the_server_would_share(data_root, tmp_path):
+    """node-config min-class-count is the site's own floor: with the server's privacy.min-class-count = 1 the
+    node still withholds every class it holds fewer training clips of, from class means and generators."""
+    from common.records import GENERATORS, bank_from_records
+
+    root = Path(shutil.copytree(data_root, tmp_path / "esc"))
+    rain = sorted(p for p in (root / "audio").glob("*.wav") if _category(root, p.name) == "rain")
+    for path in rain[:6]:  # fewer rain clips than the other classes: a floor between the counts
+        path.unlink()
+    rc = run_config(root, tmp_path, **{"privacy.min-class-count": 1, "generator.mode": "generator-training",
+                                       "generator.granularity": "per_class", "generator.epochs": 1})
+    cfg = load_config(rc)
+    node = {"partition-id": 0, "num-partitions": 1, "checkpoint-dir": str(tmp_path / "ckpt")}
+    data = node_data.load_node_data(cfg, NodeRuntimeConfig.from_node_config(node))
+    counts = dict(zip(CLASSES, torch.bincount(data.splits["train"].labels, minlength=len(CLASSES)).tolist()))
+    floor = counts["rain"] + 1
+    assert all(counts[c] >= floor for c in ("dog", "siren")), counts
+
+    for own, withheld in ((0, []), (floor, ["rain"])):
+        ctx = Context(run_id=1, node_id=7, node_config={**node, "min-class-count": own}, state=RecordDict(),
+                      run_config=rc)
+        reply = train(make_message(server_content(cfg)), ctx)
+        shared = [c for c in CLASSES if c not in withheld]
+        means = ClassTensors.from_records(reply.content, CLASS_MEANS, CLASS_MEANS_META)
+        assert means.class_names == shared
+        metrics = reply.content["metrics"]
+        assert metrics["withheld_classes"] == len(withheld)
+        assert metrics["withheld_clips"] == sum(counts[c] for c in withheld)
+        assert GENERATORS in reply.content
+        bank, _ = bank_from_records(reply.content, source="reply")
+        assert sorted(bank.classes) == sorted(shared)
+
+
+def _category(root: Path, filename: str) -> str:
+    """The class of an ESC-50-layout file, from meta/esc50.csv."""
+    import csv
+
+    with (root / "meta" / "esc50.csv").open(newline="") as handle:
+        return next(row["category"] for row in csv.DictReader(handle) if row["filename"] == filename)
+
+
+@pytest.mark.parametrize("bad", ["..", "../escape", "/tmp/escape", "a\\b", "x\0y", "C:escape"])
+def test_a_run_name_from_the_server_that_is_a_path_is_refused(data_root, tmp_path, bad):
+    """The node builds its state and image folders from the server's run-name: a path is an error naming
+    the key, raised before any folder is made from it."""
+    from client_app.app import node_run_dir
+    from common.records import CONFIG, RUN_NAME
+
+    rc = run_config(data_root, tmp_path / "cache", **{"output-dir": str(tmp_path / "out")})
+    cfg = load_config(rc)
+    content = server_content(cfg)
+    content[CONFIG][RUN_NAME] = bad
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
+                  run_config=rc)
+    for handler, kind in ((train, MessageType.TRAIN), (evaluate, MessageType.EVALUATE)):
+        with pytest.raises(ValueError, match="run-name .* in the server's round config is refused"):
+            handler(make_message(content, kind), ctx)
+    assert not (tmp_path / "cache" / "node-state").exists()  # nothing was made from it
+    with pytest.raises(ValueError, match="run-name"):
+        node_run_dir(cfg, bad)
+    content[CONFIG][RUN_NAME] = "run-1"  # a plain name passes
+    assert train(make_message(content), ctx).content["metrics"]["num-examples"] > 0

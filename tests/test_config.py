@@ -142,3 +142,23 @@ def test_unflatten_conflict():
 def test_readme_configuration_reference_is_current():
     readme = (ROOT / "README.md").read_text()
     assert markdown_reference() in readme, "README's configuration reference is stale: paste `feda2v config reference`"
+
+
+@pytest.mark.parametrize("bad", ["..", ".", "a/b", "/abs", "../up", "a\\b", "x\0y", "C:x", " x", "x" * 129])
+def test_run_name_must_be_one_plain_folder_name(bad):
+    """<output-dir>/<run-name> on the server and every node: a path there would write somewhere else."""
+    with pytest.raises(ConfigError, match="'run-name'"):
+        load_config({"run-name": bad})
+
+
+def test_plain_run_names_and_the_empty_one_pass():
+    for name in ("", "run-1", "exp_2024.01", "ablation v2", "x" * 128):
+        assert load_config({"run-name": name}).run_name == name
+
+
+def test_node_min_class_count_is_a_count():
+    node = {"partition-id": 0, "num-partitions": 1}
+    assert NodeRuntimeConfig.from_node_config(node).min_class_count == 0  # no floor of its own by default
+    assert NodeRuntimeConfig.from_node_config({**node, "min-class-count": 5}).min_class_count == 5
+    with pytest.raises(ConfigError, match="min-class-count"):
+        NodeRuntimeConfig.from_node_config({**node, "min-class-count": -1})

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torchaudio
 
 from common.data import synth
 from common.data.audio import AudioLoadError, LoadedAudio, load_clip, load_clips
@@ -418,6 +419,44 @@ class TestAudio:
 
     def test_load_clips_of_nothing(self) -> None:
         assert load_clips([], 16000, 1.0).waveforms.shape == (0, 16000)
+
+    @pytest.mark.parametrize("rate, clip_seconds", [(44100, 5.0), (48000, 1.0), (22050, 2.5), (16000, 1.0)])
+    def test_a_long_file_gives_the_crop_of_decoding_it_whole_from_the_frames_it_needs(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rate: int, clip_seconds: float) -> None:
+        """Only the frames the crop needs are decoded, and the samples are those of the earlier whole-file path
+        (decode everything, average channels, resample, keep the first clip_seconds)."""
+        frames = rate * 30
+        data = np.random.default_rng(rate).uniform(-0.8, 0.8, (frames, 2))
+        path = _write(tmp_path / "long.wav", data, rate)
+        whole, _ = sf.read(str(path), dtype="float32", always_2d=True)
+        expected = torch.from_numpy(np.ascontiguousarray(whole.mean(axis=1, dtype=np.float32)))
+        if rate != 16000:
+            expected = torchaudio.transforms.Resample(rate, 16000)(expected)
+        expected = expected[: int(round(clip_seconds * 16000))]
+        read: list[int] = []
+        original = sf.SoundFile.read
+
+        def counting_read(self, frames=-1, *args, **kwargs):
+            out = original(self, frames, *args, **kwargs)
+            read.append(len(out))
+            return out
+
+        monkeypatch.setattr(sf.SoundFile, "read", counting_read)
+        wave = load_clip(path, 16000, clip_seconds)
+        assert torch.equal(wave, expected)
+        assert read and sum(read) < frames // 4  # a fraction of the file, not all of it
+
+    def test_file_over_max_mb_is_skipped_naming_the_file_and_the_key(self, tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+        small = _write(tmp_path / "small.wav", np.full(16000, 0.1), 16000)  # 31 KiB
+        big = _write(tmp_path / "big.wav", np.full(16000 * 20, 0.1), 16000)  # 625 KiB
+        with caplog.at_level(logging.WARNING):
+            loaded = load_clips([_clip(small), _clip(big)], 16000, 1.0, max_mb=0.5)
+        assert loaded.clips == [_clip(small)] and loaded.waveforms.shape == (1, 16000)
+        assert [c.path for c, _ in loaded.skipped] == [big]
+        assert "larger than data.max-file-mb=0.5" in loaded.skipped[0][1]
+        assert big.name in _warnings(caplog, "common.data.audio")[0]
+        assert load_clips([_clip(big)], 16000, 1.0, max_mb=1.0).clips == [_clip(big)]  # under the bound: read
 
 
 # ================================================================================================ partitioning

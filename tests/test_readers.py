@@ -125,6 +125,38 @@ def test_vggsound_every_row_gets_its_own_label_and_val_never_touches_test(tmp_pa
     assert selected.class_names == ["police car (siren)"] and all(c.label == 0 for c in selected.clips)
 
 
+def test_vggsound_hostile_rows_are_skipped_counted_and_the_rest_is_read(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Non-finite, huge or negative starts, a line far over csv's 128 KiB field limit and a quoted field that
+    runs past it over many lines are each a skipped row with its line number; the rows after them still count."""
+    root = tmp_path / "vgg"
+    lines = []
+    for i in range(4):
+        lines.append(f"good{i},{i},dog barking,train")
+        _tone(root / "audio" / f"good{i}_{i:06d}.wav")
+    bad = {  # line number (1-based, as written below) -> what the reason names
+        5: "start_seconds 'inf'", 6: "start_seconds 'nan'", 7: "start_seconds '1e300'", 8: "start_seconds '-5'",
+        9: "longer than", 10: "field larger than field limit",
+    }
+    lines += ["bad1,inf,dog barking,train", "bad2,nan,dog barking,train", "bad3,1e300,dog barking,train",
+              "bad4,-5,dog barking,train", "huge,1,\"" + "x" * 300_000 + "\",train"]
+    lines += ['quoted,1,"' + "\n".join("y" * 4000 for _ in range(40)) + '",train']  # lines 10-49, one field
+    for i in range(4, 6):  # after the damage: still read
+        lines.append(f"good{i},{i},engine idling,test")
+        _tone(root / "audio" / f"good{i}_{i:06d}.wav")
+    (root / "vggsound.csv").write_text("\n".join(lines) + "\n")
+
+    with caplog.at_level(logging.WARNING):
+        index = scan_vggsound(root)
+    assert sorted(c.source for c in index.clips) == [f"good{i}" for i in range(6)]
+    assert index.class_names == ["dog barking", "engine idling"]
+    reasons = {int(s.split(":")[0].removeprefix("line ")): s for s in index.skipped}
+    for line, what in bad.items():
+        assert what in reasons.get(line, ""), (line, index.skipped)
+    assert all(line <= 49 for line in reasons)  # the quoted field's remaining lines are counted, never the good rows
+    assert "vggsound.csv" in caplog.text and "malformed row(s) skipped" in caplog.text and "line 5" in caplog.text
+
+
 def test_vggsound_layout_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="vggsound.csv' is missing"):
         scan("vggsound", tmp_path)

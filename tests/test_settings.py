@@ -50,6 +50,7 @@ EXTRACTION = {
     "storage_dtype": "audio-encoder.cache-dtype",
     "batch_size": "audio-encoder.batch-size",
     "min_clip_seconds": "data.min-clip-seconds",
+    "max_file_mb": "data.max-file-mb",
 }
 IDENTITY = {  # embedding-cache key fields (the encoder part; "tokens" is 1 for the CLS reduction)
     "model": "audio-encoder.model",
@@ -96,6 +97,7 @@ OVERRIDES: dict[str, Any] = {
     "audio-encoder.cache-dtype": "float32",
     "audio-encoder.batch-size": 5,
     "data.min-clip-seconds": 0.25,
+    "data.max-file-mb": 64.0,
     "text-encoder.t5-tokens": 8,
     "adapter.hidden-dim": 64,
     "adapter.heads": 4,

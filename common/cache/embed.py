@@ -59,6 +59,7 @@ class ExtractionSettings:
     batch_size: int
     device: str
     min_clip_seconds: float  # shorter (or truncated) files are skipped; not part of the key
+    max_file_mb: float  # larger files are skipped before decoding; not part of the key
 
     @classmethod
     def from_config(cls, cfg: Any, device: str = "cpu") -> "ExtractionSettings":
@@ -79,6 +80,7 @@ class ExtractionSettings:
             batch_size=ae.batch_size,
             device=device,
             min_clip_seconds=cfg.data.min_clip_seconds,
+            max_file_mb=cfg.data.max_file_mb,
         )
 
     def identity(self) -> dict[str, Any]:
@@ -212,7 +214,7 @@ def embed_clips(
         idx = missing[start : start + step]
         t1 = time.perf_counter()
         loaded = load_clips([clips[i] for i in idx], settings.sample_rate, settings.clip_seconds,
-                            settings.min_clip_seconds)
+                            settings.min_clip_seconds, settings.max_file_mb)
         skipped.extend(loaded.skipped)
         ok = {c.rel_path for c in loaded.clips}
         kept = [i for i in idx if clips[i].rel_path in ok]
