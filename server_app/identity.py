@@ -26,11 +26,17 @@ log = logging.getLogger(__name__)
 
 
 class PartitionOwners:
-    def __init__(self, path: Path | None = None, pinned: bool = False) -> None:
-        """``path``: the run's owners file (pinned mode reads it back and records first claims in it)."""
-        self.path, self.pinned = path, pinned
-        self.owner_of: dict[int, int] = load_owners(path) if pinned and path is not None else {}
-        if not pinned:
+    def __init__(self, path: Path | None = None, pinned: bool = False, assigned: dict[int, int] | None = None) -> None:
+        """``path``: the run's owners file (pinned mode reads it back and records first claims in it);
+        ``assigned``: the operator's mapping (``robust.partition-owners``), which wins over the file and pins."""
+        self.path, self.pinned = path, pinned or bool(assigned)
+        self.owner_of: dict[int, int] = load_owners(path) if self.pinned and path is not None else {}
+        if assigned:
+            self.owner_of = {p: n for p, n in self.owner_of.items() if p not in assigned and n not in assigned.values()}
+            self.owner_of.update(assigned)
+            if path is not None:
+                save_owners(path, self.owner_of)
+        if not self.pinned:
             log.warning("partitions are not pinned to node keys (robust.pin-partitions = false): a node may take "
                         "over the partition of a node that disconnected; pin them in deployments with SuperNode "
                         "authentication")

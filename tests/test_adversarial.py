@@ -252,3 +252,14 @@ def test_unpinned_partitions_pass_to_a_restarted_node_only_once_the_owner_left(c
     assert owners.check(11, 0, connected={11}) is None
     owners.remember(11, 0)
     assert "belongs to Flower node 11" in owners.check(10, 0, connected={10, 11})
+
+
+def test_the_operators_mapping_wins_and_pins(tmp_path):
+    from common.config import load_config
+    from common.owners import OWNERS_FILE, load_owners
+    from server_app.identity import PartitionOwners
+
+    cfg = load_config({"robust": {"partition-owners": {"0": 1234}}})
+    owners = PartitionOwners(tmp_path / OWNERS_FILE, assigned={int(p): n for p, n in cfg.robust.partition_owners.items()})
+    assert owners.pinned and "pinned to Flower node 1234" in owners.check(99, 0, connected={99})
+    assert load_owners(tmp_path / OWNERS_FILE) == {0: 1234}

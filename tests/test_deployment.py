@@ -136,13 +136,23 @@ def test_secure_loopback_deployment(tmp_path: Path) -> None:
         said = insecure.stdout + insecure.stderr
         assert insecure.returncode != 0 and "ref-exit-codes/104" in said and "enable-supernode-auth" in said, said
 
-        result = fed.run(_run_config(out, "secure"), timeout=RUN_TIMEOUT_S)
+        # partition squatting: a registered site (its own key) claims partition 0; the operator pinned the
+        # partitions to the keys that own them (robust.partition-owners), so its replies are rejected and named
+        squatter = make_node_key(tmp_path / "squatter", "squatter")
+        squatter_id = fed.register(squatter)
+        fed.start_node(0, name="squatter", cmd=fed.node_command(0, auth_key=squatter.private))
+        owners = tmp_path / "owners.toml"
+        owners.write_text("[robust.partition-owners]\n" + "".join(f'"{p}" = {n}\n' for p, n in fed.node_ids.items()))
+        result = fed.run([_run_config(out, "secure")[0] + f' config-file="{owners}"'], timeout=RUN_TIMEOUT_S)
         assert result.ok, f"{result.problem}\n{result.output[-3000:]}\n{fed.superlink_log()[-3000:]}"
         assert result.status["status"] == "finished:completed"
         assert "global test retrieval acc" in result.output
-        _assert_trained(fed, out / "secure", data_root)
+        summary = _assert_trained(fed, out / "secure", data_root)
+        for entry in summary["rounds"]:
+            said = entry["train"].get("rejected", []) + entry["evaluate"].get("failures", [])
+            assert any(f"node {squatter_id}:" in r and f"pinned to Flower node {fed.node_ids[0]}" in r for r in said), said
         activated = fed.superlink_log().count("Activated node_id")
-        assert activated == NUM_NODES, f"{activated} nodes activated; only the {NUM_NODES} registered ones may be"
+        assert activated == NUM_NODES + 1, f"{activated} nodes activated; only the {NUM_NODES + 1} registered ones may be"
     assert not fed.close()
 
 

@@ -131,6 +131,7 @@ class LocalFederation:
         self.pki = self.root / "pki"
         self.tls: ServerTLS | None = None
         self.node_keys: dict[int, NodeKey] = {}
+        self.node_ids: dict[int, int] = {}  # secure: the Flower node id each partition's registered key got
         self.port = 0
         self.superlink: subprocess.Popen | None = None
         self.nodes: dict[int, subprocess.Popen] = {}
@@ -181,7 +182,7 @@ class LocalFederation:
         for pid in range(self.num_nodes):
             if self.secure:
                 self.node_keys[pid] = make_node_key(self.pki / "nodes", f"supernode{pid}", overwrite=True)
-                self.register(self.node_keys[pid])
+                self.node_ids[pid] = self.register(self.node_keys[pid])
             self.start_node(pid)
         return self
 
