@@ -99,7 +99,7 @@ def test_compose_has_a_superlink_a_serverapp_and_three_sites_with_their_own_volu
         partitions.append(config.split()[0])
         assert f"num-partitions={SITES}" in config and "--isolation=process" in node
         app = base[f"clientapp-{site}"]
-        assert app["command"][-1] == f"--runtime-api-address=supernode-{site}:9094"
+        assert app["command"][-1] == f"--runtime-api-address=site-{site}-supernode:9094"
         mounts = {v.split(":")[0] for v in app["volumes"]}
         assert mounts == {f"site-{site}-{kind}" for kind in ("data", "cache", "checkpoints", "images")}
     assert partitions == [f"partition-id={i}" for i in range(SITES)]
@@ -131,12 +131,42 @@ def test_overlays_only_change_security_flags() -> None:
         assert secret.format(f"site-{site}") in auth[f"clientapp-{site}"]["command"]
 
 
+def _networks(service: dict) -> dict[str, dict]:
+    """A service's networks as ``{name: settings}`` (compose accepts a list or a mapping)."""
+    nets = service.get("networks", [])
+    return {name: {} for name in nets} if isinstance(nets, list) else {k: v or {} for k, v in nets.items()}
+
+
+def _option(command: list[str], flag: str) -> str | None:
+    return next((arg.split("=", 1)[1] for arg in command if arg.startswith(flag + "=")), None)
+
+
 def test_sites_cannot_reach_each_others_supernodes() -> None:
-    base = _services("compose.yml")
+    """A SuperNode's Runtime API (9094: whoever reaches it can take the site's tasks) listens only on its own
+    site network, under a name that exists there alone; that network holds the SuperNode and the site's
+    ClientApp SuperExec only and has no route out; nothing publishes 9094."""
+    compose = yaml.safe_load((DOCKER / "compose.yml").read_text())
+    base = compose["services"]
     assert base["superlink"]["networks"] == ["federation"] and base["serverapp"]["networks"] == ["federation"]
     for site in range(SITES):
-        assert base[f"supernode-{site}"]["networks"] == ["federation", f"site-{site}"]
-        assert base[f"clientapp-{site}"]["networks"] == [f"site-{site}"]
+        name, alias = f"site-{site}", f"site-{site}-supernode"
+        node, app = base[f"supernode-{site}"], base[f"clientapp-{site}"]
+        nets = _networks(node)
+        assert set(nets) == {"federation", name}
+        assert nets[name].get("aliases") == [alias] and not nets["federation"].get("aliases")
+        assert _networks(app) == {name: {}}
+        assert compose["networks"][name] == {"internal": True}
+        members = [s for s, service in base.items() if name in _networks(service)]
+        assert sorted(members) == [f"clientapp-{site}", f"supernode-{site}"]
+        for file in ("compose.yml", "with-tls.yml", "with-auth.yml"):  # the overlays restate the command
+            command = _services(file)[f"supernode-{site}"]["command"]
+            assert _option(command, "--host") == alias and _option(command, "--port") == "9094", file
+            assert _option(_services(file).get(f"clientapp-{site}", app)["command"], "--runtime-api-address") \
+                == f"{alias}:9094", file
+        assert "ports" not in node and "ports" not in app
+    aliases = [a for service in base.values() for settings in _networks(service).values()
+               for a in settings.get("aliases", [])]
+    assert len(aliases) == len(set(aliases)) == SITES
 
 
 # ------------------------------------------------------------------ the drills' faulty SuperNode
