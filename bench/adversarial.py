@@ -24,7 +24,7 @@ Each attack runs with the default configuration and with the robust one the docs
 evaluation before node 4 lies), and the reported global figure of each against the honest one.
 Partition squatting needs an authenticated deployment and is not part of this in-process bench.
 
-Usage:  python bench/adversarial.py [--rounds 5] [--fuzz-cases 20000] [--attacks all] [--work DIR]
+Usage:  python bench/adversarial.py [--rounds 5] [--fuzz-cases 20000] [--attacks all] [--work DIR] [--jobs 8]
 Last line of output: one JSON object {"fuzz": {...}, "attacks": {...}, "robust_seconds_per_round", ...}.
 """
 
@@ -207,7 +207,7 @@ class Federation:
                 lying = Message(content=RecordDict({METRICS: MetricRecord(true[HOSTILE])}), reply_to=messages[HOSTILE])
                 tamper_evaluate(lying, side, self.cfg)
                 reported = self.strategy.aggregate_evaluate(server_round, evaluations[:HOSTILE] + [lying]) or {}
-                out[side] = dict(reported).get("test_retrieval_acc", float("nan"))
+                out[f"reported_{side}"] = dict(reported).get("test_retrieval_acc", float("nan"))
         reported = dict(self.strategy.aggregate_evaluate(server_round, evaluations) or {})
         n = sum(m["num-examples"] for m in true)
         out["true_acc"] = sum(m["test_retrieval_acc"] * m["num-examples"] for m in true) / n
@@ -277,9 +277,42 @@ def honest_spread(honest: dict) -> float:
     return max(means_distance(m, honest["means"]) for p, m in honest["node_means"].items() if p != HOSTILE)
 
 
-def attacks(names: list[str], rounds: int, work: Path) -> dict:
-    honest = {"default": run_federation({}, rounds, work, "honest", None),
-              "robust": run_federation(ROBUST, rounds, work, "honest-robust", None)}
+def _federation_job(job: tuple[dict, int, str, str, str | None]) -> tuple[str, dict]:
+    """One federation in a worker process (``--jobs``): its label and its result."""
+    overrides, rounds, work, name, attack = job
+    torch.set_num_threads(1)
+    setup_logging()
+    isolated_cache(folder=Path(work) / "cache")
+    return name, run_federation(overrides, rounds, Path(work), name, attack)
+
+
+def warm_cache(work: Path) -> None:
+    from client_app.node_data import load_node_data
+    from common.config import NodeRuntimeConfig
+
+    cfg = load_config({"cache-dir": str(work / "cache"), "device": "cpu"})
+    for pid in range(NODES):
+        load_node_data(cfg, NodeRuntimeConfig(partition_id=pid, num_partitions=NODES))
+
+
+def attacks(names: list[str], rounds: int, work: Path, jobs: int = 1) -> dict:
+    """The honest federations (default and robust), then each weight attack under both configurations;
+    with ``jobs`` > 1 the federations run side by side in worker processes (one torch thread each)."""
+    plan = [({}, rounds, str(work), "honest", None), (ROBUST, rounds, str(work), "honest-robust", None)]
+    plan += [(overrides, rounds, str(work), f"{attack}-{label}", attack)
+             for attack in names if attack in WEIGHT_ATTACKS
+             for label, overrides in (("default", {}), ("robust", ROBUST))]
+    if jobs > 1:
+        import multiprocessing
+
+        warm_cache(work)  # the dataset and its embeddings once, before the workers read them side by side
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = dict(pool.map(_federation_job, plan))
+    else:
+        results = dict(_federation_job(job) for job in plan)
+    honest = {"default": results["honest"], "robust": results["honest-robust"]}
     spread = honest_spread(honest["default"])
     out: dict = {"honest_acc": round(honest["default"]["true_acc"], 4),
                  "honest_acc_robust": round(honest["robust"]["true_acc"], 4),
@@ -287,15 +320,15 @@ def attacks(names: list[str], rounds: int, work: Path) -> dict:
                  "honest_means_spread": round(spread, 4)}
     for attack in names:
         row: dict = {"honest_acc": out["honest_acc"], "honest_reported": out["honest_reported"]}
-        for label, overrides in (("default", {}), ("robust", ROBUST)):
+        for label in ("default", "robust"):
             if attack in WEIGHT_ATTACKS:
-                result = run_federation(overrides, rounds, work, f"{attack}-{label}", attack)
+                result = results[f"{attack}-{label}"]
                 row[f"attacked_acc_{label}"] = round(result["true_acc"], 4)
                 row[f"reported_acc_{label}"] = round(result["reported_acc"], 4)
             else:  # training is the honest run's: the lie only reaches the class means or the reported figure
                 result = honest[label]
                 row[f"attacked_acc_{label}"] = round(result["true_acc"], 4)
-                row[f"reported_acc_{label}"] = round(result.get(attack, result["reported_acc"]), 4)
+                row[f"reported_acc_{label}"] = round(result.get(f"reported_{attack}", result["reported_acc"]), 4)
             means = result["poisoned_means"] if attack == "poisoned_means" else result["means"]
             row[f"means_distance_{label}"] = round(means_distance(means, honest["default"]["means"]), 4)
         row["robust_within_0.05"] = abs(row["attacked_acc_robust"] - out["honest_acc"]) <= 0.05
@@ -314,6 +347,7 @@ def main() -> None:
     parser.add_argument("--fuzz-cases", type=int, default=20000)
     parser.add_argument("--attacks", default="all", help=f"comma list of {', '.join(ATTACKS)}, 'all' or 'none'")
     parser.add_argument("--work", default="", help="folder for caches and runs (default: a temporary one)")
+    parser.add_argument("--jobs", type=int, default=1, help="federations run side by side (one torch thread each)")
     args = parser.parse_args()
     setup_logging()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -329,7 +363,7 @@ def main() -> None:
         result["fuzz"] = fuzz(args.fuzz_cases, work)
         log.info("fuzz: %s", result["fuzz"])
     if names:
-        result["attacks"] = attacks(names, args.rounds, work)
+        result["attacks"] = attacks(names, args.rounds, work, args.jobs)
     print(json.dumps(result))
 
 
