@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from fed_vs_central import run_federated  # the sibling script (bench/ is this script's sys.path[0])
+from workspace import isolated_cache
 
 from client_app.node_data import load_node_data
 from common.checkpoints import load_adapters
@@ -112,6 +113,7 @@ def main() -> None:
 
     result: dict[str, object] = {"nodes": NUM_NODES}
     extra = parse_overrides(args.run_config)
+    isolated_cache(extra, prefix="feda2v-bench-agg")
     with tempfile.TemporaryDirectory(prefix="feda2v-bench-agg-") as tmp:
         for setting in args.settings.split(","):
             base = {**partition(FedA2VConfig()), **SETTINGS[setting]}

@@ -1,8 +1,9 @@
 """Docker deployment costs: image build times (cold and warm), image sizes, and a compose federation
 with TLS and SuperNode authentication running 2 rounds (start, run and ``down -v`` times, the final status).
 
-``--cold`` first deletes the wheelhouse, the offline base, the feda2v images and docker's build
-cache, so the build starts from nothing but the package registries (as on a fresh CI machine).
+``--cold`` starts from an empty wheelhouse in the work folder (never the user's: that one is neither
+used nor deleted) and first deletes the offline base, the feda2v images and docker's build cache, so
+the build starts from nothing but the package registries (as on a fresh CI machine).
 Prints one JSON object as its last line.
 
     python bench/deploy.py [--cold] [--tag bench] [--work DIR]
@@ -23,12 +24,15 @@ from common.config import default_cache_dir
 from common.deploy.compose import NUM_SITES, ComposeFederation
 from common.deploy.images import OFFLINE_BASE, ROLES, ROOTFS_IMAGE, build_images, docker_ready
 from common.logs import setup_logging
+from workspace import isolated_cache  # the sibling module (bench/ is this script's sys.path[0])
 
 log = logging.getLogger("bench.deploy")
 
 
-def forget_images(tag: str) -> None:
-    """Everything a cold build would not have."""
+def forget_images(tag: str, work: Path) -> None:
+    """Everything a cold build would not have. The wheelhouse starts empty in the work folder (the cache
+    goes there, :func:`workspace.isolated_cache`): the user's own wheelhouse is neither used nor deleted."""
+    isolated_cache(folder=work / "cache")
     shutil.rmtree(default_cache_dir() / "wheelhouse", ignore_errors=True)
     names = [f"feda2v/{role}:{tag}" for role in ROLES] + [OFFLINE_BASE, ROOTFS_IMAGE]
     subprocess.run(["docker", "rmi", "-f", *names], capture_output=True, check=False, timeout=600)
@@ -45,8 +49,9 @@ def main() -> int:
     reason = docker_ready()
     if reason:
         raise SystemExit(f"needs a Docker engine: {reason}")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="feda2v-bench-deploy-"))
     if args.cold:
-        forget_images(args.tag)
+        forget_images(args.tag, work)
     t0 = time.monotonic()
     first = build_images(args.tag, offline=True)
     first_s = round(time.monotonic() - t0, 1)
@@ -54,7 +59,6 @@ def main() -> int:
     build_images(args.tag, offline=True)
     warm_s = round(time.monotonic() - t0, 1)
 
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="feda2v-bench-deploy-"))
     fed = ComposeFederation(work / "compose", args.tag, secure=True)
     t0 = time.monotonic()
     try:

@@ -31,6 +31,7 @@ from common.factory import adapter_config, build_adapters, resolve_device
 from common.logs import setup_logging
 from common.training import TrainSettings, evaluate_adapters, train_adapters
 from server_app.app import class_targets
+from workspace import cache_dir_override, isolated_cache  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.fed_vs_central")
 
@@ -40,11 +41,12 @@ def run_federated(overrides: str, num_nodes: int, workdir: Path, run_name: str =
 
     The local SuperLink that the run starts is stopped afterwards (by the launcher's run tag, so
     only this run's processes); a run the SuperLink does not call completed raises RuntimeError.
+    The run's cache is the benchmark's (:func:`workspace.isolated_cache`), never the user's.
     """
     out = workdir / "outputs"
     cmd = launcher.flwr_run_command(
         launcher.APP_DIR, federation_config=launcher.federation_config(num_nodes, 1),
-        run_config=[f'output-dir="{out}" run-name="{run_name}" {overrides}'.strip()],
+        run_config=[f'output-dir="{out}" run-name="{run_name}" {cache_dir_override(overrides)} {overrides}'.strip()],
     )
     log.info("federated run: %s", " ".join(cmd))
     result = launcher.launch(cmd, extra_env={"FLWR_HOME": str(workdir / "flwr-home")}, cwd=workdir, timeout=3600)
@@ -81,6 +83,7 @@ def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     run = flatten(FedA2VConfig().model_dump(by_alias=True))
     run.update(parse_overrides(args.run_config))
+    isolated_cache(parse_overrides(args.run_config))  # both runs share one cache, the benchmark's own
     with tempfile.TemporaryDirectory(prefix="feda2v-bench-") as tmp:
         t0 = time.perf_counter()
         summary_path = Path(args.summary) if args.summary else run_federated(args.run_config, args.num_nodes, Path(tmp))

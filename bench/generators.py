@@ -51,6 +51,7 @@ from common.models.generators import GeneratorSpec, GeneratorTrainSettings
 from common.logs import setup_logging
 from common.records import ClassTensors
 from common.training import TrainSettings, evaluate_adapters, train_adapters
+from workspace import isolated_cache  # the sibling module (bench/ is this script's sys.path[0])
 
 log = logging.getLogger("bench.generators")
 
@@ -133,8 +134,9 @@ def node_child(workdir: Path, mode: str) -> None:
                                         "checkpoint-dir": str(workdir / "ckpt"), "num-threads": 2})
     t0 = time.perf_counter()
     rss0 = _rss_mb()
-    train(server_message(server_content(targets, ArrayRecord(arrays), 1)), context)
-    evaluate(server_message(server_content(targets, ArrayRecord(arrays), 1), MessageType.EVALUATE), context)
+    run = {"run_name": f"bench-{mode}"}  # each mode is a run; 'pretrained' loads the generators 'run1' trained
+    train(server_message(server_content(targets, ArrayRecord(arrays), 1, **run)), context)
+    evaluate(server_message(server_content(targets, ArrayRecord(arrays), 1, **run), MessageType.EVALUATE), context)
     print(json.dumps({"mode": mode, "rss_mb": round(_rss_mb(), 1), "rss_mb_before": round(rss0, 1),
                       "seconds": round(time.perf_counter() - t0, 2)}))
 
@@ -158,7 +160,7 @@ def rss_comparison(run: dict, workdir: Path, full_ast: bool) -> dict:
         "ast": {"audio-encoder.cache": False},
         "run1": {"generator.mode": "generator-only"},  # writes the checkpoints (and fills the cache)
         "cached": {},
-        "pretrained": {"generator.mode": "use-pretrained-generators"},
+        "pretrained": {"generator.mode": "use-pretrained-generators", "generator.init-from-run": "bench-run1"},
     }
     out = {}
     for mode, extra in modes.items():
@@ -200,6 +202,7 @@ def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     run = flatten(FedA2VConfig().model_dump(by_alias=True))
     run.update(parse_overrides(args.run_config))
+    isolated_cache(parse_overrides(args.run_config), prefix="feda2v-bench-gen")  # the sweep's data and embeddings
     cfg = load_config(run)
     t0 = time.perf_counter()
     result = quality_sweep(cfg, args.kinds.split(","), args.granularities.split(","))

@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
 
 from fed_vs_central import run_federated  # the sibling script (bench/ is this script's sys.path[0])
+from workspace import isolated_cache
 
 from common.config import flatten, load_config
 from common.config_overrides import parse_overrides
@@ -44,10 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     with tempfile.TemporaryDirectory(prefix="feda2v-bench-images-") as tmp:
-        if args.cache:
-            os.environ["FEDA2V_CACHE"] = args.cache
-        else:
-            os.environ["FEDA2V_CACHE"] = str(Path(tmp) / "cache")
+        isolated_cache(parse_overrides(args.run_config), args.cache or Path(tmp) / "cache")
         t0 = time.perf_counter()
         summary_path = run_federated(args.run_config, args.num_nodes, Path(tmp), run_name="images")
         run_seconds = time.perf_counter() - t0

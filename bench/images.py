@@ -25,6 +25,7 @@ from common.factory import resolve_device
 from common.logs import setup_logging
 from common.render.backend import Conditioning
 from common.render.jobs import render_job
+from workspace import isolated_cache  # the sibling module (bench/ is this script's sys.path[0])
 
 
 def run(cfg: FedA2VConfig, n: int, out: Path) -> float:
@@ -50,6 +51,7 @@ def main() -> None:
     flat = flatten(FedA2VConfig().model_dump(by_alias=True))
     flat["render.model"] = "tiny"  # throughput of the pipeline; the trained preset needs a run's targets
     flat.update(parse_overrides(args.run_config))
+    isolated_cache(parse_overrides(args.run_config), prefix="feda2v-bench-img")
     batched_cfg = load_config({**flat, "render.batch-size": args.batch_size})
     single_cfg = load_config({**flat, "render.batch-size": 1})
     with tempfile.TemporaryDirectory(prefix="feda2v-bench-img-") as tmp:

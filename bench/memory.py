@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from fed_vs_central import run_federated  # the sibling script (bench/ is this script's sys.path[0])
+from workspace import isolated_cache
 
 from common.logs import setup_logging
 
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--run-config", default="", help="extra run-config overrides ('k=v k2=v2')")
     args = parser.parse_args()
     setup_logging()
+    isolated_cache(prefix="feda2v-bench-memory")
     with tempfile.TemporaryDirectory(prefix="feda2v-bench-memory-") as tmp:
         t0 = time.perf_counter()
         summary_path = run_federated(f'num-rounds={args.rounds} render.when="off" {args.run_config}'.strip(),

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from aggregation import NUM_NODES, central, evaluate_checkpoint, union, write_config_file  # sibling scripts
 from fed_vs_central import run_federated
+from workspace import isolated_cache
 
 from common.config import FedA2VConfig, flatten, load_config
 from common.config_overrides import parse_overrides
@@ -80,6 +81,7 @@ def main() -> None:
     budget = {"num-rounds": args.rounds, "train.local-epochs": args.local_epochs,
               "generator.epochs": max(1, 300 // args.rounds)}
     extra = parse_overrides(args.run_config)
+    isolated_cache(extra, prefix="feda2v-bench-noniid")
     result: dict[str, object] = {"nodes": NUM_NODES, "classes": NUM_CLASSES, "budget": budget}
     with tempfile.TemporaryDirectory(prefix="feda2v-bench-noniid-") as tmp:
         for split in args.splits.split(","):

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from fed_vs_central import run_federated  # the sibling script (bench/ is this script's sys.path[0])
+from workspace import isolated_cache
 
 from common.logs import setup_logging
 from common.report.run_data import server_step_seconds
@@ -108,7 +109,7 @@ def main() -> None:
     counts = [int(v) for v in args.nodes.split(",") if v.strip()]
     workers = os.cpu_count() or 1  # one CPU per SuperNode: this many ClientApps run at once
     with tempfile.TemporaryDirectory(prefix="feda2v-bench-scale-cache-") as cache_tmp:
-        os.environ["FEDA2V_CACHE"] = args.cache or cache_tmp
+        isolated_cache(folder=args.cache or cache_tmp)
         log.info("warming the embedding cache (untimed run, 3 nodes, 1 round)")
         with tempfile.TemporaryDirectory(prefix="feda2v-bench-scale-warm-") as tmp:
             run_federated(f"{TINY} num-rounds=1 min-nodes=3 {args.run_config}".strip(), 3, Path(tmp), run_name="warm")

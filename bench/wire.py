@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from fed_vs_central import run_federated  # the sibling script (bench/ is this script's sys.path[0])
+from workspace import isolated_cache
 
 from common.logs import setup_logging
 
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--run-config", default="", help="extra run-config overrides ('k=v k2=v2')")
     args = parser.parse_args()
     setup_logging()
+    isolated_cache(prefix="feda2v-bench-wire")  # one cache for every codec's run, the benchmark's own
     codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
     result: dict = {}
     for codec in codecs:

@@ -34,7 +34,7 @@ from flwr.clientapp import ClientApp
 
 from client_app.augment import augment_from_server
 from client_app.generators import shareable_classes, train_node_generators
-from client_app.held import HELD, by_reference, forget_files, held, resolve, state_keys
+from client_app.held import HELD, HeldRecordMissing, by_reference, forget_files, held, missing_reply, resolve, state_keys
 from client_app.node_data import NodeDataMemo, load_node_data, node_cache_dir
 from client_app.node_state import LOCAL_ADAPTERS, DiskState, release_noted, state_dir
 from client_app.pretrained import load_node_bank, pretrained_index, synthetic_train_set
@@ -52,6 +52,7 @@ from common.records import (
     ARRAYS,
     CONFIG,
     GLOBAL_MODEL,
+    RUN_IDENTITY,
     RUN_NAME,
     CLASS_MEANS,
     CLASS_MEANS_META,
@@ -157,9 +158,10 @@ def node_run_dir(cfg: FedA2VConfig, run_name: str) -> Path | None:
 
 
 def _training_set(
-    cfg: FedA2VConfig, node: NodeRuntimeConfig, context: Context, server_round: int
+    cfg: FedA2VConfig, node: NodeRuntimeConfig, context: Context, msg: Message
 ) -> tuple[list[str], torch.Tensor, torch.Tensor, dict[str, float], bool]:
     """(class names, embeddings, labels, data metrics, has generators) for this round's training."""
+    server_round = int(_round_config(msg).get("server-round", 0))
     gen_metrics: dict[str, float] = {}
     if cfg.generator.mode == "use-pretrained-generators":
         synth, _ = synthetic_train_set(cfg, node, context.state, server_round, memo=NODE_DATA)
@@ -169,7 +171,8 @@ def _training_set(
     data = load_node_data(cfg, node, memo=NODE_DATA)
     split = data.splits["train"]
     if cfg.generator.mode != "off":
-        _, gen_metrics = train_node_generators(cfg, node, data, context.state, server_round)
+        _, gen_metrics = train_node_generators(cfg, node, data, context.state, server_round, _run_name(msg),
+                                               _run_identity(msg))
     metrics = {
         "extract_seconds": data.stats.extract_seconds,
         "load_seconds": data.stats.load_seconds,
@@ -195,8 +198,13 @@ def _carried_state(cfg: FedA2VConfig, node: NodeRuntimeConfig, msg: Message, con
         keys += (LOCAL_ADAPTERS,)
     if cfg.generator.mode in ("generator-training", "generator-only"):
         keys += (GENERATORS,)
-    disk = DiskState(state_dir(node_cache_dir(cfg, node), str(_round_config(msg).get(RUN_NAME, "")), node.partition_id))
+    disk = DiskState(state_dir(node_cache_dir(cfg, node), _run_name(msg), node.partition_id), _run_identity(msg))
     directory = disk.directory
+    try:
+        disk.claim()  # another run of this name left its state here: removed before anything is read
+    except OSError as err:  # the identity in each file still keeps another run's state out
+        log.warning("node %d: could not mark %s as this run's state folder (%s)", node.partition_id, directory,
+                    redact_paths(str(err)))
     server_round = int(_round_config(msg).get("server-round", 0))
     restored = disk.restore(context.state, keys, server_round + int(evaluate))
     if restored:
@@ -206,6 +214,31 @@ def _carried_state(cfg: FedA2VConfig, node: NodeRuntimeConfig, msg: Message, con
         log.warning("node %d round %d: %s from earlier rounds is gone (not in the node's state nor in %s): starting "
                     "them over", node.partition_id, server_round, lost, directory)
     return disk, keys, {"state_restored": int(bool(restored)), "state_lost": int(bool(lost) and server_round > 1)}
+
+
+def _run_name(msg: Message) -> str:
+    return str(_round_config(msg).get(RUN_NAME, ""))
+
+
+def _run_identity(msg: Message) -> str:
+    """The run's identity the server sends (``run-identity``; empty from a server that sends none)."""
+    return str(_round_config(msg).get(RUN_IDENTITY, ""))
+
+
+def _asks_again_in_full(handler):
+    """A message that names records by reference this node does not hold gets a ``held-missing`` reply
+    (:func:`client_app.held.missing_reply`), not an error: the server sends it again in full within the
+    same phase, so a node whose state was lost stays in the round."""
+
+    @functools.wraps(handler)
+    def wrapper(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except HeldRecordMissing as err:
+            log.warning("%s", err)
+            return Message(content=missing_reply(msg.content, context.state, str(err)), reply_to=msg)
+
+    return wrapper
 
 
 def _no_host_paths(handler):
@@ -219,7 +252,8 @@ def _no_host_paths(handler):
             return handler(msg, context)
         except Exception as err:
             release_noted(context.state)
-            log.exception("node handler %s failed", handler.__name__)
+            if not isinstance(err, HeldRecordMissing):  # expected after a lost state: answered, not a failure
+                log.exception("node handler %s failed", handler.__name__)
             message = redact_paths(str(err))
             if isinstance(err, OSError):  # str() of an OSError is built from its filename, not its args
                 raise OSError(message) from None
@@ -230,6 +264,7 @@ def _no_host_paths(handler):
 
 
 @app.train()
+@_asks_again_in_full
 @_no_host_paths
 def train(msg: Message, context: Context) -> Message:
     t_call = time.perf_counter()  # the whole handler: ``call_seconds`` (node compute, as bench/scale.py counts it)
@@ -238,7 +273,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg, node, targets, disk, carried, state_metrics = _setup(msg, context)
     server_round = int(_round_config(msg).get("server-round", 0))
     device = resolve_device(cfg)
-    class_names, embeddings, labels, data_metrics, has_bank = _training_set(cfg, node, context, server_round)
+    class_names, embeddings, labels, data_metrics, has_bank = _training_set(cfg, node, context, msg)
     if cfg.generator.mode == "use-pretrained-generators":
         disk.on_disk.add(GENERATORS)  # the pretrained bank is in its checkpoints: the next message reads them again
     _check_classes(targets, class_names, node)
@@ -302,6 +337,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_asks_again_in_full
 @_no_host_paths
 def evaluate(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()  # the whole handler: ``call_seconds``
@@ -338,8 +374,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         )
     server_round = int(_round_config(msg).get("server-round", 0))
     if cfg.render.due(server_round, cfg.num_rounds):  # the aggregated adapters of this round draw the images
-        run_name = str(_round_config(msg).get(RUN_NAME, ""))
-        run_dir = node_run_dir(cfg, run_name)
+        run_dir = node_run_dir(cfg, _run_name(msg))
         if cfg.generator.mode == "use-pretrained-generators" and cfg.render.source == "generator":
             load_node_bank(cfg, node, pretrained_index(cfg, node), context.state)  # from its checkpoints
             disk.on_disk.add(GENERATORS)

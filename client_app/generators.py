@@ -2,11 +2,16 @@
 
 Run 1 of the seeds' two-run workflow (``generator.mode = "generator-training"`` or
 ``"generator-only"``): every round the node continues training its generator bank (kept in the
-node's Context state between messages), writes checkpoints to its own checkpoint directory
-(``{base}_node{id}...``, the latest plus ``_round_{r}`` copies), logs per-class quality against its
-held-out clips, and returns the bank in the train reply so the server holds every node's
-generators. Run 2 (``use-pretrained-generators``) loads the same checkpoints: see
-:mod:`client_app.pretrained`.
+node's Context state between messages), writes checkpoints to this run's folder of its checkpoint
+directory (``<checkpoint-dir>/<run-name>/{base}_node{id}...``, the latest plus ``_round_{r}`` copies),
+logs per-class quality against its held-out clips, and returns the bank in the train reply so the
+server holds every node's generators. Run 2 (``use-pretrained-generators``) loads the checkpoints of
+the run ``generator.init-from-run`` names: see :mod:`client_app.pretrained`.
+
+Why a folder per run: a checkpoint directory is shared by every run on a host (by default
+``<cache-dir>/generators``), and a run that loaded "the latest files" there once loaded another
+benchmark's generators. The checkpoints also carry the run's identity (``run-identity``): files of
+an earlier run of the same name are removed when a new one starts training (:func:`clear_other_runs`).
 """
 
 from __future__ import annotations
@@ -22,11 +27,13 @@ import torch
 from flwr.app import RecordDict
 
 from client_app.node_data import NodeData, node_cache_dir
+from client_app.node_state import run_folder
 from client_app.policy import SitePolicy
 from common import seeds
 from common.cache.embed import ExtractionSettings
 from common.cache.key import cache_key
 from common.config import ConfigError, FedA2VConfig, NodeRuntimeConfig
+from common.checkpoints import CheckpointError, load_tensors
 from common.generator_bank import GeneratorBank, save_bank
 from common.models.generators import GeneratorSpec, GeneratorTrainSettings
 from common.records import GENERATORS, bank_from_records, bank_to_records
@@ -41,12 +48,41 @@ def encoder_key(cfg: FedA2VConfig) -> str:
     return cache_key(ExtractionSettings.from_config(cfg).key_fields())
 
 
-def checkpoint_dir(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> Path:
+def checkpoint_root(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> Path:
+    """This node's checkpoint directory: node-config ``checkpoint-dir`` > ``generator.checkpoint-dir`` >
+    ``<cache-dir>/generators``. It holds one folder per run."""
     if node.checkpoint_dir:
         return Path(node.checkpoint_dir).expanduser()
     if cfg.generator.checkpoint_dir:
         return Path(cfg.generator.checkpoint_dir).expanduser()
     return node_cache_dir(cfg, node) / "generators"
+
+
+def checkpoint_dir(cfg: FedA2VConfig, node: NodeRuntimeConfig, run_name: str) -> Path:
+    """Where the run ``run_name`` keeps this node's generator checkpoints."""
+    return checkpoint_root(cfg, node) / run_folder(run_name)
+
+
+def clear_other_runs(directory: Path, base: str, node_id: int, identity: str) -> list[str]:
+    """Remove this node's checkpoints in ``directory`` that another run of the same name wrote (their
+    ``run-identity`` differs or is missing); returns the names removed. Called when a bank starts from
+    scratch, so run 2 never loads a mix of two runs' units (e.g. per-class files of classes this run
+    no longer trains)."""
+    stale = []
+    owner = f"{base}_node{int(node_id)}"
+    files = [*Path(directory).glob(f"{owner}.safetensors"), *Path(directory).glob(f"{owner}_*.safetensors")]
+    for path in sorted(files):
+        try:
+            _, meta = load_tensors(path)
+        except CheckpointError:
+            meta = {}
+        if meta.get("run-identity") != identity:
+            path.unlink(missing_ok=True)
+            stale.append(path.name)
+    if stale:
+        log.warning("node %d: %s held generator checkpoints of another run of this name: removed %s", node_id,
+                    directory, stale)
+    return stale
 
 
 def shareable_classes(cfg: FedA2VConfig, node: NodeRuntimeConfig, counts: dict[str, int]) -> list[str]:
@@ -82,9 +118,11 @@ def generator_classes(cfg: FedA2VConfig, node: NodeRuntimeConfig, held: list[str
 
 
 def train_node_generators(
-    cfg: FedA2VConfig, node: NodeRuntimeConfig, data: NodeData, state: RecordDict, server_round: int
+    cfg: FedA2VConfig, node: NodeRuntimeConfig, data: NodeData, state: RecordDict, server_round: int,
+    run_name: str = "", run_identity: str = "",
 ) -> tuple[GeneratorBank, dict[str, Any]]:
-    """One round of generator training on the node's training embeddings (continuing across rounds)."""
+    """One round of generator training on the node's training embeddings (continuing across rounds);
+    checkpoints go to the run's folder (:func:`checkpoint_dir`), tagged with ``run_identity``."""
     gcfg = cfg.generator
     train = data.splits["train"]
     tokens, dim = int(train.embeddings.shape[1]), int(train.embeddings.shape[2])
@@ -95,9 +133,11 @@ def train_node_generators(
         keep = torch.isin(train.labels, torch.tensor([data.class_names.index(c) for c in present]))
         train = dataclasses.replace(train, embeddings=train.embeddings[keep], labels=train.labels[keep],
                                     clip_ids=[i for i, k in zip(train.clip_ids, keep.tolist()) if k])
+    directory = checkpoint_dir(cfg, node, run_name)
     if GENERATORS in state:
         bank, _ = bank_from_records(state, source=f"node {node.partition_id} state", expected_shape=(tokens, dim))
     else:
+        clear_other_runs(directory, gcfg.checkpoint_base, node.partition_id, run_identity)
         bank = GeneratorBank.create(
             GeneratorSpec.from_config(gcfg, tokens, dim), granularity, present, gcfg.class_groups or None,
             known_classes=data.class_names, seed=seeds.node_bank_init(cfg.seed, node.partition_id),
@@ -108,8 +148,8 @@ def train_node_generators(
     seconds = time.perf_counter() - t0
     key = encoder_key(cfg)
     paths = save_bank(
-        bank, checkpoint_dir(cfg, node), gcfg.checkpoint_base, node.partition_id, server_round,
-        gcfg.checkpoint_frequency, key,
+        bank, directory, gcfg.checkpoint_base, node.partition_id, server_round, gcfg.checkpoint_frequency, key,
+        extra={"run-name": run_name, "run-identity": run_identity},
     )
     bank_to_records(bank, state, key, node.partition_id, server_round)  # continue from here next round
     heldout = data.splits["test"] if len(data.splits["test"]) else data.splits["val"]

@@ -5,9 +5,10 @@ are the next round's train weights: a node stores each such record (:data:`commo
 when it arrives in full, under the hash the server declared for it, and names what it holds in
 every reply (``held``). A message that carries only a hash (``by-reference``) is completed here from
 what the node holds. The held records are part of the node's carried state (:mod:`client_app.node_state`),
-so a restarted SuperNode still has them; a node that holds nothing under that hash raises
-:class:`~common.wire.HeldRecordMissing`, its reply is an error, and the server sends everything in full
-to it next time.
+so a restarted SuperNode still has them (of this run only: :mod:`client_app.node_state`). A node that
+holds nothing under that hash raises :class:`~common.wire.HeldRecordMissing`; the ClientApp then
+answers with :func:`missing_reply` instead of doing the work, and the server sends the same message
+again in full within the same phase (:mod:`server_app.holdings`), so the round never loses the node.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, RecordDict
 
+from common.records import HELD_MISSING
 from common.wire import BY_REFERENCE, HASHES, HELD, HELD_RECORDS, HeldRecordMissing
 
 PREFIX = "held-"
@@ -48,11 +50,11 @@ def resolve(content: RecordDict, state: RecordDict) -> tuple[RecordDict, list[st
     for name, (array_key, meta_key) in HELD_RECORDS.items():
         if name in refs:
             want = str(refs[name])
-            if _hash_of(state, name) != want:
+            if _hash_of(state, name) != want or f"{PREFIX}{name}" not in state:  # the hash alone is not the record
                 have = _hash_of(state, name) or "nothing"
                 raise HeldRecordMissing(
                     f"the server sent '{name}' by reference ({want[:12]}) but this node holds {have[:12]} "
-                    "(its state was lost); the server sends it in full next time")
+                    "(its state was lost); it asks for the message in full")
             out[array_key] = state[f"{PREFIX}{name}"]
             meta = json.loads(str(state[f"{PREFIX}{name}-meta"]["record"]))  # type: ignore[index]
             out[meta_key] = ConfigRecord(meta)
@@ -76,9 +78,25 @@ def forget_files(directory: Path) -> int:
     return removed
 
 
+def missing_names(content: RecordDict, state: RecordDict) -> list[str]:
+    """The records ``content`` sends by reference that ``state`` names under another hash (all of them when
+    the hashes agree but a record itself was lost)."""
+    record = content[BY_REFERENCE] if BY_REFERENCE in content else ConfigRecord()
+    refs = {str(k): str(v) for k, v in record.items()}  # type: ignore[union-attr]
+    return sorted(name for name, want in refs.items() if _hash_of(state, name) != want) or sorted(refs)
+
+
+def missing_reply(content: RecordDict, state: RecordDict, reason: str) -> RecordDict:
+    """The reply of a node that lacks records sent by reference: which ones (``held-missing``). Why a reply
+    and not an error: the server recognises it without parsing an error text and sends the message again
+    in full within the phase (an error would cost the node the round)."""
+    return RecordDict({HELD_MISSING: ConfigRecord({"records": missing_names(content, state), "reason": reason})})
+
+
 def held(state: RecordDict) -> ConfigRecord:
     """The ``held`` record of a reply: ``{name: hash}`` of what this node holds now."""
     return ConfigRecord({name: _hash_of(state, name) for name in HELD_RECORDS if _hash_of(state, name)})
 
 
-__all__ = ["HELD", "by_reference", "forget_files", "held", "resolve", "state_keys"]
+__all__ = ["HELD", "HeldRecordMissing", "by_reference", "forget_files", "held", "missing_reply", "resolve",
+           "state_keys"]

@@ -10,6 +10,17 @@ state lacks it. A node that should have carried something and cannot find it say
 (``state_lost = 1``) instead of silently starting over; ``state_restored = 1`` when it reloaded
 after a restart.
 
+The files belong to one run: the server sends the run's identity (``run-identity`` in the round
+config: random, made with the run directory and kept when the run is resumed, see
+:mod:`server_app.resume`), and the folder holds it in ``run.json``. Why: the folder is named after the
+run name, and a user who deletes ``outputs`` and starts another run of the same name must not
+restore the first one's adapters, generators or held records (a node once restored an earlier
+run's held weights of a later round, answered "holds d517ed6de717" to a message by reference, and the
+round lost its quorum). Flower's own run id cannot serve: a resumed run is a new Flower run that must
+restore its state. A folder of another identity (or of none) is emptied, with a warning, before
+anything is read (:meth:`DiskState.claim`), and every file also carries the identity in its metadata,
+so a file of another run is never loaded even if two runs race on one folder.
+
 Between messages the bulky records live **on disk only** (:class:`DiskState`): ``Context.state`` keeps
 their small ``-meta`` records and an ``on-disk`` note. Why: in a deployment Flower moves the whole
 Context between the SuperNode and every ClientApp process, in (``pull-task-input``) and out
@@ -22,12 +33,14 @@ node's next message of that run with "ClientApp stopped responding".
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from common.atomic import atomic_write_json
 from common.checkpoints import CheckpointError, load_tensors, save_tensors
 from common.names import safe_name
 
@@ -36,8 +49,17 @@ log = logging.getLogger(__name__)
 LOCAL_ADAPTERS = "local-adapters"  # Context.state key of a node's own adapters (no global model)
 
 
+IDENTITY_FILE = "run.json"  # {"run-identity": str}: the run whose state the folder holds
+
+
+def run_folder(run_name: str) -> str:
+    """The folder name of a run on a node (node state, generator checkpoints): the server's run name made
+    safe for a file name (a message without one: ``unnamed``)."""
+    return safe_name(run_name or "unnamed")
+
+
 def state_dir(cache_dir: Path, run_name: str, partition_id: int) -> Path:
-    return Path(cache_dir) / "node-state" / safe_name(run_name or "unnamed") / f"partition{int(partition_id)}"
+    return Path(cache_dir) / "node-state" / run_folder(run_name) / f"partition{int(partition_id)}"
 
 
 KEEP = 2  # newest rounds kept per key: a resumed run may restart one round before the newest file
@@ -52,19 +74,22 @@ def _files(directory: Path, key: str) -> dict[int, Path]:
     return out
 
 
-def persist(state: RecordDict, directory: Path, keys: tuple[str, ...], server_round: int) -> list[str]:
+def persist(state: RecordDict, directory: Path, keys: tuple[str, ...], server_round: int,
+            identity: str | None = None) -> list[str]:
     """Write the ``keys`` present in ``state`` (ArrayRecords, with their ``-meta`` ConfigRecord if any) as
-    this round's files; files older than the newest :data:`KEEP` rounds are removed. Returns the keys
-    written."""
+    this round's files, tagged with the run's ``identity``; files older than the newest :data:`KEEP` rounds
+    are removed. Returns the keys written."""
     written = []
     for key in keys:
         if key not in state:
             continue
         meta_key = f"{key}-meta"
         record_meta = dict(state[meta_key]) if meta_key in state else {}
+        meta = {"type": "node-state", "key": key, "round": int(server_round), "record-meta": record_meta}
+        if identity is not None:
+            meta["run-identity"] = identity
         save_tensors(Path(directory) / f"{key}_round_{int(server_round)}.safetensors",
-                     state[key].to_torch_state_dict(),  # type: ignore[union-attr]
-                     {"type": "node-state", "key": key, "round": int(server_round), "record-meta": record_meta})
+                     state[key].to_torch_state_dict(), meta)  # type: ignore[union-attr]
         for r, path in _files(directory, key).items():
             if r <= server_round - KEEP:
                 path.unlink(missing_ok=True)
@@ -72,10 +97,11 @@ def persist(state: RecordDict, directory: Path, keys: tuple[str, ...], server_ro
     return written
 
 
-def restore(state: RecordDict, directory: Path, keys: tuple[str, ...], server_round: int) -> list[str]:
+def restore(state: RecordDict, directory: Path, keys: tuple[str, ...], server_round: int,
+            identity: str | None = None) -> list[str]:
     """Load the ``keys`` missing from ``state`` from the newest file of a round before ``server_round`` (never
     from this round or later: a stopped run's unfinished rounds must not leak into its resumed ones).
-    Returns the keys restored."""
+    With an ``identity``, a file tagged with another run's is skipped (logged). Returns the keys restored."""
     restored = []
     for key in keys:
         if key in state:
@@ -89,6 +115,10 @@ def restore(state: RecordDict, directory: Path, keys: tuple[str, ...], server_ro
         except CheckpointError as err:
             log.warning("node state %s is unreadable (%s): not restored", path, err)
             continue
+        if identity is not None and meta.get("run-identity") != identity:
+            log.warning("node state %s belongs to another run (run identity %r, this run's %r): not restored",
+                        path, meta.get("run-identity"), identity)
+            continue
         state[key] = ArrayRecord(tensors)
         if meta.get("record-meta"):
             state[f"{key}-meta"] = ConfigRecord(dict(meta["record-meta"]))
@@ -97,6 +127,36 @@ def restore(state: RecordDict, directory: Path, keys: tuple[str, ...], server_ro
 
 
 ON_DISK = "on-disk"  # Context.state ConfigRecord {key: True}: records this node keeps on its disk only
+
+
+def claim(directory: Path, identity: str) -> list[str]:
+    """Make ``directory`` the state folder of the run ``identity``: a folder that holds another run's state
+    (another identity in :data:`IDENTITY_FILE`, or state files and no identity at all) is emptied of its
+    state files, with a warning, so nothing of that run is ever restored. Returns the files removed."""
+    directory = Path(directory)
+    owner = _identity_of(directory)
+    if owner == identity:
+        return []
+    stale = sorted(p.name for p in directory.glob("*_round_*.safetensors")) if directory.is_dir() else []
+    for name in stale:
+        (directory / name).unlink(missing_ok=True)
+    if stale:
+        log.warning("%s holds the node state of another run of this name (run identity %r, this run's %r): not "
+                    "restored, %d file(s) removed; this node starts the run clean", directory, owner, identity,
+                    len(stale))
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(directory / IDENTITY_FILE, {"run-identity": identity})
+    return stale
+
+
+def _identity_of(directory: Path) -> str | None:
+    """The run identity a state folder says it holds (``None``: no folder, no file, or unreadable)."""
+    path = Path(directory) / IDENTITY_FILE
+    try:
+        value = json.loads(path.read_text()).get("run-identity")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 @dataclass
@@ -111,19 +171,24 @@ class DiskState:
     """
 
     directory: Path
+    identity: str = ""  # the run's identity (the server's ``run-identity``): the folder holds no other run's state
     on_disk: set[str] = field(default_factory=set)
+
+    def claim(self) -> list[str]:
+        """:func:`claim`: call it before anything is read; returns the files of another run removed."""
+        return claim(self.directory, self.identity)
 
     def restore(self, state: RecordDict, keys: tuple[str, ...], server_round: int) -> list[str]:
         """:func:`restore`; returns the keys reloaded after a restart (a key the Context notes as
         :data:`ON_DISK` was released by an earlier message, not lost)."""
         noted = _noted(state)
-        restored = restore(state, self.directory, keys, server_round)
+        restored = restore(state, self.directory, keys, server_round, self.identity)
         self.on_disk.update(restored)
         return [k for k in restored if k not in noted]
 
     def persist(self, state: RecordDict, keys: tuple[str, ...], server_round: int) -> None:
         """:func:`persist`; the keys written may leave the Context."""
-        self.on_disk.update(persist(state, self.directory, keys, server_round))
+        self.on_disk.update(persist(state, self.directory, keys, server_round, self.identity))
 
     def release(self, state: RecordDict) -> list[str]:
         """Remove the ArrayRecords that are on disk from ``state`` and note them; returns the keys removed."""

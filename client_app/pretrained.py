@@ -1,9 +1,11 @@
 """Run 2 of the two-run workflow: train adapters on embeddings sampled from pretrained generators.
 
 ``generator.mode = "use-pretrained-generators"``: the node loads the generator checkpoints that run 1
-wrote to its checkpoint directory (validated against this run's config: granularity, classes,
-embedding shape, encoder cache key) and samples ``synthetic-samples-per-class`` embeddings per class
-(``auto`` = its real training count, read from the dataset's metadata, not its audio).
+wrote to its checkpoint directory, in the folder of the run ``generator.init-from-run`` names
+(``<checkpoint-dir>/<run-name>/``; never "the latest files" of a folder every run shares), validated
+against this run's config (granularity, classes, embedding shape, encoder cache key), and samples
+``synthetic-samples-per-class`` embeddings per class (``auto`` = its real training count, read from
+the dataset's metadata, not its audio).
 
 Why the AST is never built here: that is the point of the mode (the earlier system saved ~2 GB of
 GPU memory and 10-20 s per node). With ``real-mix-ratio = 0`` the node's training set is purely
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from client_app.generators import checkpoint_dir, encoder_key, generator_classes, shareable_classes
+from client_app.generators import checkpoint_dir, checkpoint_root, encoder_key, generator_classes, shareable_classes
 from client_app.node_data import NodeDataMemo, NodeIndex, load_node_data, node_cache_dir, node_index
 from common import seeds
 from common.config import ConfigError, FedA2VConfig, NodeRuntimeConfig
@@ -52,16 +54,29 @@ class SyntheticTrainSet:
         return int(self.labels.numel())
 
 
+def pretrained_dir(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> Path:
+    """The folder of the run ``generator.init-from-run`` in this node's checkpoint directory; a run this node
+    has no folder of is an error naming the runs it has."""
+    directory = checkpoint_dir(cfg, node, cfg.generator.init_from_run)
+    if not directory.is_dir():
+        root = checkpoint_root(cfg, node)
+        runs = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        raise ConfigError(f"generator.init-from-run='{cfg.generator.init_from_run}': node {node.partition_id} has no "
+                          f"generator checkpoints of that run in {root} (runs there: {runs or 'none'})")
+    return directory
+
+
 def audio_free_index(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> NodeIndex:
     """The index of a node that holds no audio (``nodes.<id>.audio = false``): no dataset, no clips; its
     classes and counts are what its generator checkpoints recorded."""
-    counts = checkpoint_class_counts(checkpoint_dir(cfg, node), cfg.generator.checkpoint_base, node.partition_id,
+    directory = pretrained_dir(cfg, node)
+    counts = checkpoint_class_counts(directory, cfg.generator.checkpoint_base, node.partition_id,
                                      cfg.generator.pretrained_round or None)
     class_names = resolve_classes(cfg, None)
     held = [c for c in class_names if counts.get(c)]
     if not held:
         raise ConfigError(f"node {node.partition_id} holds no audio and no generator checkpoint under "
-                          f"{checkpoint_dir(cfg, node)} records any of the classes {class_names}")
+                          f"{directory} records any of the classes {class_names}")
     log.info("node %d holds no audio: classes and counts from its generator checkpoints: %s", node.partition_id,
              {c: counts[c] for c in held})
     return NodeIndex(Path(), node_cache_dir(cfg, node), class_names, NodeSplit([], [], [], held),
@@ -81,7 +96,7 @@ def load_node_bank(cfg: FedA2VConfig, node: NodeRuntimeConfig, index: NodeIndex,
     held = shareable_classes(cfg, node, index.train_counts())
     granularity, classes = generator_classes(cfg, node, held, index.class_names)
     gcfg = cfg.generator
-    directory = checkpoint_dir(cfg, node)
+    directory = pretrained_dir(cfg, node)
     key = encoder_key(cfg)
     bank = load_bank(
         directory, gcfg.checkpoint_base, node.partition_id, granularity, classes, shape, key,

@@ -190,8 +190,8 @@ class GeneratorConfig(_Strict):
         "class in no group goes to 'other'.",
     )
     checkpoint_dir: str = Field(
-        "", description="Where nodes write generator checkpoints. Empty: <cache-dir>/generators. Node-config "
-        "'checkpoint-dir' wins on that node.",
+        "", description="Where nodes write generator checkpoints, one folder per run (<dir>/<run-name>/). Empty: "
+        "<cache-dir>/generators. Node-config 'checkpoint-dir' wins on that node.",
     )
     checkpoint_base: str = Field("generator", description="File-name base: {base}_node{id}[_class_{c}|_group_{g}].")
     checkpoint_frequency: int = Field(5, ge=1, description="Also keep a _round_{r} copy every k rounds.")
@@ -219,8 +219,27 @@ class GeneratorConfig(_Strict):
     pretrained_round: int = Field(
         0, ge=0, description="use-pretrained-generators: load the _round_{r} checkpoints (0 = the latest files)."
     )
+    init_from_run: str = Field(
+        "", description="use-pretrained-generators (required there): the run-name of the run that trained the "
+        "generators; each node loads them from <its checkpoint dir>/<that run-name>/.",
+    )
 
     _split_groups = field_validator("class_groups", mode="before")(_split_groups)
+
+    @model_validator(mode="after")
+    def _pretrained_names_its_run(self) -> "GeneratorConfig":
+        """Why required: every run writes its generators to a folder of its own, so 'the latest files' of a
+        shared folder (once another benchmark's) is never what a run loads."""
+        run = self.init_from_run
+        if run in (".", "..") or "/" in run or "\\" in run:
+            raise ValueError(f"generator.init-from-run must be a run-name (one folder name), got {run!r}")
+        if self.mode == "use-pretrained-generators" and not run:
+            raise ValueError("generator.mode='use-pretrained-generators' loads the generators an earlier run trained: "
+                             "set generator.init-from-run to that run's run-name")
+        if run and self.mode != "use-pretrained-generators":
+            raise ValueError(f"generator.init-from-run={run!r} is read only with generator.mode="
+                             f"'use-pretrained-generators' (mode is {self.mode!r})")
+        return self
 
 
 class KDConfig(_Strict):

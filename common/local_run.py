@@ -12,17 +12,20 @@ from typing import Any, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
-from common.records import ARRAYS, CONFIG, GLOBAL_MODEL, TARGETS, TARGETS_META, ClassTensors
+from common.records import ARRAYS, CONFIG, GLOBAL_MODEL, RUN_NAME, TARGETS, TARGETS_META, ClassTensors
 
 __all__ = ["server_content", "server_message", "node_context"]
 
 
-def server_content(targets: ClassTensors, arrays: ArrayRecord, server_round: int = 1, global_model: bool = True) -> RecordDict:
+def server_content(targets: ClassTensors, arrays: ArrayRecord, server_round: int = 1, global_model: bool = True,
+                   run_name: str = "") -> RecordDict:
     """The records of a train/evaluate message: weights, the round config, class targets.
 
-    ``global_model``: what the server's aggregation method says (False: nodes keep their own adapters).
+    ``global_model``: what the server's aggregation method says (False: nodes keep their own adapters);
+    ``run_name``: the run's name (the node's folders for this run: state, generator checkpoints, images).
     """
-    content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({"server-round": server_round, GLOBAL_MODEL: global_model})})
+    config = {"server-round": server_round, GLOBAL_MODEL: global_model, **({RUN_NAME: run_name} if run_name else {})}
+    content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(config)})
     targets.to_records(content, TARGETS, TARGETS_META)
     return content
 

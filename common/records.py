@@ -4,7 +4,9 @@ Record names used in messages (one place, so both sides agree):
 
 * ``arrays``           ArrayRecord: adapter weights (the only ArrayRecord FedAvg aggregates)
 * ``config``           ConfigRecord: round settings sent by the server: ``server-round``,
-  ``run-name`` (the run directory's name; nodes resolve it under their own output-dir) and
+  ``run-name`` (the run directory's name; nodes resolve it under their own output-dir),
+  ``run-identity`` (random, made when the run directory is made and kept by a resumed run: what a
+  node's carried state is tagged with, so another run of the same name never restores it) and
   ``global-model`` (False: no global adapters, each node continues its own)
 * ``metrics``          MetricRecord: numbers, incl. ``num-examples``
 * ``targets``          ArrayRecord ``clip [C, 768]`` and ``t5 [C, n, 4096]`` + ``targets-meta``
@@ -36,6 +38,7 @@ ARRAYS = "arrays"
 CONFIG = "config"
 GLOBAL_MODEL = "global-model"  # keys of the round config
 RUN_NAME = "run-name"
+RUN_IDENTITY = "run-identity"
 METRICS = "metrics"
 TARGETS = "targets"
 TARGETS_META = "targets-meta"
@@ -45,6 +48,8 @@ GENERATORS = "generators"  # ArrayRecord: a node's generator bank (all units' we
 GENERATORS_META = "generators-meta"  # ConfigRecord {"meta": JSON}: granularity, units, spec, encoder key
 SERVER_GENERATOR = "server-generator"  # server -> nodes (server-generator.send-to-nodes): same format
 SERVER_GENERATOR_META = "server-generator-meta"
+HELD_MISSING = "held-missing"  # ConfigRecord of a reply {"records": names}: this node lacks records the server
+# sent by reference (its state was lost); the server sends that message again in full (server_app.holdings)
 
 
 class RecordError(FedA2VError, ValueError):

@@ -24,12 +24,13 @@ from common.logs import setup_logging
 from common.provenance import git_commit, versions
 from common.models.adapters import AdapterConfig, Adapters
 from common.models.text_encoders import compute_class_targets
-from common.records import CLASS_TARGETS, GLOBAL_MODEL, RUN_NAME, ClassTensors, module_to_arrays
+from common.records import CLASS_TARGETS, GLOBAL_MODEL, RUN_IDENTITY, RUN_NAME, ClassTensors, module_to_arrays
 from common.render.flux import check_render_settings
 from common.render.jobs import prepare_render_model
 from server_app.grid import PromptGrid
 from server_app.pipeline import aggregation_method, build_pipelines
-from server_app.resume import open_run, run_directory
+from server_app.resume import open_run, run_directory, run_identity
+from server_app.holdings import ResendInFull
 from server_app.run_context import ServerRun
 from server_app.strategy import FedA2VStrategy
 from server_app.summary import RunSummary
@@ -115,6 +116,7 @@ def main(grid: Grid, context: Context) -> None:
     if start_round >= cfg.num_rounds:
         raise ConfigError(f"resume: {run_dir.name} already completed round {start_round} of num-rounds={cfg.num_rounds}; "
                           "raise num-rounds to continue it")
+    identity = run_identity(point)  # a resumed run keeps its own (summary.json), a new one draws one
     summary = RunSummary(
         run_dir / "summary.json",
         {
@@ -122,6 +124,7 @@ def main(grid: Grid, context: Context) -> None:
             "run_dir": str(run_dir),
             "config_hash": run.config_hash,
             "classes": class_names,
+            "run_identity": identity,
             "num_rounds": cfg.num_rounds,
             "aggregation": aggregation_method(cfg),
             "server_generator": cfg.server_generator.mode,
@@ -154,12 +157,13 @@ def main(grid: Grid, context: Context) -> None:
     )
     # Nodes get the run's directory *name* (each resolves it under its own output-dir, never a path
     # of this host) and whether a global model exists (the aggregation method says; nodes need no name).
-    round_config = {RUN_NAME: run_dir.name, GLOBAL_MODEL: pipelines.aggregator.global_model}
+    # and the run's identity: the nodes' carried state of another run of the same name is never restored
+    round_config = {RUN_NAME: run_dir.name, RUN_IDENTITY: identity, GLOBAL_MODEL: pipelines.aggregator.global_model}
     initial = (point.arrays if point is not None and point.arrays is not None
                else initial_adapters(cfg, acfg, class_names, adapters))
     try:
         result = strategy.start(
-            grid=PromptGrid(grid, cfg.reply_poll_interval),
+            grid=ResendInFull(PromptGrid(grid, cfg.reply_poll_interval), strategy.holdings.resend),
             initial_arrays=initial,
             num_rounds=cfg.num_rounds - start_round,
             timeout=cfg.round_timeout,

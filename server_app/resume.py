@@ -7,12 +7,18 @@ round (``checkpoints/resume_round_{r}.safetensors``, written every round), the r
 far (later, incomplete rounds dropped) and the server generator (``generators/{base}_server``).
 Every seed derives from (run seed, round), so rounds r+1..N draw what an uninterrupted run draws.
 Reusing a ``run-name`` without ``resume`` is an error, never an overwrite.
+
+A run's **identity** (:func:`run_identity`) is random, made with a new run and kept in
+``summary.json`` (``run.run_identity``), so a resumed run has the same one while a new run of the same
+name (after ``outputs`` was deleted) has another; nodes tag their carried state with it
+(:mod:`client_app.node_state`). Flower's run id is no substitute: every ``flwr run`` gets a new one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +50,17 @@ class ResumePoint:
     arrays: ArrayRecord | None = None  # None: nodes keep their own adapters (no global model)
     server_bank: GeneratorBank | None = None
     notes: list[str] = field(default_factory=list)
+
+
+def run_identity(point: ResumePoint | None) -> str:
+    """The identity of the run: the resumed run's own, else a new random one."""
+    saved = point.summary.get("run", {}).get("run_identity") if point is not None else None
+    if isinstance(saved, str) and saved:
+        return saved
+    if point is not None:
+        log.warning("resume: summary.json has no run identity (written by an older version): nodes will not "
+                    "restore their carried state and start it over")
+    return secrets.token_hex(8)
 
 
 def resume_file(run_dir: Path, server_round: int) -> Path:

@@ -44,11 +44,11 @@ def make_message(content: RecordDict, message_type: str = MessageType.TRAIN) -> 
     return server_message(content, message_type)
 
 
-def server_content(cfg, server_round: int = 1) -> RecordDict:
+def server_content(cfg, server_round: int = 1, run_name: str = "") -> RecordDict:
     targets = class_targets(cfg, CLASSES)
     adapters = build_adapters(cfg, adapter_config(cfg, targets.clip.shape[1], targets.t5.shape[2]))
     global_model = AGGREGATORS[cfg.aggregation].global_model  # what the server's aggregation method says
-    return local_server_content(targets, module_to_arrays(adapters), server_round, global_model)
+    return local_server_content(targets, module_to_arrays(adapters), server_round, global_model, run_name=run_name)
 
 
 def test_node_partitions_are_disjoint_and_test_clips_never_trained(data_root, tmp_path):
@@ -181,8 +181,8 @@ def test_generator_training_mode_checkpoints_on_node_and_ships_bank_to_server(da
     cfg = load_config(rc)
     ctx = Context(run_id=1, node_id=7, state=RecordDict(), run_config=rc,
                   node_config={"partition-id": 0, "num-partitions": 2, "checkpoint-dir": str(ckpt)})
-    reply = train(make_message(server_content(cfg, 1)), ctx)
-    names = sorted(p.name for p in ckpt.glob("*.safetensors"))
+    reply = train(make_message(server_content(cfg, 1, run_name="gen-run")), ctx)
+    names = sorted(p.name for p in (ckpt / "gen-run").glob("*.safetensors"))  # the run's own folder
     for cls in CLASSES:
         assert f"generator_node0_class_{cls}.safetensors" in names
         assert f"generator_node0_class_{cls}_round_1.safetensors" in names
@@ -191,8 +191,8 @@ def test_generator_training_mode_checkpoints_on_node_and_ships_bank_to_server(da
     bank, meta = bank_from_records(reply.content, source="reply")
     assert sorted(bank.classes) == sorted(CLASSES) and meta["granularity"] == "per_class"
     # round 2 continues from the node state and the latest file is replaced
-    train(make_message(server_content(cfg, 2)), ctx)
-    loaded = load_bank(ckpt, "generator", 0, "per_class", CLASSES, expected_shape=tuple(bank.shape),
+    train(make_message(server_content(cfg, 2, run_name="gen-run")), ctx)
+    loaded = load_bank(ckpt / "gen-run", "generator", 0, "per_class", CLASSES, expected_shape=tuple(bank.shape),
                        expected_encoder_key=meta["encoder-key"])
     assert sorted(loaded.classes) == sorted(CLASSES)
     # the server stores every node's generators under its run directory
@@ -214,11 +214,11 @@ def test_generator_only_mode_leaves_adapters_untouched(data_root, tmp_path):
     cfg = load_config(rc)
     ctx = Context(run_id=1, node_id=7, state=RecordDict(), run_config=rc,
                   node_config={"partition-id": 1, "num-partitions": 2, "checkpoint-dir": str(tmp_path / "c")})
-    msg = make_message(server_content(cfg, 1))
+    msg = make_message(server_content(cfg, 1, run_name="run1"))
     sent = msg.content["arrays"].to_torch_state_dict()
     back = train(msg, ctx).content["arrays"].to_torch_state_dict()
     assert all(torch.equal(sent[k], back[k]) for k in sent)
-    assert (tmp_path / "c" / "generator_node1.safetensors").is_file()
+    assert (tmp_path / "c" / "run1" / "generator_node1.safetensors").is_file()
 
 
 def test_node_image_dir_comes_from_the_run_name_not_a_server_path(tmp_path):

@@ -121,8 +121,21 @@ def test_generate_only_and_audio_free_nodes_say_what_they_need(tmp_path):
     (tmp_path / "n.toml").write_text("[nodes.1]\naudio = false\nimages-per-class = 7\n")
     with pytest.raises(ConfigError, match="nodes 1 hold no audio"):
         load_config({"config-file": str(tmp_path / "n.toml")})
-    cfg = load_config({"config-file": str(tmp_path / "n.toml"), "generator.mode": "use-pretrained-generators"})
+    cfg = load_config({"config-file": str(tmp_path / "n.toml"), "generator.mode": "use-pretrained-generators",
+                       "generator.init-from-run": "run1"})
     assert not cfg.node_holds_audio(1) and cfg.node_holds_audio(0) and cfg.node_images_per_class(1) == 7
+
+
+def test_pretrained_generators_name_the_run_that_trained_them():
+    """Every run writes its generators to a folder of its own: run 2 says which run's it loads."""
+    with pytest.raises(ConfigError, match="set generator.init-from-run to that run's run-name"):
+        load_config({"generator.mode": "use-pretrained-generators"})
+    with pytest.raises(ConfigError, match="one folder name"):
+        load_config({"generator.mode": "use-pretrained-generators", "generator.init-from-run": "../run1"})
+    with pytest.raises(ConfigError, match="read only with generator.mode='use-pretrained-generators'"):
+        load_config({"generator.mode": "generator-training", "generator.init-from-run": "run1"})
+    cfg = load_config({"generator.mode": "use-pretrained-generators", "generator.init-from-run": "run1"})
+    assert cfg.generator.init_from_run == "run1"
 
 
 def test_node_runtime_config():

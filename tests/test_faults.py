@@ -355,3 +355,30 @@ def test_the_serverapp_gives_flower_the_round_deadline_and_its_quorum_settings(t
     strategy = seen["strategy"]
     assert (strategy.min_replies, strategy.connect_timeout, strategy.round_offset) == (2, 3, 0)
     assert json.loads((tmp_path / "deadline" / "summary.json").read_text())["run"]["status"] == "completed"
+
+
+def test_a_resumed_run_keeps_its_identity_and_a_new_run_of_the_same_name_gets_another(tmp_path, monkeypatch):
+    """Nodes tag their carried state with the run identity of the round config (client_app.node_state): a
+    resumed run (a new flwr run id) must send the same one, a new run after ``rm -rf outputs`` another."""
+    import shutil
+
+    from flwr.serverapp.strategy import Result
+
+    import server_app.app as server_app_module
+
+    sent = []
+    monkeypatch.setattr(FedA2VStrategy, "start", lambda self, **kw: sent.append(dict(kw["train_config"])) or Result())
+    run_config = {"output-dir": str(tmp_path / "out"), "run-name": "run1", "cache-dir": str(tmp_path / "cache"),
+                  "num-rounds": 2, "render.model": "tiny", "connect-timeout": 1}
+
+    def serve(run_id: int, **extra) -> str:
+        server_app_module.main(FakeGrid([1]), Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
+                                                      run_config={**run_config, **extra}))
+        identity = json.loads((tmp_path / "out" / "run1" / "summary.json").read_text())["run"]["run_identity"]
+        assert sent[-1]["run-identity"] == identity and sent[-1]["run-name"] == "run1"
+        return identity
+
+    first = serve(1)
+    assert serve(2, resume=True) == first
+    shutil.rmtree(tmp_path / "out")
+    assert serve(3) != first

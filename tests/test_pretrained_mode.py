@@ -20,6 +20,7 @@ from common.records import GENERATORS
 from tests.test_client_app import CLASSES, data_root, make_message, run_config, server_content  # noqa: F401
 
 NODES = 2
+PRETRAINED = {"generator.mode": "use-pretrained-generators", "generator.init-from-run": "run1"}  # run 2 of 'run1'
 
 
 def _context(rc: dict, ckpt, pid: int = 0) -> Context:
@@ -29,13 +30,13 @@ def _context(rc: dict, ckpt, pid: int = 0) -> Context:
 
 @pytest.fixture()
 def run1(data_root, tmp_path):  # noqa: F811
-    """Run 1 (generator-only, unified VAE): checkpoints in ckpt/, embeddings in the cache."""
+    """Run 1 (generator-only, unified VAE) named 'run1': checkpoints in ckpt/run1/, embeddings in the cache."""
     ckpt = tmp_path / "ckpt"
     rc = run_config(data_root, tmp_path, **{"generator.mode": "generator-only", "generator.epochs": 20})
     NODE_DATA.clear()  # a fresh ClientApp process
     ctx = _context(rc, ckpt)
-    train(make_message(server_content(load_config(rc), 1)), ctx)
-    evaluate(make_message(server_content(load_config(rc), 1)), ctx)
+    train(make_message(server_content(load_config(rc), 1, run_name="run1")), ctx)
+    evaluate(make_message(server_content(load_config(rc), 1, run_name="run1")), ctx)
     NODE_DATA.clear()  # run 2 is a new process
     return rc, ckpt
 
@@ -58,7 +59,7 @@ def no_ast_no_audio(monkeypatch):
 
 def test_pretrained_mode_trains_and_evaluates_without_ast_or_audio(run1, no_ast_no_audio, caplog):
     rc, ckpt = run1
-    rc = {**rc, "generator.mode": "use-pretrained-generators"}
+    rc = {**rc, **PRETRAINED}
     cfg = load_config(rc)
     ctx = _context(rc, ckpt)
     with caplog.at_level(logging.INFO):
@@ -77,7 +78,7 @@ def test_pretrained_mode_trains_and_evaluates_without_ast_or_audio(run1, no_ast_
 
 def test_sample_counts_fixed_number_and_fresh_samples_per_round(run1, no_ast_no_audio):
     rc, ckpt = run1
-    rc = {**rc, "generator.mode": "use-pretrained-generators", "generator.synthetic-samples-per-class": 7}
+    rc = {**rc, **PRETRAINED, "generator.synthetic-samples-per-class": 7}
     cfg = load_config(rc)
     node = NodeRuntimeConfig(partition_id=0, num_partitions=NODES, checkpoint_dir=str(ckpt))
     state = RecordDict()
@@ -91,7 +92,7 @@ def test_sample_counts_fixed_number_and_fresh_samples_per_round(run1, no_ast_no_
 
 def test_real_mix_ratio_adds_a_share_of_real_clips(run1):
     rc, ckpt = run1
-    rc = {**rc, "generator.mode": "use-pretrained-generators", "generator.real-mix-ratio": 0.5}
+    rc = {**rc, **PRETRAINED, "generator.real-mix-ratio": 0.5}
     cfg = load_config(rc)
     node = NodeRuntimeConfig(partition_id=0, num_partitions=NODES, checkpoint_dir=str(ckpt))
     synth, _ = synthetic_train_set(cfg, node, RecordDict(), server_round=1)
@@ -102,7 +103,7 @@ def test_real_mix_ratio_adds_a_share_of_real_clips(run1):
 
 def test_checkpoints_that_do_not_match_the_config_are_named_errors(run1):
     rc, ckpt = run1
-    base = {**rc, "generator.mode": "use-pretrained-generators"}
+    base = {**rc, **PRETRAINED}
     node = NodeRuntimeConfig(partition_id=0, num_partitions=NODES, checkpoint_dir=str(ckpt))
     with pytest.raises(GeneratorCheckpointError, match=r"generator_node0.safetensors': granularity is 'unified', expected 'per_class'"):
         synthetic_train_set(load_config({**base, "generator.granularity": "per_class"}), node, RecordDict(), 1)
@@ -112,7 +113,7 @@ def test_checkpoints_that_do_not_match_the_config_are_named_errors(run1):
         synthetic_train_set(load_config({**base, "audio-encoder.tokens": 6}), node, RecordDict(), 1)
     with pytest.raises(GeneratorCheckpointError, match=r"encoder-key is '[0-9a-f]+', expected '[0-9a-f]+'"):
         synthetic_train_set(load_config({**base, "audio-encoder.cache-dtype": "bfloat16"}), node, RecordDict(), 1)
-    with pytest.raises(GeneratorCheckpointError, match=r"missing generator"):
+    with pytest.raises(ConfigError, match=r"init-from-run='run1': node 0 has no generator checkpoints .*runs there: none"):
         synthetic_train_set(load_config(base), node.model_copy(update={"checkpoint_dir": str(ckpt / "nowhere")}), RecordDict(), 1)
 
 
@@ -124,23 +125,23 @@ def test_node_overrides_granularity_and_generator_classes(data_root, tmp_path): 
         "nodes.0.generator-granularity": "per_class", "nodes.0.generator-classes": "dog,rain",
     })
     NODE_DATA.clear()  # a fresh ClientApp process
-    train(make_message(server_content(load_config(rc), 1)), _context(rc, ckpt, pid=0))
-    train(make_message(server_content(load_config(rc), 1)), _context(rc, ckpt, pid=1))
-    names = sorted(p.name for p in ckpt.glob("*.safetensors") if "_round_" not in p.name)
+    train(make_message(server_content(load_config(rc), 1, run_name="run1")), _context(rc, ckpt, pid=0))
+    train(make_message(server_content(load_config(rc), 1, run_name="run1")), _context(rc, ckpt, pid=1))
+    names = sorted(p.name for p in (ckpt / "run1").glob("*.safetensors") if "_round_" not in p.name)
     assert names == ["generator_node0_class_dog.safetensors", "generator_node0_class_rain.safetensors",
                      "generator_node1.safetensors"]
     bad = {**rc, "nodes.0.generator-classes": "dog,cat"}
     with pytest.raises(ConfigError, match=r"nodes.0.generator-classes: unknown class\(es\) \['cat'\]"):
         train(make_message(server_content(load_config(bad), 1)), _context(bad, ckpt, pid=0))
     # run 2 of node 0 finds exactly its per-class files
-    rc2 = {**rc, "generator.mode": "use-pretrained-generators"}
+    rc2 = {**rc, **PRETRAINED}
     synth, bank = synthetic_train_set(load_config(rc2), NodeRuntimeConfig(partition_id=0, num_partitions=NODES, checkpoint_dir=str(ckpt)), RecordDict(), 1)
     assert bank.granularity == "per_class" and sorted(bank.classes) == ["dog", "rain"]
 
 
 def test_cache_only_evaluation_without_cached_clips_is_a_logged_skip(run1, no_ast_no_audio, tmp_path, caplog):
     rc, ckpt = run1
-    rc = {**rc, "generator.mode": "use-pretrained-generators", "cache-dir": str(tmp_path / "empty-cache")}
+    rc = {**rc, **PRETRAINED, "cache-dir": str(tmp_path / "empty-cache")}
     cfg = load_config(rc)
     with caplog.at_level(logging.WARNING):
         metrics = evaluate(make_message(server_content(cfg, 1)), _context(rc, ckpt)).content["metrics"]
@@ -150,10 +151,10 @@ def test_cache_only_evaluation_without_cached_clips_is_a_logged_skip(run1, no_as
 
 def test_node_without_audio_takes_classes_and_counts_from_its_checkpoints(run1, no_ast_no_audio, tmp_path, caplog):
     rc, ckpt = run1
-    cfg_with_audio = load_config({**rc, "generator.mode": "use-pretrained-generators"})
+    cfg_with_audio = load_config({**rc, **PRETRAINED})
     real = node_data.node_index(cfg_with_audio, NodeRuntimeConfig(partition_id=0, num_partitions=NODES)).train_counts()
     # the site has no dataset at all: data.root points nowhere, nodes.0.audio = false
-    rc = {**rc, "generator.mode": "use-pretrained-generators", "nodes.0.audio": False,
+    rc = {**rc, **PRETRAINED, "nodes.0.audio": False,
           "data.root": str(tmp_path / "no-such-dataset")}
     cfg = load_config(rc)
     ctx = _context(rc, ckpt)
@@ -165,7 +166,44 @@ def test_node_without_audio_takes_classes_and_counts_from_its_checkpoints(run1, 
     skips = [r.getMessage() for r in caplog.records if "evaluation skipped" in r.getMessage()]
     assert skips == ["node 0 holds no audio (nodes.0.audio = false): val and test evaluation skipped"]
     empty = {**rc, "generator.checkpoint-dir": str(tmp_path / "empty")}
-    with pytest.raises(ConfigError, match="holds no audio and no generator checkpoint"):
+    with pytest.raises(ConfigError, match="node 0 has no generator checkpoints of that run"):
         train(make_message(server_content(load_config(empty), 1)),
               Context(run_id=1, node_id=7, state=RecordDict(), run_config=empty,
                       node_config={"partition-id": 0, "num-partitions": NODES}))
+
+
+def test_run_2_loads_the_generators_of_the_run_it_names_and_no_other(run1, no_ast_no_audio):
+    """Every run keeps its generators in a folder of its own (<checkpoint-dir>/<run-name>/), and run 2 names
+    the run it continues (generator.init-from-run), never "the latest files" of a folder runs share."""
+    import shutil
+
+    rc, ckpt = run1
+    node = NodeRuntimeConfig(partition_id=0, num_partitions=NODES, checkpoint_dir=str(ckpt))
+    assert not list(ckpt.glob("*.safetensors"))  # nothing at the top: run 1's files are in ckpt/run1/
+    shutil.copytree(ckpt / "run1", ckpt / "copy")
+    shutil.rmtree(ckpt / "run1")
+    copied = load_config({**rc, "generator.mode": "use-pretrained-generators", "generator.init-from-run": "copy"})
+    _, bank = synthetic_train_set(copied, node, RecordDict(), 1)
+    assert bank.granularity == "unified"
+    gone = load_config({**rc, **PRETRAINED})
+    with pytest.raises(ConfigError, match=r"init-from-run='run1': node 0 has no generator checkpoints of that run .*"
+                                          r"runs there: \['copy'\]"):
+        synthetic_train_set(gone, node, RecordDict(), 1)
+
+
+def test_a_new_run_of_the_same_name_removes_the_earlier_runs_generator_files(data_root, tmp_path):  # noqa: F811
+    """After ``rm -rf outputs`` a new 'run1' trains other classes: the first run1's files of this node go, so
+    run 2 never loads a mix of two runs' generators."""
+    ckpt = tmp_path / "ckpt"
+    rc = run_config(data_root, tmp_path, **{"generator.mode": "generator-only", "generator.epochs": 1,
+                                             "generator.min-steps": 0, "generator.granularity": "per_class",
+                                             "nodes.0.generator-classes": "dog,rain"})
+
+    def run(identity: str, rc: dict) -> list[str]:
+        content = server_content(load_config(rc), 1, run_name="run1")
+        content["config"]["run-identity"] = identity
+        train(make_message(content), _context(rc, ckpt))
+        return sorted(p.name for p in (ckpt / "run1").glob("*.safetensors") if "_round_" not in p.name)
+
+    assert run("first", rc) == ["generator_node0_class_dog.safetensors", "generator_node0_class_rain.safetensors"]
+    assert run("second", {**rc, "nodes.0.generator-classes": "dog"}) == ["generator_node0_class_dog.safetensors"]

@@ -230,14 +230,16 @@ audio = false
 def test_three_run_workflow_generators_adapters_then_images(e2e: E2EEnv) -> None:
     """Run 1 trains per-class generators on every node; run 2 trains adapters from them alone; run 3
     (generate-only) starts from run 2's adapters, trains nothing and only renders: each node from its
-    pretrained generators (node 2 holds no audio at all), the server its global images."""
+    pretrained generators (node 2 holds no audio at all), the server its global images. Runs 2 and 3
+    name run 1 (generator.init-from-run), whose generators live in the checkpoint dir's run1/ folder."""
     gen = {"generator.granularity": "per_class", "generator.epochs": 20,
            "generator.checkpoint-dir": str(e2e.out / "node-generators")}
     run1 = e2e.flwr_run(run_config(e2e, "run1", **gen, **{"num-rounds": 1, "generator.mode": "generator-only"}),
                         federation_config=FEDERATION, timeout=RUN_TIMEOUT_S)
     e2e.assert_run_completed(run1)
     classes = list(SYNTH_CLASSES[:NUM_CLASSES])
-    node_files = sorted(p.name for p in (e2e.out / "node-generators").glob("*.safetensors"))
+    assert not list((e2e.out / "node-generators").glob("*.safetensors"))  # one folder per run, nothing shared
+    node_files = sorted(p.name for p in (e2e.out / "node-generators" / "run1").glob("*.safetensors"))
     server_files = sorted(p.name for p in (e2e.out / "run1" / "generators").glob("*.safetensors"))
     for pid in range(NUM_NODES):
         mine = [n for n in node_files if n.startswith(f"generator_node{pid}_class_") and "_round_" not in n]
@@ -245,7 +247,7 @@ def test_three_run_workflow_generators_adapters_then_images(e2e: E2EEnv) -> None
         assert set(mine) <= set(server_files), f"server lacks node {pid}'s generators: {server_files}"
 
     run2 = e2e.flwr_run(run_config(e2e, "run2", **gen, **{"num-rounds": 1, "generator.mode": "use-pretrained-generators",
-                                                          "render.when": "off"}),
+                                                          "generator.init-from-run": "run1", "render.when": "off"}),
                         federation_config=FEDERATION, timeout=RUN_TIMEOUT_S)
     e2e.assert_run_completed(run2)
     summary1, summary2 = load_summary(e2e.out / "run1"), load_summary(e2e.out / "run2")
@@ -262,7 +264,8 @@ def test_three_run_workflow_generators_adapters_then_images(e2e: E2EEnv) -> None
     config_file.write_text(GENERATE_TOML)
     run3 = e2e.flwr_run(run_config(e2e, "run3", **gen, **{
         "num-rounds": 1, "generate-only": True, "adapter.init-from": str(trained), "config-file": str(config_file),
-        "generator.mode": "use-pretrained-generators", "render.source": "generator"}),
+        "generator.mode": "use-pretrained-generators", "generator.init-from-run": "run1",
+        "render.source": "generator"}),
         federation_config=FEDERATION, timeout=RUN_TIMEOUT_S)
     e2e.assert_run_completed(run3)
     # nobody trained: the run's adapters are run 2's, bit for bit

@@ -101,7 +101,8 @@ def test_generate_only_round_keeps_the_sent_adapters(tmp_path):
     """generate-only: the 'keep' step passes the round's global adapters through; means still merge."""
     targets = ClassTensors(NAMES, torch.randn(3, 6), torch.randn(3, 2, 5))
     cfg = load_config({"generate-only": True, "adapter.init-from": "x.safetensors", "aggregation": "kd",
-                       "generator.mode": "use-pretrained-generators", "finetune.epochs": 3, "render.when": "final",
+                       "generator.mode": "use-pretrained-generators", "generator.init-from-run": "run1",
+                       "finetune.epochs": 3, "render.when": "final",
                        "render.server": False, "num-rounds": 1})
     run = ServerRun(run_dir=tmp_path, targets=targets, template=Adapters(ACFG), adapter_config=ACFG.to_dict(),
                     config_hash="abc", num_rounds=1, device=torch.device("cpu"))
