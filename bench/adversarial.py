@@ -18,7 +18,7 @@ round pipeline; node 4 trains honestly and then tampers with its reply:
 * ``inflated_eval`` / ``deflated_eval``: reports accuracy 1.0 / 0.0 on ``robust.max-examples`` test clips.
 
 Each attack runs with the default configuration and with the robust one the docs recommend
-(``--robust``: trimmed mean, updates clipped to the round's median norm, median evaluation). Per attack:
+(``ROBUST``: trimmed mean, updates clipped to the round's median norm, trimmed evaluation). Per attack:
 ``honest_acc`` (the true global test accuracy of an honest federation), ``attacked_acc_default`` and
 ``attacked_acc_robust`` (the true accuracy of the attacked federation's global adapters: every node's own
 evaluation before node 4 lies), and the reported global figure of each against the honest one.
@@ -66,7 +66,7 @@ from workspace import isolated_cache  # noqa: E402
 
 log = logging.getLogger("bench.adversarial")
 NODES, HOSTILE = 5, 4
-ROBUST = {"aggregation": "trimmed-mean", "robust.clip-norm": "median", "robust.evaluate": "median"}
+ROBUST = {"aggregation": "trimmed-mean", "robust.clip-norm": "median", "robust.evaluate": "trimmed"}
 WEIGHT_ATTACKS = ("inflated_examples", "scaled_update", "sign_flip")
 SIDE_ATTACKS = ("poisoned_means", "inflated_eval", "deflated_eval")  # replayed beside each honest round
 ATTACKS = WEIGHT_ATTACKS + SIDE_ATTACKS
@@ -152,7 +152,7 @@ class Federation:
         self.strategy = FedA2VStrategy(targets=self.targets, round_pipeline=pipelines.round,
                                        after_round=pipelines.after_round, validator=validator,
                                        min_replies=cfg.min_replies, wire_codec=cfg.wire_codec,
-                                       evaluate_metrics=cfg.robust.evaluate)
+                                       evaluate_metrics=cfg.robust.evaluate, trim_fraction=cfg.robust.trim_fraction)
         self.arrays = module_to_arrays(template)
         self.aggregator, self.class_names = pipelines.aggregator, class_names
         self.contexts = [node_context(self.run_config, {"partition-id": p, "num-partitions": NODES, "num-threads": 1})
@@ -317,6 +317,7 @@ def attacks(names: list[str], rounds: int, work: Path, jobs: int = 1) -> dict:
     out: dict = {"honest_acc": round(honest["default"]["true_acc"], 4),
                  "honest_acc_robust": round(honest["robust"]["true_acc"], 4),
                  "honest_reported": round(honest["default"]["reported_acc"], 4),
+                 "honest_reported_robust": round(honest["robust"]["reported_acc"], 4),
                  "honest_means_spread": round(spread, 4)}
     for attack in names:
         row: dict = {"honest_acc": out["honest_acc"], "honest_reported": out["honest_reported"]}
@@ -331,8 +332,11 @@ def attacks(names: list[str], rounds: int, work: Path, jobs: int = 1) -> dict:
                 row[f"reported_acc_{label}"] = round(result.get(f"reported_{attack}", result["reported_acc"]), 4)
             means = result["poisoned_means"] if attack == "poisoned_means" else result["means"]
             row[f"means_distance_{label}"] = round(means_distance(means, honest["default"]["means"]), 4)
+        row["honest_reported_robust"] = out["honest_reported_robust"]
         row["robust_within_0.05"] = abs(row["attacked_acc_robust"] - out["honest_acc"]) <= 0.05
-        row["robust_reported_within_0.05"] = abs(row["reported_acc_robust"] - out["honest_reported"]) <= 0.05
+        # the reported figure against the same configuration's honest one, and against the truth of this run
+        row["robust_reported_within_0.05"] = abs(row["reported_acc_robust"] - out["honest_reported_robust"]) <= 0.05
+        row["robust_reported_vs_true"] = round(row["reported_acc_robust"] - row["attacked_acc_robust"], 4)
         row["robust_means_within_spread"] = row["means_distance_robust"] <= spread
         out[attack] = row
         log.info("%s: %s", attack, row)

@@ -475,6 +475,62 @@ class PrivacyConfig(_Strict):
     )
 
 
+class RobustConfig(_Strict):
+    """How much one site's reply may weigh, claim and allocate on the server, and how replies are combined
+    when a site may be buggy or hostile (the recommended setting: docs/robustness.md)."""
+
+    max_reply_mb: float = Field(
+        1024.0, gt=0, description="A reply larger than this (MiB, every record counted as Flower counts it) is "
+        "rejected before anything in it is decoded.",
+    )
+    max_abs_value: float = Field(
+        1e4, gt=0, description="Every weight, class-mean value and generator weight a node sends must be finite and "
+        "at most this in magnitude (a finite 1e38 overflows later, e.g. in distillation).",
+    )
+    max_examples: int = Field(
+        1_000_000, ge=1, description="Most clips one node may claim: num-examples and every count a node reports "
+        "(num_val, images_scored, class-mean counts, ...). A reply claiming more is rejected. The server cannot "
+        "verify a site's data, so this is the operator's per-node ceiling; robust aggregation does not weigh by it.",
+    )
+    clip_norm: float | Literal["off", "median"] = Field(
+        "off", description="Clip each node's update (its weights minus the weights sent) to this L2 norm before "
+        "aggregation: a number, 'median' (the median norm of the round's updates) or 'off'.",
+    )
+    trim_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="aggregation='trimmed-mean': fraction of nodes cut from each end, per "
+        "coordinate (adapters) and per class (class means).",
+    )
+    pin_partitions: bool = Field(
+        False, description="A partition belongs to the Flower node that first claimed it (or that `feda2v owners` "
+        "assigned), recorded in <run>/partition_owners.json and kept across resume: another node claiming it is "
+        "rejected, even while the owner is offline. Use with SuperNode authentication (node ids are then bound to "
+        "registered keys and survive restarts). Off: a restarted node may take over a disconnected node's partition.",
+    )
+    partition_owners: dict[str, int] = Field(
+        default_factory=dict, description="The operator's mapping of partition ids to Flower node ids (with "
+        "SuperNode authentication: the ids `flwr supernode register` gave each site's key), as "
+        "a [robust.partition-owners] table in a config file: '0' = 1234; it overrides <run>/partition_owners.json "
+        "and implies pinned partitions.",
+    )
+    evaluate: Literal["weighted", "trimmed", "median"] = Field(
+        "weighted", description="The global evaluation metric: the mean weighted by each node's test clips; "
+        "'trimmed': the same after cutting robust.trim-fraction of the nodes from each end of each metric (one node "
+        "cannot move it beyond the honest nodes' range); or the median over nodes. summary.json always has the "
+        "median too.",
+    )
+
+
+    @field_validator("partition_owners")
+    @classmethod
+    def _owner_keys_are_partitions(cls, value: dict[str, int]) -> dict[str, int]:
+        for key, node in value.items():
+            if not key.isdigit():
+                raise ValueError(f"partition id '{key}' must be a whole number (0, 1, ...)")
+            if node < 0:
+                raise ValueError(f"partition {key}: Flower node id {node} must be >= 0")
+        return value
+
+
 class FedA2VConfig(_Strict):
     """The complete run configuration of a feda2v federation."""
 
@@ -488,11 +544,13 @@ class FedA2VConfig(_Strict):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when available.")
     num_rounds: int = Field(5, ge=1, description="Federated rounds.")
-    aggregation: Literal["fedavg", "none", "kd"] = Field(
+    aggregation: Literal["fedavg", "median", "trimmed-mean", "none", "kd"] = Field(
         "fedavg",
-        description="'fedavg': sample-weighted average of adapter weights; 'kd': distil this round's node adapters "
-        "(owner-only teachers) into the global one on synthetic embeddings ([kd]); 'none': standalone nodes, "
-        "each keeps its own adapters (global metrics are averages over nodes).",
+        description="'fedavg': sample-weighted average of adapter weights; 'median' / 'trimmed-mean': coordinate-wise "
+        "median / trimmed mean over nodes of the adapters and, per class, of the class means (robust to a hostile "
+        "node, [robust]); 'kd': distil this round's node adapters (owner-only teachers) into the global one on "
+        "synthetic embeddings ([kd]); 'none': standalone nodes, each keeps its own adapters (global metrics are "
+        "averages over nodes).",
     )
     fraction_train: float = Field(1.0, gt=0, le=1, description="Fraction of nodes sampled for training each round.")
     fraction_evaluate: float = Field(1.0, ge=0, le=1, description="Fraction of nodes sampled for evaluation.")
@@ -547,6 +605,7 @@ class FedA2VConfig(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     render: RenderConfig = Field(default_factory=RenderConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    robust: RobustConfig = Field(default_factory=RobustConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @field_validator("run_name")

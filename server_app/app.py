@@ -23,18 +23,21 @@ from common.factory import adapter_config, build_adapters, embedding_shape, reso
 from common.logs import setup_logging
 from common.provenance import git_commit, versions
 from common.models.adapters import AdapterConfig, Adapters
+from common.models.generators import GeneratorSpec
+from common.owners import OWNERS_FILE
 from common.models.text_encoders import compute_class_targets
 from common.records import CLASS_TARGETS, GLOBAL_MODEL, RUN_IDENTITY, RUN_NAME, ClassTensors, module_to_arrays
 from common.render.flux import check_render_settings
 from common.render.jobs import prepare_render_model
 from server_app.grid import PromptGrid
+from server_app.holdings import ResendInFull
 from server_app.pipeline import aggregation_method, build_pipelines
 from server_app.resume import open_run, run_directory, run_identity
-from server_app.holdings import ResendInFull
 from server_app.run_context import ServerRun
 from server_app.strategy import FedA2VStrategy
 from server_app.summary import RunSummary
-from server_app.validation import ReplyValidator
+from server_app.identity import PartitionOwners
+from server_app.validation import ReplyLimits, ReplyValidator
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -113,18 +116,18 @@ def main(grid: Grid, context: Context) -> None:
     run = ServerRun(run_dir=run_dir, targets=targets, template=adapters, adapter_config=acfg.to_dict(),
                     config_hash=config_hash(cfg), num_rounds=cfg.num_rounds, device=resolve_device(cfg))
     start_round = point.last_round if point is not None else 0
+    identity = run_identity(point)  # a resumed run keeps its own (summary.json), a new one draws one
     if start_round >= cfg.num_rounds:
         raise ConfigError(f"resume: {run_dir.name} already completed round {start_round} of num-rounds={cfg.num_rounds}; "
                           "raise num-rounds to continue it")
-    identity = run_identity(point)  # a resumed run keeps its own (summary.json), a new one draws one
     summary = RunSummary(
         run_dir / "summary.json",
         {
             "run_id": context.run_id,
+            "run_identity": identity,
             "run_dir": str(run_dir),
             "config_hash": run.config_hash,
             "classes": class_names,
-            "run_identity": identity,
             "num_rounds": cfg.num_rounds,
             "aggregation": aggregation_method(cfg),
             "server_generator": cfg.server_generator.mode,
@@ -144,11 +147,16 @@ def main(grid: Grid, context: Context) -> None:
         round_pipeline=pipelines.round,
         after_round=pipelines.after_round,
         send_generator=pipelines.server_generator if cfg.server_generator.send_to_nodes else None,
-        validator=ReplyValidator(run.template.state_dict(), class_names, acfg.clip_dim, (acfg.t5_tokens, acfg.t5_dim)),
+        validator=ReplyValidator(run.template.state_dict(), class_names, acfg.clip_dim, (acfg.t5_tokens, acfg.t5_dim),
+                                 ReplyLimits.from_config(cfg.robust),
+                                 GeneratorSpec.from_config(cfg.generator, *embedding_shape(cfg)).to_dict(),
+                                 PartitionOwners(run_dir / OWNERS_FILE, pinned=cfg.robust.pin_partitions,
+                                                 assigned={int(p): n for p, n in cfg.robust.partition_owners.items()})),
         min_replies=cfg.min_replies,
         connect_timeout=cfg.connect_timeout,
         round_offset=start_round,
         wire_codec=cfg.wire_codec,
+        evaluate_metrics=cfg.robust.evaluate, trim_fraction=cfg.robust.trim_fraction,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_nodes,

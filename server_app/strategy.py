@@ -23,6 +23,7 @@ What it changes in FedAvg, and why:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -63,10 +64,13 @@ class FedA2VStrategy(FedAvg):
         round_offset: int = 0,
         wire_codec: str = "float32",
         evaluate_metrics: str = "weighted",
+        trim_fraction: float = 0.2,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
-        self.evaluate_aggregate = EVALUATE_AGGREGATES[evaluate_metrics]  # robust.evaluate
+        aggregate = EVALUATE_AGGREGATES[evaluate_metrics]  # robust.evaluate
+        self.evaluate_aggregate = (functools.partial(aggregate, trim_fraction=trim_fraction)
+                                   if evaluate_metrics == "trimmed" else aggregate)
         self.targets = targets
         self.round_pipeline = round_pipeline
         self.after_round_pipeline = after_round

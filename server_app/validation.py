@@ -231,6 +231,14 @@ class ReplyValidator:
     def parse_bank(self, content: RecordDict, source: str):
         """The reply's generator bank and its metadata (``(None, {})`` when it sent none): the metadata
         is checked against the server's own generator spec before any model is built from it."""
+        try:
+            return self._parse_bank(content, source)
+        except Rejected as err:
+            reason = str(err)
+            raise Rejected(reason if reason.startswith("generator bank unusable") else
+                           f"generator bank unusable: {reason}") from None
+
+    def _parse_bank(self, content: RecordDict, source: str):
         if GENERATORS not in content and GENERATORS_META not in content:
             return None, {}
         if GENERATORS not in content or GENERATORS_META not in content:

@@ -46,7 +46,7 @@ def server(tmp_path, **overrides) -> FedA2VStrategy:
     validator = ReplyValidator(template.state_dict(), NAMES, ACFG.clip_dim, (ACFG.t5_tokens, ACFG.t5_dim),
                                ReplyLimits.from_config(cfg.robust), spec)
     return FedA2VStrategy(targets=targets, round_pipeline=pipelines.round, after_round=pipelines.after_round,
-                          validator=validator, evaluate_metrics=cfg.robust.evaluate, min_replies=1)
+                          validator=validator, evaluate_metrics=cfg.robust.evaluate, trim_fraction=cfg.robust.trim_fraction, min_replies=1)
 
 
 def honest_means(n: int = 12, names: list[str] | None = None) -> ClassTensors:

@@ -263,3 +263,15 @@ def test_the_operators_mapping_wins_and_pins(tmp_path):
     owners = PartitionOwners(tmp_path / OWNERS_FILE, assigned={int(p): n for p, n in cfg.robust.partition_owners.items()})
     assert owners.pinned and "pinned to Flower node 1234" in owners.check(99, 0, connected={99})
     assert load_owners(tmp_path / OWNERS_FILE) == {0: 1234}
+
+
+def test_the_trimmed_evaluation_cuts_one_lying_node_of_five(tmp_path):
+    strategy = server(tmp_path, **{"robust.evaluate": "trimmed"})
+    strategy.aggregate_train(1, five_replies()[2])
+    strategy.asked["evaluate"] = 5
+    for hostile in (0.0, 1.0):
+        replies = [as_reply(RecordDict({"metrics": MetricRecord({"num-examples": 10**6 if p == 4 else 16, "partition_id": p,
+                                                                 "test_retrieval_acc": hostile if p == 4 else 0.8 + 0.01 * p})}),
+                            100 + p, MessageType.EVALUATE) for p in range(5)]
+        got = strategy.aggregate_evaluate(1, replies)["test_retrieval_acc"]
+        assert 0.8 <= got <= 0.83
