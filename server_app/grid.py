@@ -69,7 +69,11 @@ class PromptGrid:
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         late: list[str] = []  # replies registered, objects not uploaded by the deadline
+        final = False
         while pending:
+            # a pull that started before the deadline may have waited on one node's missing objects until the
+            # deadline: replies registered meanwhile get one last pull (their objects tried once, not waited for)
+            final = deadline is not None and time.monotonic() >= deadline
             got = self._pull(pending, deadline)
             arrived = time.time()
             for reply in got:
@@ -85,8 +89,10 @@ class PromptGrid:
             if not pending:
                 break
             left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
+            if left is not None and left <= 0 and final:
                 break
+            if left is not None and left <= 0:
+                continue  # the last pull, for replies that arrived while the previous one waited
             time.sleep(self.interval if left is None else min(self.interval, left))
         if deadline is not None and (pending or late):
             log.warning("phase ended %.2f s after its deadline without replies from nodes %s",

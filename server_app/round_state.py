@@ -148,8 +148,9 @@ def collect_train_replies(server_round: int, replies: Iterable[Message], validat
             reason = str(err) if isinstance(err, Rejected) else f"unparseable reply ({type(err).__name__}: {err})"
             if not isinstance(err, Rejected):
                 log.error("round %d: parsing the reply of node %d raised", server_round, node_id, exc_info=True)
-            out.rejected.append(f"node {node_id}: {reason}")
-            log.warning("round %d: reply of node %d rejected: %s", server_round, node_id, reason)
+            who = f"node {node_id} (partition {claimed_partition(msg)})"
+            out.rejected.append(f"{who}: {reason}")
+            log.warning("round %d: reply of %s rejected: %s", server_round, who, reason)
             continue
         if validator is not None:
             validator.remember(node_id, reply.partition_id)
@@ -157,6 +158,15 @@ def collect_train_replies(server_round: int, replies: Iterable[Message], validat
     log.info("round %d: %d valid train replies, %d failures, %d rejected", server_round, len(out.nodes),
              len(out.failures), len(out.rejected))
     return out
+
+
+def claimed_partition(msg: Message) -> str:
+    """The partition id a reply claims, for messages about it ('?' when it claims none that reads)."""
+    try:
+        value = msg.content[METRICS]["partition_id"]  # type: ignore[index]
+        return str(int(value)) if isinstance(value, (int, float)) and abs(value) < 2**63 else "?"
+    except Exception:  # noqa: BLE001 - only a label for the log
+        return "?"
 
 
 def parse_train_reply(msg: Message, validator=None, seen: set[int] | None = None, connected: set[int] | None = None,

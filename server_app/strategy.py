@@ -39,7 +39,7 @@ from server_app.metrics import EVALUATE_AGGREGATES, median_metrics
 from server_app.pipeline import Pipeline
 from server_app.quorum import check_quorum, wait_for_nodes
 from server_app.server_generator import ServerGeneratorStep
-from server_app.round_state import RoundState, collect_train_replies, describe_error, fail_if_all_failed, partition_id
+from server_app.round_state import RoundState, claimed_partition, collect_train_replies, describe_error, fail_if_all_failed, partition_id
 from server_app.validation import Rejected, ReplyValidator
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,8 @@ class FedA2VStrategy(FedAvg):
                 if not isinstance(err, Rejected):
                     log.error("round %d: parsing the evaluate reply of node %d raised", server_round, node_id,
                               exc_info=True)
-                rejected.append(f"node {node_id}: {err if isinstance(err, Rejected) else repr(err)}")
+                rejected.append(f"node {node_id} (partition {claimed_partition(msg)}): "
+                                f"{err if isinstance(err, Rejected) else repr(err)}")
                 log.warning("round %d: evaluate reply rejected: %s", server_round, rejected[-1])
                 continue
             nodes[str(pid)] = metrics

@@ -150,7 +150,7 @@ def test_secure_loopback_deployment(tmp_path: Path) -> None:
         summary = _assert_trained(fed, out / "secure", data_root)
         for entry in summary["rounds"]:
             said = entry["train"].get("rejected", []) + entry["evaluate"].get("failures", [])
-            assert any(f"node {squatter_id}:" in r and f"pinned to Flower node {fed.node_ids[0]}" in r for r in said), said
+            assert any(f"node {squatter_id} (partition 0)" in r and f"pinned to Flower node {fed.node_ids[0]}" in r for r in said), said
         activated = fed.superlink_log().count("Activated node_id")
         assert activated == NUM_NODES + 1, f"{activated} nodes activated; only the {NUM_NODES + 1} registered ones may be"
     assert not fed.close()

@@ -101,8 +101,10 @@ class FakeRuntime:
     instead of hanging it.
     """
 
-    def __init__(self, withheld: set[int], give_up: int = 20) -> None:
+    def __init__(self, withheld: set[int], give_up: int = 20, registers_at: dict[int, float] | None = None) -> None:
         self.withheld, self.give_up = withheld, give_up
+        self.registers_at = registers_at or {}  # node -> monotonic time its reply becomes pullable
+        self.node_of: dict[str, int] = {}
         self.replies: dict[str, Message] = {}
         self.objects: dict[str, bytes] = {}
         self.unavailable: set[str] = set()
@@ -127,6 +129,7 @@ class FakeRuntime:
             if node in self.withheld:
                 self.unavailable.update(oid for oid in objects if oid != reply.object_id)
             self.replies[sent_msg.metadata.message_id] = reply
+            self.node_of[sent_msg.metadata.message_id] = node
             ids.append(sent_msg.metadata.message_id)
         return PushAppMessagesResponse(message_ids=ids, objects_to_push=[], session_id="s")
 
@@ -136,7 +139,8 @@ class FakeRuntime:
         from flwr.proto.runtime_pb2 import PullAppMessagesResponse
         from flwr.supercore.inflatable.inflatable_object import get_object_tree
 
-        found = [self.replies[i] for i in request.message_ids if i in self.replies]
+        found = [self.replies[i] for i in request.message_ids if i in self.replies
+                 and time.monotonic() >= self.registers_at.get(self.node_of[i], 0.0)]
         return PullAppMessagesResponse(
             messages_list=[message_to_proto(remove_content_from_message(r)) for r in found],
             message_object_trees=[get_object_tree(r) for r in found])
@@ -187,6 +191,27 @@ def test_a_reply_whose_objects_never_arrive_is_left_out_at_the_deadline(caplog, 
     # the withheld objects were tried at most once each after the deadline (Flower would go on for 2 hours)
     assert runtime.pulls_past_deadline <= len(runtime.unavailable)
     assert any("node 2" in r.getMessage() and "left out" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_reply_registered_while_a_pull_waits_on_missing_objects_is_still_collected(monkeypatch):
+    """Node 2 registers first and never uploads; node 1 registers while the pull waits on node 2's objects
+    (until the deadline): the phase still ends with node 1's reply (one last pull after the deadline)."""
+    from flwr.superlink.grid.http_grid import HttpGrid
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    timeout = 0.6
+    runtime = FakeRuntime(withheld={2}, registers_at={1: time.monotonic() + 0.2})
+    http = HttpGrid(token="t")
+    http._client = runtime  # noqa: SLF001 - the Runtime API, in memory
+    http.set_run(Run.create_empty(7))
+    grid = PromptGrid(http, interval=0.05)
+    messages = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN) for node in (1, 2)]
+    runtime.deadline = time.monotonic() + timeout
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    assert [r.metadata.src_node_id for r in replies] == [1] and not replies[0].has_error()
 
 
 def test_object_pulls_never_reach_past_the_phase_deadline(monkeypatch):
