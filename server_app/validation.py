@@ -37,6 +37,7 @@ from flwr.app import Message, RecordDict
 from common.generator_bank import GeneratorCheckpointError, bank_from_tensors
 from common.records import CLASS_MEANS, CLASS_MEANS_META, GENERATORS, GENERATORS_META, METRICS, RecordError, ClassTensors
 from common.wire import WireError, content_bytes, record_tensors
+from server_app.identity import PartitionOwners
 
 MAX_METRIC = 1e15  # any metric that is neither an accuracy nor a count (seconds, losses, byte counts)
 MAX_META_CHARS = 1 << 20  # JSON metadata of a generator bank
@@ -77,8 +78,6 @@ class ReplyValidator:
         """``generator_spec``: the server's own generator spec (``GeneratorSpec.to_dict()`` from the
         config and the embedding shape); node banks must match it (``num_classes`` per unit aside).
         ``owners``: who may reply for which partition (:class:`server_app.identity.PartitionOwners`)."""
-        from server_app.identity import PartitionOwners
-
         self.expected = {k: (tuple(v.shape), v.dtype) for k, v in template_state.items()}
         self.shapes = {k: shape for k, (shape, _) in self.expected.items()}
         self.class_list = list(class_names)
