@@ -15,14 +15,18 @@ round pipeline; node 4 trains honestly and then tampers with its reply:
 * ``sign_flip``: its update x-1;
 * ``poisoned_means``: its class means shifted by +100 in every coordinate (scored by the distance of the
   global class means from the honest run's, against the honest nodes' own spread around them);
-* ``inflated_eval`` / ``deflated_eval``: reports accuracy 1.0 / 0.0 on ``robust.max-examples`` test clips.
+* ``inflated_eval`` / ``deflated_eval``: reports accuracy 1.0 / 0.0 on ``robust.max-examples`` test clips;
+* ``partition_squatting``: replies first, in train and evaluate, claiming partition 0 (Flower node 100's)
+  for its own training. Node ids stand for registered keys here: with SuperNode authentication a Flower
+  node id is the key the operator registered (the real authenticated drill is
+  ``tests/test_deployment.py::test_secure_loopback_deployment``); the robust configuration assigns the
+  partitions to their nodes (``[robust.partition-owners]``, what ``feda2v owners`` records).
 
 Each attack runs with the default configuration and with the robust one the docs recommend
 (``ROBUST``: trimmed mean, updates clipped to the round's median norm, trimmed evaluation). Per attack:
 ``honest_acc`` (the true global test accuracy of an honest federation), ``attacked_acc_default`` and
 ``attacked_acc_robust`` (the true accuracy of the attacked federation's global adapters: every node's own
 evaluation before node 4 lies), and the reported global figure of each against the honest one.
-Partition squatting needs an authenticated deployment and is not part of this in-process bench.
 
 Usage:  python bench/adversarial.py [--rounds 5] [--fuzz-cases 20000] [--attacks all] [--work DIR] [--jobs 8]
 Last line of output: one JSON object {"fuzz": {...}, "attacks": {...}, "robust_seconds_per_round", ...}.
@@ -43,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the hostile replies live with the tests
 
-from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import Message, MessageType, MetricRecord, RecordDict  # noqa: E402
 
 from client_app.app import evaluate as node_evaluate  # noqa: E402
 from client_app.app import train as node_train  # noqa: E402
@@ -52,8 +56,6 @@ from common.factory import adapter_config, build_adapters, resolve_classes  # no
 from common.local_run import node_context, server_content, server_message  # noqa: E402
 from common.logs import setup_logging  # noqa: E402
 from common.metrics.resources import rss_mb  # noqa: E402
-from common.models.generators import GeneratorSpec  # noqa: E402
-from common.factory import embedding_shape  # noqa: E402
 from common.records import ARRAYS, CLASS_MEANS, CLASS_MEANS_META, METRICS, RUN_NAME, ClassTensors, module_to_arrays  # noqa: E402
 from common.wire import WIRE, decode, encode, received, wire_config  # noqa: E402
 from server_app.app import class_targets  # noqa: E402
@@ -61,13 +63,15 @@ from server_app.pipeline import build_pipelines  # noqa: E402
 from server_app.run_context import ServerRun  # noqa: E402
 from server_app.strategy import FedA2VStrategy  # noqa: E402
 from server_app.summary import RunSummary  # noqa: E402
-from server_app.validation import Rejected, ReplyLimits, ReplyValidator  # noqa: E402
+from server_app.validation import Rejected, ReplyValidator  # noqa: E402
 from workspace import isolated_cache  # noqa: E402
 
 log = logging.getLogger("bench.adversarial")
 NODES, HOSTILE = 5, 4
-ROBUST = {"aggregation": "trimmed-mean", "robust.clip-norm": "median", "robust.evaluate": "trimmed"}
-WEIGHT_ATTACKS = ("inflated_examples", "scaled_update", "sign_flip")
+ROBUST = {"aggregation": "trimmed-mean", "robust.clip-norm": "median", "robust.evaluate": "trimmed",
+          **{f"robust.partition-owners.{p}": 100 + p for p in range(NODES)}}
+SQUATTED = 0  # the partition node 4 claims in partition_squatting
+WEIGHT_ATTACKS = ("inflated_examples", "scaled_update", "sign_flip", "partition_squatting")
 SIDE_ATTACKS = ("poisoned_means", "inflated_eval", "deflated_eval")  # replayed beside each honest round
 ATTACKS = WEIGHT_ATTACKS + SIDE_ATTACKS
 
@@ -146,9 +150,7 @@ class Federation:
         run = ServerRun(run_dir=run_dir, targets=self.targets, template=template, adapter_config=acfg.to_dict(),
                         config_hash="bench", num_rounds=cfg.num_rounds, device=torch.device("cpu"))
         pipelines = build_pipelines(cfg, run, RunSummary(run_dir / "summary.json", {"classes": class_names}))
-        validator = ReplyValidator(template.state_dict(), class_names, acfg.clip_dim, (acfg.t5_tokens, acfg.t5_dim),
-                                   ReplyLimits.from_config(cfg.robust),
-                                   GeneratorSpec.from_config(cfg.generator, *embedding_shape(cfg)).to_dict())
+        validator = ReplyValidator.for_run(cfg, template.state_dict(), class_names, acfg, run_dir)
         self.strategy = FedA2VStrategy(targets=self.targets, round_pipeline=pipelines.round,
                                        after_round=pipelines.after_round, validator=validator,
                                        min_replies=cfg.min_replies, wire_codec=cfg.wire_codec,
@@ -180,6 +182,8 @@ class Federation:
             if node == HOSTILE and attack:
                 tamper_train(reply, attack, self.strategy.sent_base, self.cfg)
             replies.append(reply)
+        if attack == "partition_squatting":
+            replies.insert(0, replies.pop(HOSTILE))  # the squatter replies first
         t0 = time.perf_counter()
         arrays, _ = self.strategy.aggregate_train(server_round, replies)
         self.server_seconds.append(time.perf_counter() - t0)
@@ -200,8 +204,12 @@ class Federation:
             msg = self.message(server_round, node, MessageType.EVALUATE)
             reply = node_evaluate(msg, self.contexts[node])
             true.append(dict(reply.content[METRICS]))
+            if node == HOSTILE and attack == "partition_squatting":
+                reply.content[METRICS]["partition_id"] = SQUATTED
             evaluations.append(reply)
             messages.append(msg)
+        if attack == "partition_squatting":
+            evaluations.insert(0, evaluations.pop(HOSTILE))
         if attack is None:
             for side in ("inflated_eval", "deflated_eval"):
                 lying = Message(content=RecordDict({METRICS: MetricRecord(true[HOSTILE])}), reply_to=messages[HOSTILE])
@@ -243,6 +251,8 @@ def tamper_train(reply: Message, attack: str, base: dict, cfg) -> None:
         means = ClassTensors.from_records(content, CLASS_MEANS, CLASS_MEANS_META)
         means.clip, means.t5 = means.clip + 100.0, means.t5 + 100.0
         means.to_records(content, CLASS_MEANS, CLASS_MEANS_META, half=codec != "float32")
+    elif attack == "partition_squatting":
+        content[METRICS]["partition_id"] = SQUATTED
 
 
 def tamper_evaluate(reply: Message, attack: str, cfg) -> None:

@@ -23,8 +23,6 @@ from common.factory import adapter_config, build_adapters, embedding_shape, reso
 from common.logs import setup_logging
 from common.provenance import git_commit, versions
 from common.models.adapters import AdapterConfig, Adapters
-from common.models.generators import GeneratorSpec
-from common.owners import OWNERS_FILE
 from common.models.text_encoders import compute_class_targets
 from common.records import CLASS_TARGETS, GLOBAL_MODEL, RUN_IDENTITY, RUN_NAME, ClassTensors, module_to_arrays
 from common.render.flux import check_render_settings
@@ -36,8 +34,7 @@ from server_app.resume import open_run, run_directory, run_identity
 from server_app.run_context import ServerRun
 from server_app.strategy import FedA2VStrategy
 from server_app.summary import RunSummary
-from server_app.identity import PartitionOwners
-from server_app.validation import ReplyLimits, ReplyValidator
+from server_app.validation import ReplyValidator
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -147,11 +144,7 @@ def main(grid: Grid, context: Context) -> None:
         round_pipeline=pipelines.round,
         after_round=pipelines.after_round,
         send_generator=pipelines.server_generator if cfg.server_generator.send_to_nodes else None,
-        validator=ReplyValidator(run.template.state_dict(), class_names, acfg.clip_dim, (acfg.t5_tokens, acfg.t5_dim),
-                                 ReplyLimits.from_config(cfg.robust),
-                                 GeneratorSpec.from_config(cfg.generator, *embedding_shape(cfg)).to_dict(),
-                                 PartitionOwners(run_dir / OWNERS_FILE, pinned=cfg.robust.pin_partitions,
-                                                 assigned={int(p): n for p, n in cfg.robust.partition_owners.items()})),
+        validator=ReplyValidator.for_run(cfg, run.template.state_dict(), class_names, acfg, run_dir),
         min_replies=cfg.min_replies,
         connect_timeout=cfg.connect_timeout,
         round_offset=start_round,

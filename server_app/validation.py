@@ -29,14 +29,18 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from flwr.app import Message, RecordDict
 
+from common.factory import embedding_shape
 from common.generator_bank import GeneratorCheckpointError, bank_from_tensors
 from common.records import CLASS_MEANS, CLASS_MEANS_META, GENERATORS, GENERATORS_META, METRICS, RecordError, ClassTensors
 from common.wire import WireError, content_bytes, record_tensors
+from common.models.generators import GeneratorSpec
+from common.owners import OWNERS_FILE
 from server_app.identity import PartitionOwners
 
 MAX_METRIC = 1e15  # any metric that is neither an accuracy nor a count (seconds, losses, byte counts)
@@ -87,6 +91,18 @@ class ReplyValidator:
         self.limits = limits or ReplyLimits()
         self.generator_spec = dict(generator_spec) if generator_spec is not None else None
         self.owners = owners if owners is not None else PartitionOwners()
+
+    @classmethod
+    def for_run(cls, cfg, template_state: dict[str, torch.Tensor], class_names: list[str], adapter_cfg,
+                run_dir: Path | None) -> "ReplyValidator":
+        """The validator a run's configuration asks for: its limits ([robust]), the generator spec nodes
+        must match, and the partition owners (pinned or assigned ones recorded in ``run_dir``)."""
+        owners = PartitionOwners(run_dir / OWNERS_FILE if run_dir is not None else None,
+                                 pinned=cfg.robust.pin_partitions,
+                                 assigned={int(p): n for p, n in cfg.robust.partition_owners.items()})
+        return cls(template_state, class_names, adapter_cfg.clip_dim, (adapter_cfg.t5_tokens, adapter_cfg.t5_dim),
+                   ReplyLimits.from_config(cfg.robust),
+                   GeneratorSpec.from_config(cfg.generator, *embedding_shape(cfg)).to_dict(), owners)
 
     # ------------------------------------------------------------------ whole replies
     def check_size(self, content: RecordDict) -> None:
