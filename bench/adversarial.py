@@ -53,7 +53,7 @@ from client_app.app import evaluate as node_evaluate  # noqa: E402
 from client_app.app import train as node_train  # noqa: E402
 from common.config import flatten, load_config  # noqa: E402
 from common.factory import adapter_config, build_adapters, resolve_classes  # noqa: E402
-from common.local_run import node_context, server_content, server_message  # noqa: E402
+from ops.local_run import node_context, server_content, server_message  # noqa: E402
 from common.logs import setup_logging  # noqa: E402
 from common.metrics.resources import rss_mb  # noqa: E402
 from common.records import ARRAYS, CLASS_MEANS, CLASS_MEANS_META, METRICS, RUN_NAME, ClassTensors, module_to_arrays  # noqa: E402
@@ -272,6 +272,7 @@ def run_federation(overrides: dict, rounds: int, work: Path, name: str, attack: 
         last = fed.round(r, attack)
         log.info("%s round %d: true acc %.4f, reported %.4f", name, r, last["true_acc"], last["reported_acc"])
     return {**last, "seconds": time.perf_counter() - t0,
+            "squatted_owner": fed.strategy.validator.owners.owner_of.get(SQUATTED),
             "server_seconds_per_round": statistics.mean(fed.server_seconds)}
 
 
@@ -342,6 +343,8 @@ def attacks(names: list[str], rounds: int, work: Path, jobs: int = 1) -> dict:
                 row[f"reported_acc_{label}"] = round(result.get(f"reported_{attack}", result["reported_acc"]), 4)
             means = result["poisoned_means"] if attack == "poisoned_means" else result["means"]
             row[f"means_distance_{label}"] = round(means_distance(means, honest["default"]["means"]), 4)
+            if attack == "partition_squatting":  # who holds partition 0 at the end: its node (100) or the squatter
+                row[f"partition_{SQUATTED}_owner_{label}"] = result["squatted_owner"]
         row["honest_reported_robust"] = out["honest_reported_robust"]
         row["robust_within_0.05"] = abs(row["attacked_acc_robust"] - out["honest_acc"]) <= 0.05
         # the reported figure against the same configuration's honest one, and against the truth of this run

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from common.config import default_cache_dir
-from common.deploy.compose import NUM_SITES, ComposeFederation
-from common.deploy.images import OFFLINE_BASE, ROLES, ROOTFS_IMAGE, build_images, docker_ready
+from ops.deploy.compose import NUM_SITES, ComposeFederation
+from ops.deploy.images import OFFLINE_BASE, ROLES, ROOTFS_IMAGE, build_images, docker_ready
 from common.logs import setup_logging
 from workspace import isolated_cache  # the sibling module (bench/ is this script's sys.path[0])
 

@@ -1,6 +1,6 @@
 """Fault drills on a real loopback deployment (1 SuperLink + 3 SuperNodes) plus a round with malformed replies.
 
-Scenarios (:mod:`common.deploy.drills`): kill -9 a SuperNode during round 2 of 4; kill -9 the ServerApp after
+Scenarios (:mod:`ops.deploy.drills`): kill -9 a SuperNode during round 2 of 4; kill -9 the ServerApp after
 round 2 and resume (compared with an uninterrupted run of the same config); restart a SuperNode after
 round 1 with ``aggregation = "none"``; a SuperNode that registers its train replies and never uploads
 their objects (``overruns``: how many seconds after its deadline each such phase ended). Then one round
@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from flwr.app import Message, MessageType, Metadata, MetricRecord, RecordDict
 
-from common.deploy import drills, faulty_supernode
+from ops.deploy import drills, faulty_supernode
 from common.config import load_config
 from common.data.synth import SYNTH_CLASSES, synthesize_dataset
-from common.deploy.local import LocalFederation
+from ops.deploy.local import LocalFederation
 from common.logs import setup_logging
 from common.models.adapters import AdapterConfig, Adapters
 from common.records import CLASS_MEANS, CLASS_MEANS_META, ClassTensors, module_to_arrays

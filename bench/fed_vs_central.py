@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from client_app.node_data import load_node_data
-from common import launcher
+from ops import launcher
 from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config
 from common.config_overrides import parse_overrides
 from common.factory import adapter_config, build_adapters, resolve_device

@@ -123,7 +123,7 @@ def quality_sweep(cfg: FedA2VConfig, kinds: list[str], granularities: list[str])
 def node_child(workdir: Path, mode: str) -> None:
     """One node's train + evaluate in this fresh process; prints its peak RSS as JSON."""
     from client_app.app import evaluate, train
-    from common.local_run import node_context, server_content, server_message
+    from ops.local_run import node_context, server_content, server_message
     from flwr.app import ArrayRecord, MessageType
 
     run_config = json.loads((workdir / f"run_config_{mode}.json").read_text())

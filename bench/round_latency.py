@@ -8,8 +8,8 @@ once per variant after an untimed warm-up run that fills the embedding cache:
   ``reply-poll-interval = 3``, as Flower's deployment Grid does);
 * "flower": ``flower-supernode`` with the default reply polling of :mod:`server_app.grid` (what a
   site running Flower's own binaries gets);
-* "after": ``feda2v-supernode`` (:mod:`common.deploy.prompt_timing`: prompt polling, and warm
-  ClientApp processes forked by ``feda2v-superexec``, :mod:`common.deploy.warm_superexec`) with the
+* "after": ``feda2v-supernode`` (:mod:`ops.deploy.prompt_timing`: prompt polling, and warm
+  ClientApp processes forked by ``feda2v-superexec``, :mod:`ops.deploy.warm_superexec`) with the
   default reply polling.
 * "memory": "after" with the SuperLink's state in memory (no ``--database`` file): Flower 1.41 then
   keeps the objects (the weights) in a Python dict instead of SQLite, and nothing survives a
@@ -51,8 +51,8 @@ import time
 from pathlib import Path
 
 from common.data.synth import SYNTH_CLASSES, synthesize_dataset
-from common.deploy import drills
-from common.deploy.local import LocalFederation
+from ops.deploy import drills
+from ops.deploy.local import LocalFederation
 from common.logs import setup_logging
 from common.report.run_data import server_step_seconds
 

@@ -36,6 +36,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
 
+from common.flower_compat import flower_version_mismatch, keyword_mismatch, mismatches
 from common.metrics.resources import ENTRY_UNIX, EXIT_UNIX
 from common.records import METRICS
 
@@ -176,6 +177,25 @@ def bound_pulls(module: ModuleType) -> bool:
     return True
 
 
+PULL_KEYWORDS = ("initial_backoff", "backoff_cap", "max_tries_per_object", "max_time")  # what deadline_bounded sets
+
+
+def flower_mismatches() -> list[str]:
+    """What :func:`prompt_object_pulls` and :class:`PromptGrid` assume of the installed Flower and is not so."""
+    try:
+        from flwr.serverapp import Grid
+        from flwr.superlink.grid import http_grid
+    except ImportError as err:
+        return [f"Flower's Grid modules cannot be imported ({err})"]
+    return mismatches(
+        flower_version_mismatch(),
+        keyword_mismatch(getattr(http_grid, "pull_objects", None), "flwr.superlink.grid.http_grid.pull_objects",
+                         PULL_KEYWORDS),
+        *(None if callable(getattr(Grid, name, None)) else f"flwr.serverapp.Grid has no {name}"
+          for name in ("push_messages", "pull_messages")),
+    )
+
+
 def prompt_object_pulls() -> bool:
     """Make the deployment Grid retry a reply's not-yet-uploaded objects within 0.05-0.5 s, not 1-10 s, and
     never past the phase deadline.
@@ -184,12 +204,14 @@ def prompt_object_pulls() -> bool:
     reply's objects (the weights). Flower 1.41's Grid then retries each missing object after 1 s,
     2 s, 4 s ... (``HttpGrid.pull_messages``), so an upload that takes 1.1 s costs 3 s; polling for
     replies every 0.1 s makes such early pulls the rule. Only this process (the ServerApp) is
-    affected. Returns whether the Grid module was found (an unknown Flower version is left alone
-    and logged).
+    affected. Returns whether it applied: an installed Flower that does not match what the patch
+    assumes (:func:`flower_mismatches`) is left alone, with a warning.
     """
-    try:
-        from flwr.superlink.grid import http_grid
-    except ImportError:
-        log.info("flwr.superlink.grid.http_grid not found: the deployment Grid's object pulls keep Flower's backoff")
+    problems = flower_mismatches()
+    if problems:
+        log.warning("the deployment Grid keeps Flower's object pulls (no deadline inside a pull): %s",
+                    "; ".join(problems))
         return False
+    from flwr.superlink.grid import http_grid
+
     return bound_pulls(http_grid)

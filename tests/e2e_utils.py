@@ -6,7 +6,7 @@ What they guarantee, and why:
   SuperLink's database and log), its own output directory and a neutral working directory, so a
   developer's ``~/.flwr`` is never read or written and the local SuperLink never imports the app
   from the checkout by accident (Flower's local SuperLink keeps the working directory of the first
-  ``flwr run``; see :mod:`common.launcher`).
+  ``flwr run``; see :mod:`ops.launcher`).
 * **No fixed ports.** ``flwr run`` starts its local SuperLink on 39091/39093 unless
   ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` / ``FLWR_LOCAL_CONTROL_API_PORT`` say otherwise; the tests
   pick free ports so they neither collide with nor silently *reuse* a SuperLink that someone else
@@ -15,11 +15,11 @@ What they guarantee, and why:
   Flower installs the app's dependencies with uv into a throw-away env; ``HF_HUB_OFFLINE=1``), plus
   ``TRANSFORMERS_OFFLINE=1`` and ``FLWR_DISABLE_UPDATE_CHECK=1``.
 * **Cleanup even on failure.** Every process the tests start runs in its own session, and every
-  environment carries a unique run tag (``FEDA2V_RUN_TAG``, :mod:`common.launcher`). Teardown
+  environment carries a unique run tag (``FEDA2V_RUN_TAG``, :mod:`ops.launcher`). Teardown
   signals the process groups it started, then sweeps ``/proc`` for any process carrying the tag --
   this catches the detached local SuperLink, SuperExec, ``flwr-simulation``/``flwr-serverapp``/
   ``flwr-clientapp`` processes and Ray's workers, which live in sessions of their own -- first with
-  SIGTERM, then SIGKILL (:func:`common.launcher.stop_tagged`).
+  SIGTERM, then SIGKILL (:func:`ops.launcher.stop_tagged`).
 * **Bounded time.** Every foreground command has a timeout, and a wait on a foreground command
   aborts early when one of the background services it depends on dies.
 * **Diagnosable failures.** Output goes to log files under the test's tmp dir; a failing command's
@@ -44,9 +44,9 @@ from typing import Any
 
 import pytest
 
-from common import launcher
-from common.deploy.local import free_port
-from common.launcher import COMPLETED, RUN_TAG_VAR, ls_command, parse_run_id, parse_run_status
+from ops import launcher
+from ops.deploy.local import free_port
+from ops.launcher import COMPLETED, RUN_TAG_VAR, ls_command, parse_run_id, parse_run_status
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TAG_VAR = RUN_TAG_VAR

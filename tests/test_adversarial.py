@@ -224,7 +224,7 @@ def test_fuzz_aggregate_train_and_evaluate_only_stop_on_the_quorum(fuzz_server, 
 
 # ---------------------------------------------------------------------------- identity
 def test_pinned_partitions_keep_their_owner_across_resume_and_only_the_operator_moves_them(tmp_path):
-    from common.cli import main as cli
+    from ops.cli import main as cli
     from common.owners import OWNERS_FILE
     from server_app.identity import PartitionOwners
 

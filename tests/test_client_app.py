@@ -14,8 +14,8 @@ import client_app.node_data as node_data
 from client_app.app import NODE_DATA, evaluate, train
 from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config
 from common.data.synth import synthesize_dataset
-from common.local_run import server_content as local_server_content
-from common.local_run import server_message
+from ops.local_run import server_content as local_server_content
+from ops.local_run import server_message
 from common.factory import adapter_config, build_adapters
 from common.records import CLASS_MEANS, CLASS_MEANS_META, ClassTensors, module_to_arrays
 from server_app.aggregators import AGGREGATORS

@@ -1,4 +1,4 @@
-"""Fast checks of what a deployment is made of: certificates and node keys (:mod:`common.deploy.pki`),
+"""Fast checks of what a deployment is made of: certificates and node keys (:mod:`ops.deploy.pki`),
 ``feda2v deploy``'s errors, and the compose files (the overlays must not drift from the base file)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
 
-from common.cli import main
-from common.deploy.pki import make_node_key, make_tls
+from ops.cli import main
+from ops.deploy.pki import make_node_key, make_tls
 from common.errors import FedA2VError
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
@@ -59,7 +59,7 @@ def test_node_key_is_what_flower_loads(tmp_path: Path) -> None:
 
 
 def test_secret_is_private_random_and_never_overwritten(tmp_path: Path) -> None:
-    from common.deploy.pki import make_secret
+    from ops.deploy.pki import make_secret
 
     path = make_secret(tmp_path, "site-0")
     assert path.name == "site-0.secret" and stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -171,11 +171,11 @@ def test_sites_cannot_reach_each_others_supernodes() -> None:
 
 # ------------------------------------------------------------------ the drills' faulty SuperNode
 def test_the_faulty_supernode_sends_withheld_replies_without_their_objects() -> None:
-    """common.deploy.faulty_supernode, as Flower's SuperNode loop calls it: a train reply is registered
+    """ops.deploy.faulty_supernode, as Flower's SuperNode loop calls it: a train reply is registered
     (sent with its object tree) and none of its objects is pushed; an evaluate reply travels whole."""
     from types import SimpleNamespace
 
-    from common.deploy import faulty_supernode
+    from ops.deploy import faulty_supernode
 
     withheld, rest = faulty_supernode.split_args(["--insecure", "--withhold-replies=train", "--port", "9"])
     assert withheld == {"train"} and rest == ["--insecure", "--port", "9"]

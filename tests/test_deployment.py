@@ -1,7 +1,7 @@
 """End to end on Flower's deployment runtime: real ``flower-superlink`` / ``flower-supernode`` processes.
 
 The same commands README's deployment guide gives a site, with every port free and every file in the
-test's tmp dir (:class:`common.deploy.local.LocalFederation`):
+test's tmp dir (:class:`ops.deploy.local.LocalFederation`):
 
     feda2v deploy certs pki --name 127.0.0.1 --name localhost [--name <LAN address>]
     flower-superlink --ssl-ca-certfile pki/ca.pem --ssl-certfile pki/server.pem --ssl-keyfile pki/server.key \
@@ -31,9 +31,9 @@ import pytest
 
 from common.checkpoints import load_adapters
 from common.data.synth import SYNTH_CLASSES, synthesize_dataset
-from common.deploy.local import LocalFederation, free_port, write_flower_config
-from common.deploy.netns import NetnsLan
-from common.deploy.pki import make_node_key
+from ops.deploy.local import LocalFederation, free_port, write_flower_config
+from ops.deploy.netns import NetnsLan
+from ops.deploy.pki import make_node_key
 from e2e_utils import load_summary
 
 pytestmark = pytest.mark.slow
@@ -182,7 +182,7 @@ def test_multi_host_deployment_over_tls(tmp_path: Path) -> None:
         assert not fed.close()
 
 
-# ------------------------------------------------------------------ fault drills (common.deploy.drills)
+# ------------------------------------------------------------------ fault drills (ops.deploy.drills)
 FAULT_NODES = 3
 DRILL_TIMEOUT_S = 600
 
@@ -194,7 +194,7 @@ def test_deployment_survives_node_death_server_crash_and_node_restart(tmp_path: 
     (b) kill -9 the ServerApp after round 2, then resume: round 3 runs, every round once in the summary
         (bench/faults.py runs it with 4 rounds and an uninterrupted reference);
     (c) restart a SuperNode after round 1 with aggregation 'none': it reloads its own adapters."""
-    from common.deploy import drills
+    from ops.deploy import drills
 
     data = synthesize_dataset(tmp_path / "data", list(SYNTH_CLASSES[: drills.BASE_CONFIG["data.num-classes"]]),
                               clips_per_class=drills.BASE_CONFIG["data.clips-per-class"], seed=0)
@@ -227,11 +227,11 @@ WITHHELD_ROUND_TIMEOUT_S = 60  # generous: the honest nodes' train replies must 
 
 
 def test_a_node_that_registers_its_reply_and_never_uploads_it_cannot_stall_the_round(tmp_path: Path) -> None:
-    """Node 2 (common.deploy.faulty_supernode) registers its train reply at the SuperLink and never uploads the
+    """Node 2 (ops.deploy.faulty_supernode) registers its train reply at the SuperLink and never uploads the
     weights: the train phase ends at round-timeout without it (logged with its node id), the round goes on,
     and its evaluate reply, which it does upload, is counted. bench/faults.py reports by how much the phase
     overran its deadline."""
-    from common.deploy import drills, faulty_supernode
+    from ops.deploy import drills, faulty_supernode
 
     data = synthesize_dataset(tmp_path / "data", list(SYNTH_CLASSES[: drills.BASE_CONFIG["data.num-classes"]]),
                               clips_per_class=drills.BASE_CONFIG["data.clips-per-class"], seed=0)

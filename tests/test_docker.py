@@ -1,6 +1,6 @@
 """The compose federation of ``docker/``: images built here, TLS + SuperNode authentication, 2 rounds.
 
-What README's docker guide tells a user to do, driven by :class:`common.deploy.compose.ComposeFederation`:
+What README's docker guide tells a user to do, driven by :class:`ops.deploy.compose.ComposeFederation`:
 build the images (``feda2v deploy images --offline-base``: this machine cannot pull Flower's official
 bases), make the CA, the server certificate and the nodes' keys, start the SuperLink, register the
 three SuperNodes' keys from the host, start the rest (ServerApp SuperExec, 3 SuperNodes, 3 ClientApp
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from common.deploy.compose import NUM_SITES, ComposeFederation
-from common.deploy.images import build_images, docker_ready
+from ops.deploy.compose import NUM_SITES, ComposeFederation
+from ops.deploy.images import build_images, docker_ready
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from flwr.app import Context, RecordDict
 
 import client_app.node_data as node_data
 from client_app.app import NODE_DATA, train
-from common import cli
+from ops import cli
 from common.cache import ClipId, EmbeddingStore, ExtractionSettings, embed_clips, open_store
 from common.cache.store import TENSOR
 from common.config import NodeRuntimeConfig, load_config

@@ -4,6 +4,8 @@ call goes to Flower's Grid unchanged."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from types import SimpleNamespace
 
@@ -19,6 +21,17 @@ from server_app.grid import PromptGrid
 def sent(n: int) -> list[SimpleNamespace]:
     """``n`` outgoing messages as the Grid sees them (only the destination node matters here)."""
     return [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=100 + i)) for i in range(n)]
+
+
+def spy_pulls(http_grid, calls: list, result=None):
+    """A stand-in for Flower's ``pull_objects`` with its signature (the patch checks it) that records the
+    keyword arguments it gets."""
+    @functools.wraps(inspect.unwrap(http_grid.pull_objects))  # Flower's own, not an earlier patch's wrapper
+    def pull(ids, fn, **kw):
+        calls.append(kw)
+        return {i: fn(i) for i in ids} if result is None else result
+
+    return pull
 
 
 class FakeGrid:
@@ -83,7 +96,7 @@ def test_the_deployment_grid_retries_objects_still_in_flight_promptly(monkeypatc
     from server_app.grid import PULL_BACKOFF, PULL_BACKOFF_CAP, prompt_object_pulls
 
     calls = []
-    monkeypatch.setattr(http_grid, "pull_objects", lambda ids, fn, **kw: calls.append(kw) or {i: fn(i) for i in ids})
+    monkeypatch.setattr(http_grid, "pull_objects", spy_pulls(http_grid, calls))
     PromptGrid(FakeGrid([]), interval=0.1)  # installs it
     assert prompt_object_pulls()  # and a second time does not wrap twice
     http_grid.pull_objects(["a"], lambda i: b"x")
@@ -220,7 +233,7 @@ def test_object_pulls_never_reach_past_the_phase_deadline(monkeypatch):
     from server_app import grid as grid_module
 
     calls = []
-    monkeypatch.setattr(http_grid, "pull_objects", lambda ids, fn, **kw: calls.append(kw) or {})
+    monkeypatch.setattr(http_grid, "pull_objects", spy_pulls(http_grid, calls, result={}))
     assert grid_module.prompt_object_pulls()
     token = grid_module._PULL_DEADLINE.set(time.monotonic() - 1)  # noqa: SLF001 - a deadline already passed
     try:

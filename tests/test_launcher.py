@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from common import launcher
+from ops import launcher
 from e2e_utils import e2e_cache  # noqa: F401 - fixture
 
 # A stand-in for `flwr run`: starts a detached long-lived child (like Flower's local SuperLink, in a

@@ -1,5 +1,6 @@
-"""The layout rules: imports run one way (common <- client_app, server_app), no import cycles, and
-README's map of the code is the one generated from the modules' docstrings."""
+"""The layout rules: imports run one way (common <- client_app, server_app <- ops), no import cycles, the
+operations package is never imported by the apps and starts a SuperNode without torch, and README's map
+of the code is the one generated from the modules' docstrings."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("common", "client_app", "server_app")
+PACKAGES = ("common", "client_app", "server_app", "ops")
+APPS = ("client_app", "server_app")
 
 
 def _module_name(path: Path) -> str:
@@ -50,14 +52,35 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def test_common_imports_nothing_above_it_and_apps_do_not_import_each_other():
-    upward = []
-    for mod, deps in import_graph().items():
-        top = mod.split(".")[0]
-        for dep in deps:
-            other = dep.split(".")[0]
-            if other != top and (top == "common" or other != "common"):
-                upward.append(f"{mod} -> {dep}")
+    """common imports only itself; an app imports itself and common (never the other app, never ops)."""
+    allowed = {"common": {"common"}, "client_app": {"client_app", "common"}, "server_app": {"server_app", "common"}}
+    upward = [f"{mod} -> {dep}" for mod, deps in import_graph().items() for dep in deps
+              if mod.split(".")[0] in allowed and dep.split(".")[0] not in allowed[mod.split(".")[0]]]
     assert not upward, f"imports against the layering: {upward}"
+
+
+# What a SuperNode host without torch or the apps must be able to import and run (feda2v-supernode).
+_NO_TORCH = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchaudio", "transformers", "diffusers", "server_app", "client_app"):
+            raise ImportError(f"{name} is not installed on this host")
+sys.meta_path.insert(0, Block())
+import ops, ops.deploy.prompt_timing as p
+sys.argv = ["feda2v-supernode", "--help"]
+p.main()
+"""
+
+
+def test_the_supernode_entry_point_starts_without_torch_or_the_apps():
+    proc = subprocess.run([sys.executable, "-c", _NO_TORCH], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage" in proc.stdout.lower() and "supernode" in proc.stdout.lower()
+
+
+def test_common_holds_no_operations_code():
+    assert not [p for p in ("cli", "deploy", "launcher.py", "local_run.py") if (ROOT / "common" / p).exists()]
 
 
 def test_no_import_cycles():

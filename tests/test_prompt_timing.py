@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import os
 import subprocess
 import sys
@@ -9,8 +12,8 @@ import time
 
 import pytest
 
-from common.deploy import prompt_timing
-from common.deploy.prompt_timing import IDLE_POLL, IDLE_POLL_ENV, PromptSleep, idle_poll_from_env, patch_supernode
+from ops.deploy import prompt_timing
+from ops.deploy.prompt_timing import IDLE_POLL, IDLE_POLL_ENV, PromptSleep, idle_poll_from_env, patch_supernode
 
 
 def test_the_idle_sleep_becomes_the_idle_poll_and_local_checks_are_capped(monkeypatch):
@@ -40,7 +43,13 @@ def test_patch_supernode_shortens_flowers_loop_and_its_object_pulls(monkeypatch)
     monkeypatch.setattr(loop, "time", time)  # restored after the test
     calls = []
     original = loop.pull_objects
-    monkeypatch.setattr(loop, "pull_objects", lambda ids, fn, **kw: calls.append(kw) or original(ids, fn, **kw))
+
+    @functools.wraps(inspect.unwrap(original))  # a spy with Flower's signature (the patch checks it)
+    def spy(ids, fn, **kw):
+        calls.append(kw)
+        return original(ids, fn, **kw)
+
+    monkeypatch.setattr(loop, "pull_objects", spy)
     assert patch_supernode(idle=0.3)
     assert isinstance(loop.time, PromptSleep) and loop.time.idle == 0.3
     assert patch_supernode(idle=0.3)  # a second time wraps nothing twice
@@ -60,10 +69,10 @@ def test_patch_supernode_shortens_flowers_loop_and_its_object_pulls(monkeypatch)
 
 
 def test_the_console_script_is_flower_supernode_with_its_arguments():
-    out = subprocess.run([sys.executable, "-m", "common.deploy.prompt_timing", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "ops.deploy.prompt_timing", "--help"], capture_output=True,
                          text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert "--superlink" in out.stdout and "--node-config" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "common.deploy.prompt_timing", "--help"], capture_output=True,
+    bad = subprocess.run([sys.executable, "-m", "ops.deploy.prompt_timing", "--help"], capture_output=True,
                          text=True, timeout=120, check=False, env={**os.environ, IDLE_POLL_ENV: "soon"})
     assert bad.returncode != 0 and IDLE_POLL_ENV in bad.stderr

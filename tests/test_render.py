@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from common.checkpoints import save_adapters, save_tensors
-from common.cli import main as cli_main
+from ops.cli import main as cli_main
 from common.config import load_config
 from common.factory import adapter_config, build_adapters
 from common.generator_bank import GeneratorBank, GeneratorCheckpointError, save_bank

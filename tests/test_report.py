@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from common.cli import main as cli_main
+from ops.cli import main as cli_main
 from common.render.images import contact_sheet
 from common.report import REPORT_NAME, RunData, write_comparison, write_report
 

@@ -11,8 +11,8 @@ from flwr.supercore.constant import ExecutorType, TaskType
 from flwr.supercore.superexec.executor import subprocess_executor
 from flwr.supercore.superexec.executor.types import ExecutionSpec
 
-from common.deploy import warm_superexec
-from common.deploy.warm_superexec import (
+from ops.deploy import warm_superexec
+from ops.deploy.warm_superexec import (
     PRELOAD,
     PRELOAD_ENV,
     ForkserverExecutor,
@@ -74,7 +74,7 @@ def test_the_supernode_starts_feda2v_superexec_in_place_of_flower_superexec(monk
 
 FORK = """
 import sys
-from common.deploy.warm_superexec import ForkserverExecutor, run_task
+from ops.deploy.warm_superexec import ForkserverExecutor, run_task
 ex = ForkserverExecutor(("json",))
 p = ex._ctx.Process(target=run_task, args=(["flwr-clientapp", "--help"], False))
 p.start(); p.join()
@@ -91,7 +91,7 @@ def test_a_forked_task_runs_flowers_clientapp_entry_point():
 
 
 def test_the_console_script_is_flower_superexec_with_its_arguments():
-    out = subprocess.run([sys.executable, "-m", "common.deploy.warm_superexec", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "ops.deploy.warm_superexec", "--help"], capture_output=True,
                          text=True, timeout=120, check=False, env={**os.environ, PRELOAD_ENV: "json"})
     assert out.returncode == 0, out.stderr
     assert "--plugin-type" in out.stdout or "--runtime-api-address" in out.stdout, out.stdout

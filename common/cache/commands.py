@@ -1,4 +1,4 @@
-"""``feda2v cache build|info|verify|clear``: the cache's maintenance commands (argparse lives in common.cli).
+"""``feda2v cache build|info|verify|clear``: the cache's maintenance commands (argparse lives in ops.cli).
 
 ``build`` precomputes what the nodes will ask for, e.g. on a GPU host before a CPU-only run, or
 once per host before starting SuperNodes. It goes through the same :func:`embed_clips` path as a

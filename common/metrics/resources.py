@@ -77,7 +77,7 @@ def memory_metrics(prefix: str = "") -> dict[str, float]:
 
 def warm_start() -> int:
     """1 when this process was forked from a preloaded one (``feda2v-superexec``'s forkserver,
-    :mod:`common.deploy.warm_superexec`), 0 for a process started from scratch.
+    :mod:`ops.deploy.warm_superexec`), 0 for a process started from scratch.
 
     Why: with it a report tells a warm ClientApp start from a cold one without reading timings."""
     import multiprocessing

@@ -9,7 +9,7 @@ Inputs: an adapters checkpoint (its metadata names the classes), and a condition
 
 ``--oracle clip|t5|both`` swaps a branch for the class text target in the first two sources. The
 text targets default to the run's ``targets.safetensors`` next to ``checkpoints/``. The command line
-(:mod:`common.cli.generate`) only parses arguments and calls :func:`generate_images`.
+(:mod:`ops.cli.generate`) only parses arguments and calls :func:`generate_images`.
 """
 
 from __future__ import annotations

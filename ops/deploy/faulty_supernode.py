@@ -4,7 +4,7 @@ Never run it for a real site. It is ``flower-supernode`` (same arguments) that r
 at the SuperLink and then never uploads their objects (the weights), for the message types named by
 ``--withhold-replies`` (default ``train``)::
 
-    python -m common.deploy.faulty_supernode --withhold-replies=train --insecure --superlink H:P ...
+    python -m ops.deploy.faulty_supernode --withhold-replies=train --insecure --superlink H:P ...
 
 Why: the ServerApp must keep each phase's deadline when a node does exactly this (a crash or a
 stalled upload between Flower's two steps, or a site that wants to hold the federation up); see
@@ -23,7 +23,7 @@ from typing import Any
 
 log = logging.getLogger("flwr.drill")  # Flower's logger prints it in the SuperNode's own log
 
-MODULE = "common.deploy.faulty_supernode"
+MODULE = "ops.deploy.faulty_supernode"
 WITHHOLD_FLAG = "--withhold-replies"
 DEFAULT_WITHHELD = ("train",)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from common.cli.options import add_config_options, config_from_args
+from ops.cli.options import add_config_options, config_from_args
 from common.logs import report_error
 
 HELPS = {

@@ -2,7 +2,7 @@
 checkpoints (``generate``), write run reports (``report``), inspect the configuration, prepare a
 deployment (``deploy``).
 
-``feda2v run`` is a thin wrapper around ``flwr run`` (see :mod:`common.launcher`) that sets what a
+``feda2v run`` is a thin wrapper around ``flwr run`` (see :mod:`ops.launcher`) that sets what a
 local simulation needs on this kind of machine (no run-time dependency installation, 1 CPU per
 simulated node, log streaming) and runs from a neutral directory (Flower's local SuperLink keeps the
 working directory of the first ``flwr run``). Plain ``flwr run .`` works too; see README.md.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from common.cli import cache, config, data, deploy, generate, owners, report, run
+from ops.cli import cache, config, data, deploy, generate, owners, report, run
 from common.errors import FedA2VError
 from common.logs import report_error, setup_logging
 

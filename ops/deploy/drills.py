@@ -1,4 +1,4 @@
-"""Fault drills on a local deployment (:class:`common.deploy.local.LocalFederation`): what a federation
+"""Fault drills on a local deployment (:class:`ops.deploy.local.LocalFederation`): what a federation
 must survive, run as real processes on loopback. Used by ``bench/faults.py`` and the deployment tests.
 
 * :func:`kill_node_mid_run`: ``kill -9`` one SuperNode while round 2 runs; the run must complete on the
@@ -8,7 +8,7 @@ must survive, run as real processes on loopback. Used by ``bench/faults.py`` and
 * :func:`restart_node_between_rounds`: restart a SuperNode after round 1 with ``aggregation = "none"``:
   it reloads its own adapters from disk (``state_restored``) instead of starting over.
 * :func:`withheld_reply_objects`: one SuperNode registers its train replies and never uploads their
-  objects (:mod:`common.deploy.faulty_supernode`); each train phase must end at its deadline without
+  objects (:mod:`ops.deploy.faulty_supernode`); each train phase must end at its deadline without
   that node, and the drill reports how many seconds after the deadline each phase ended.
 
 Each returns a JSON-able dict: ``completed``, ``rounds_in_summary``, ``lost_rounds``, ``seconds`` and
@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import launcher
-from common.deploy.local import LocalFederation, wait_until
+from ops import launcher
+from ops.deploy.local import LocalFederation, wait_until
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The compose federation of ``docker/`` driven from Python: secrets, ``up``, registration, runs, ``down``.
 
 The same steps README's docker guide lists, in order: make the CA, the server certificate and one
-key per SuperNode (:mod:`common.deploy.pki`), start the SuperLink alone, register the nodes' public
+key per SuperNode (:mod:`ops.deploy.pki`), start the SuperLink alone, register the nodes' public
 keys with ``flwr supernode register`` from the host, start everything else, submit the app with
 ``flwr run`` from the host, and ``down -v`` at the end. Every compose project gets its own name, so
 its containers, network and volumes are its own and ``down -v`` removes exactly them.
@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import launcher
-from common.deploy.local import free_port, http_ok, register_node, wait_until, write_flower_config
-from common.deploy.pki import make_node_key, make_secret, make_tls
+from ops import launcher
+from ops.deploy.local import free_port, http_ok, register_node, wait_until, write_flower_config
+from ops.deploy.pki import make_node_key, make_secret, make_tls
 from common.errors import FedA2VError
 
 log = logging.getLogger(__name__)

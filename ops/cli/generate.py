@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.cli.options import add_config_options, config_from_args
+from ops.cli.options import add_config_options, config_from_args
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from common.cli.options import add_config_options, config_from_args
+from ops.cli.options import add_config_options, config_from_args
 
 
 def cmd_config(args: argparse.Namespace) -> int:

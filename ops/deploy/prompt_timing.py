@@ -17,7 +17,7 @@ sleeps: the idle poll to ``FEDA2V_SUPERNODE_IDLE_POLL`` seconds (default :data:`
 reply checks to :data:`LOCAL_POLL`. ``feda2v-supernode`` (:func:`main`) is ``flower-supernode`` with
 that patch, same arguments; with ``--isolation subprocess`` (Flower's default) it also starts
 ``feda2v-superexec`` instead of ``flower-superexec``, so its ClientApp processes start warm
-(:mod:`common.deploy.warm_superexec`). A site chooses it instead of ``flower-supernode``
+(:mod:`ops.deploy.warm_superexec`). A site chooses it instead of ``flower-supernode``
 (``LocalFederation(prompt_supernodes=True)``, ``bench/round_latency.py``); Flower's own binaries stay
 the documented default. An unknown Flower layout is left alone and logged, never a crash. Imports
 only Flower and the standard library (the SuperNode's host needs neither torch nor this project's
@@ -33,7 +33,8 @@ import time
 from types import ModuleType
 from typing import Any
 
-from common.deploy.warm_superexec import warm_supernode
+from common.flower_compat import flower_version_mismatch, global_mismatch, keyword_mismatch, mismatches, source_mismatch
+from ops.deploy.warm_superexec import warm_supernode
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +109,30 @@ def idle_poll_from_env(environ: dict[str, str] | None = None) -> float:
     return value
 
 
-def patch_supernode(idle: float | None = None) -> bool:
-    """Prompt pulls and short sleeps in this process's Flower SuperNode loop; returns whether it applied."""
+def flower_mismatches() -> list[str]:
+    """What :func:`patch_supernode` assumes of the installed Flower's SuperNode loop and is not so."""
     try:
         from flwr.supernode import start_client_internal as loop
-    except ImportError:
-        log.warning("flwr.supernode.start_client_internal not found: the SuperNode keeps Flower's timing")
+    except ImportError as err:
+        return [f"flwr.supernode.start_client_internal cannot be imported ({err})"]
+    return mismatches(
+        flower_version_mismatch(),
+        global_mismatch(loop, "time", time),
+        source_mismatch(loop, [f"time.sleep({_FLOWER_IDLE_SLEEP})"]),
+        keyword_mismatch(getattr(loop, "pull_objects", None), "flwr.supernode.start_client_internal.pull_objects",
+                         ("initial_backoff", "backoff_cap", "max_tries_per_object")),
+    )
+
+
+def patch_supernode(idle: float | None = None) -> bool:
+    """Prompt pulls and short sleeps in this process's Flower SuperNode loop; returns whether it applied
+    (an installed Flower that does not match :func:`flower_mismatches` keeps its own timing, with a warning)."""
+    problems = flower_mismatches()
+    if problems:
+        log.warning("the SuperNode keeps Flower's timing: %s", "; ".join(problems))
         return False
-    if not isinstance(getattr(loop, "time", None), (ModuleType, PromptSleep)):
-        log.warning("Flower's SuperNode loop does not use the time module: it keeps Flower's timing")
-        return False
+    from flwr.supernode import start_client_internal as loop
+
     loop.time = PromptSleep(idle_poll_from_env() if idle is None else idle)  # type: ignore[assignment]
     return prompt_pulls(loop)
 
@@ -132,7 +147,7 @@ def main() -> None:
     except ValueError as err:
         raise SystemExit(f"feda2v-supernode: {err}") from None
     patch_supernode(idle)
-    warm_supernode()  # its SuperExec forks ClientApps from a preloaded process (common.deploy.warm_superexec)
+    warm_supernode()  # its SuperExec forks ClientApps from a preloaded process (ops.deploy.warm_superexec)
     flower_supernode()
 
 

@@ -37,7 +37,7 @@ def _chown(paths: list[Path], owner: int | None) -> None:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from common.deploy.pki import make_tls
+    from ops.deploy.pki import make_tls
 
     _can_chown(args.owner)
     tls = make_tls(Path(args.out), args.name, days=args.days, overwrite=args.force)
@@ -48,7 +48,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_node_key(args: argparse.Namespace) -> int:
-    from common.deploy.pki import make_node_key
+    from ops.deploy.pki import make_node_key
 
     _can_chown(args.owner)
     key = make_node_key(Path(args.out), args.name, overwrite=args.force)
@@ -59,7 +59,7 @@ def cmd_node_key(args: argparse.Namespace) -> int:
 
 
 def cmd_secret(args: argparse.Namespace) -> int:
-    from common.deploy.pki import make_secret
+    from ops.deploy.pki import make_secret
 
     _can_chown(args.owner)
     path = make_secret(Path(args.out), args.name, overwrite=args.force)
@@ -69,7 +69,7 @@ def cmd_secret(args: argparse.Namespace) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
-    from common.deploy.images import build_images
+    from ops.deploy.images import build_images
 
     built = build_images(args.tag, base=args.base or None, offline=args.offline_base)
     print(json.dumps({"images": built.images, "seconds": built.seconds, "size_mb": built.sizes_mb()}))

@@ -1,4 +1,4 @@
-"""``feda2v run``: a local Flower simulation of the app through the one launcher (:mod:`common.launcher`)."""
+"""``feda2v run``: a local Flower simulation of the app through the one launcher (:mod:`ops.launcher`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from common import launcher
+from ops import launcher
 from common.config import ConfigError, load_config
 from common.config_overrides import parse_toml_value
 from common.logs import report_error

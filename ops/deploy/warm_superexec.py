@@ -15,7 +15,7 @@ Other task types (and any task once the forkserver cannot start) go to Flower's 
 
 ``feda2v-superexec`` takes ``flower-superexec``'s arguments (use it where a site runs
 ``flower-superexec --plugin-type clientapp`` beside a ``--isolation process`` SuperNode);
-``feda2v-supernode`` (:mod:`common.deploy.prompt_timing`) starts it in place of ``flower-superexec``.
+``feda2v-supernode`` (:mod:`ops.deploy.prompt_timing`) starts it in place of ``flower-superexec``.
 ``FEDA2V_SUPEREXEC_PRELOAD`` (comma-separated modules) replaces :data:`PRELOAD`; ``none`` turns the
 warm start off. Imports only Flower and the standard library here; the forkserver imports the rest.
 Why forked tasks are safe: the forkserver is a fresh interpreter that only imported modules (no
@@ -30,12 +30,13 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
-from types import ModuleType
 from typing import Any
 
 from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TASK_TYPE_TO_COMMAND, ExecutorType, TaskType
 from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
+
+from common.flower_compat import flower_version_mismatch, global_mismatch, keyword_mismatch, mismatches, source_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,10 @@ def preload_from_env(environ: dict[str, str] | None = None) -> tuple[str, ...]:
     if bad:
         raise ValueError(f"{PRELOAD_ENV} must name Python modules separated by commas, got {bad}")
     return modules
+
+
+SPEC_FIELDS = ("task_type", "runtime_api_address", "token", "insecure", "root_certificates_path", "parent_pid",
+               "runtime_dependency_install")  # what clientapp_argv reads
 
 
 def clientapp_argv(spec: ExecutionSpec) -> list[str]:
@@ -132,12 +137,13 @@ def install(preload: Sequence[str] | None = None) -> bool:
     if not modules:
         log.info("%s=none: ClientApp tasks start as fresh processes", PRELOAD_ENV)
         return False
+    problems = flower_mismatches()
+    if problems:
+        log.warning("ClientApp tasks start as fresh processes (Flower's SuperExec): %s", "; ".join(problems))
+        return False
     from flwr.supercore.superexec import run_superexec as superexec
 
-    original = getattr(superexec, "get_executor", None)
-    if original is None:
-        log.warning("flwr.supercore.superexec.run_superexec has no get_executor: tasks start as fresh processes")
-        return False
+    original = superexec.get_executor
     if getattr(original, "feda2v_warm", False):
         return True
 
@@ -158,6 +164,8 @@ class WarmSuperExecLauncher:
     """Stands in for the ``subprocess`` module inside Flower's SuperNode (``--isolation subprocess``): the
     ``flower-superexec`` it starts becomes ``feda2v-superexec`` with the same arguments."""
 
+    feda2v_stand_in = True
+
     def Popen(self, args: Sequence[str], *rest: Any, **kwargs: Any) -> subprocess.Popen:  # noqa: N802 - subprocess's name
         args = list(args)
         if args and os.path.basename(str(args[0])) == "flower-superexec":
@@ -168,16 +176,34 @@ class WarmSuperExecLauncher:
         return getattr(subprocess, name)
 
 
+def flower_mismatches() -> list[str]:
+    """What :func:`install` and :func:`warm_supernode` assume of the installed Flower and is not so."""
+    try:
+        from flwr.supercore.superexec import run_superexec as superexec
+        from flwr.supernode import start_client_internal as loop
+    except ImportError as err:
+        return [f"Flower's SuperExec or SuperNode module cannot be imported ({err})"]
+    return mismatches(
+        flower_version_mismatch(),
+        keyword_mismatch(getattr(superexec, "get_executor", None), "flwr.supercore.superexec.run_superexec.get_executor",
+                         ("executor_type",)),
+        global_mismatch(loop, "subprocess", subprocess),
+        source_mismatch(loop, ['"flower-superexec"', "subprocess.Popen("]),
+        *(None if hasattr(ExecutionSpec, field) or field in getattr(ExecutionSpec, "__dataclass_fields__", {})
+          else f"ExecutionSpec has no {field}" for field in SPEC_FIELDS),
+    )
+
+
 def warm_supernode() -> bool:
     """Make this process's Flower SuperNode start ``feda2v-superexec``; returns whether it applied."""
+    problems = flower_mismatches()
+    if problems:
+        log.warning("ClientApps start as fresh processes (Flower's SuperExec): %s", "; ".join(problems))
+        return False
     from flwr.supernode import start_client_internal as loop
 
-    if isinstance(getattr(loop, "subprocess", None), WarmSuperExecLauncher):
-        return True
-    if not isinstance(getattr(loop, "subprocess", None), ModuleType):
-        log.warning("Flower's SuperNode does not start its SuperExec with subprocess: ClientApps start as fresh processes")
-        return False
-    loop.subprocess = WarmSuperExecLauncher()  # type: ignore[attr-defined]
+    if not isinstance(loop.subprocess, WarmSuperExecLauncher):
+        loop.subprocess = WarmSuperExecLauncher()  # type: ignore[attr-defined]
     return True
 
 

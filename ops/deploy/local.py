@@ -3,14 +3,14 @@
 For fault drills (``bench/faults.py``), the deployment tests and trying a deployment by hand: the
 same commands a site runs (``flower-superlink``, ``flower-supernode``, ``flwr supernode register``,
 ``flwr run``), each process in its own session with its own log, every one tagged
-(:mod:`common.launcher`) so :meth:`close` stops exactly what was started here, by PID. Nodes can be
+(:mod:`ops.launcher`) so :meth:`close` stops exactly what was started here, by PID. Nodes can be
 killed and restarted mid-run; the ServerApp process can be killed.
 
 By default everything listens on 127.0.0.1 without TLS (a loopback demo). ``secure=True`` runs the
 production setup of README's deployment guide: a CA and server certificate made here
-(:mod:`common.deploy.pki`), the SuperLink on HTTPS with ``--enable-supernode-auth``, every node's
+(:mod:`ops.deploy.pki`), the SuperLink on HTTPS with ``--enable-supernode-auth``, every node's
 key registered with ``flwr supernode register`` before the node starts. ``superlink_host`` /
-``node_hosts`` (:class:`common.deploy.netns.Host`) put the processes on separate hosts.
+``node_hosts`` (:class:`ops.deploy.netns.Host`) put the processes on separate hosts.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from common import launcher
-from common.deploy.netns import LOOPBACK, Host
-from common.deploy.pki import NodeKey, ServerTLS, make_node_key, make_tls
+from ops import launcher
+from ops.deploy.netns import LOOPBACK, Host
+from ops.deploy.pki import NodeKey, ServerTLS, make_node_key, make_tls
 from common.errors import FedA2VError
-from common.launcher import free_port
+from ops.launcher import free_port
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,9 @@ class LocalFederation:
                  prompt_supernodes: bool = False, superlink_database: bool = True,
                  node_programs: Mapping[int, Sequence[str]] | None = None) -> None:
         self.root = Path(root)
-        # feda2v-supernode: flower-supernode with prompt hand-offs and warm ClientApps (common.deploy.prompt_timing)
+        # feda2v-supernode: flower-supernode with prompt hand-offs and warm ClientApps (ops.deploy.prompt_timing)
         self.node_program = "feda2v-supernode" if prompt_supernodes else "flower-supernode"
-        # per node, a program that replaces it (drills: a faulty node, common.deploy.faulty_supernode)
+        # per node, a program that replaces it (drills: a faulty node, ops.deploy.faulty_supernode)
         self.node_programs = {pid: list(program) for pid, program in (node_programs or {}).items()}
         # the SuperLink's --database file (README's production setup). Without it Flower keeps its state and
         # every object in memory: nothing survives a SuperLink restart, but weights skip SQLite (faster rounds)
@@ -191,7 +191,7 @@ class LocalFederation:
 
     def node_command(self, pid: int, auth_key: Path | None = None, root_certificates: Path | None = None) -> list[str]:
         """The SuperNode command of node ``pid``: ``flower-supernode``, or ``feda2v-supernode`` with
-        ``prompt_supernodes`` (:mod:`common.deploy.prompt_timing`); ``auth_key``/``root_certificates``
+        ``prompt_supernodes`` (:mod:`ops.deploy.prompt_timing`); ``auth_key``/``root_certificates``
         override the federation's (a secure federation uses the node's registered key and the CA)."""
         if self.secure:
             ca = root_certificates or (self.tls.ca_cert if self.tls else None)
