@@ -144,9 +144,11 @@ class ReplyValidator:
         """``connected``: the Flower nodes online this round. A restarted SuperNode comes back with a new
         Flower node id: it may take over its partition id once the old node is gone, never while it is
         still connected."""
-        if partition_id in seen:
-            return f"partition id {partition_id} replied twice this round"
-        return self.owners.check(node_id, partition_id, connected)
+        # ownership first: a squatter refused by the pinned owner is named as such, whoever replied first
+        reason = self.owners.check(node_id, partition_id, connected)
+        if reason is None and partition_id in seen:
+            reason = f"partition id {partition_id} replied twice this round"
+        return reason
 
     def remember(self, node_id: int, partition_id: int) -> None:
         """Record an accepted reply: ``node_id`` owns ``partition_id`` (a restarted node takes it over)."""

@@ -118,7 +118,7 @@ def test_malformed_replies_are_dropped_named_and_recorded(tmp_path):
         reply(2, weights=nan),  # NaN weights
         reply(3, weights=wrong),  # wrong shapes
         reply(4, n=10**9),  # huge num-examples: counts say 4
-        reply(1, src=555),  # duplicate partition id
+        reply(1, src=555),  # duplicate partition id: named by its owner
         reply(5, metrics={"train_loss": float("inf")}),  # non-finite metric
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)
@@ -126,7 +126,7 @@ def test_malformed_replies_are_dropped_named_and_recorded(tmp_path):
     rejected = " | ".join(strategy.state.replies.rejected)
     for expected in ("partition 2): weights unusable", "magnitude nan", "partition 3): weights unusable",
                      "'num-examples' must be an integer in [0, 1000000]", "got 1000000000",
-                     "replied twice", "metric 'train_loss' is not finite"):
+                     "partition id 1 belongs to Flower node 101", "metric 'train_loss' is not finite"):
         assert expected in rejected, (expected, rejected)
     key = "clip.out.1.weight"
     assert torch.allclose(arrays.to_torch_state_dict()[key], (good0.state_dict()[key] + good1.state_dict()[key]) / 2)

@@ -81,7 +81,7 @@ def test_a_packed_record_holds_one_buffer_per_dtype_and_its_layout_and_bad_layou
     assert decode(record).keys() == w.keys() and torch.equal(decode(record)["steps"], w["steps"])
     state = record.to_torch_state_dict()
     short = dict(state, **{PACKED_PREFIX + "int8": state[PACKED_PREFIX + "int8"][:100]})
-    with pytest.raises(WireError, match="layer0.weight.*buffer \(100\)"):
+    with pytest.raises(WireError, match=r"layer0.weight.*buffer \(100\)"):
         decode(ArrayRecord(short))
     with pytest.raises(WireError, match="layer0.weight.*missing"):
         decode(ArrayRecord({k: v for k, v in state.items() if k != PACKED_PREFIX + "int8"}))
