@@ -35,7 +35,6 @@ Last line of output: one JSON object {"fuzz": {...}, "attacks": {...}, "robust_s
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -65,6 +64,7 @@ from server_app.strategy import FedA2VStrategy  # noqa: E402
 from server_app.summary import RunSummary  # noqa: E402
 from server_app.validation import Rejected, ReplyValidator  # noqa: E402
 from workspace import isolated_cache  # noqa: E402
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.adversarial")
 NODES, HOSTILE = 5, 4
@@ -365,6 +365,7 @@ def main() -> None:
     parser.add_argument("--attacks", default="all", help=f"comma list of {', '.join(ATTACKS)}, 'all' or 'none'")
     parser.add_argument("--work", default="", help="folder for caches and runs (default: a temporary one)")
     parser.add_argument("--jobs", type=int, default=1, help="federations run side by side (one torch thread each)")
+    add_record_argument(parser)
     args = parser.parse_args()
     setup_logging()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -381,7 +382,7 @@ def main() -> None:
         log.info("fuzz: %s", result["fuzz"])
     if names:
         result["attacks"] = attacks(names, args.rounds, work, args.jobs)
-    print(json.dumps(result))
+    emit(result, record=args.record)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from common.factory import adapter_config, build_adapters, resolve_device, synth
 from common.logs import setup_logging
 from common.report.run_data import server_seconds_per_round
 from common.training import TrainSettings, evaluate_adapters, train_adapters
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.aggregation")
 
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--settings", default="one_shot,multi_round")
     parser.add_argument("--methods", default="none,fedavg,kd,kd_finetune")
     parser.add_argument("--run-config", default="", help="extra run-config overrides for every run ('k=v k2=v2')")
+    add_record_argument(parser)
     args = parser.parse_args()
     setup_logging()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -161,7 +163,7 @@ def main() -> None:
         result["multi_round_best"] = best
         result["goal_multi_round_best_over_central"] = round(multi[best] / multi["central"], 4) if multi["central"] else None
     result["test_clips"] = int(len(y_test))
-    print(json.dumps(result))
+    emit(result, record=args.record)
 
 
 if __name__ == "__main__":

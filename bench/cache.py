@@ -41,6 +41,7 @@ from common.cache import ExtractionSettings, LazyEncoder, embed_clips, open_stor
 from common.config import DataConfig
 from common.data.esc50 import read_esc50
 from common.logs import setup_logging
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.cache")
 
@@ -112,6 +113,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=12, help="L pooled tokens (the config default)")
     parser.add_argument("--work", default="", help="work folder (default: a temporary one, removed at the end)")
     parser.add_argument("--hit-pass", nargs=3, metavar=("ROOT", "CACHE", "MODEL"), help=argparse.SUPPRESS)
+    add_record_argument(parser)
     args = parser.parse_args()
     if args.hit_pass:
         hit_pass(args)
@@ -172,7 +174,7 @@ def main() -> None:
             "extract_rss_mb": round(extract_rss, 1),
             "identical": True,
         }
-        print(json.dumps(result))
+        emit(result, record=args.record)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -12,7 +12,6 @@ Prints one JSON object as its last line.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ from ops.deploy.compose import NUM_SITES, ComposeFederation
 from ops.deploy.images import OFFLINE_BASE, ROLES, ROOTFS_IMAGE, build_images, docker_ready
 from common.logs import setup_logging
 from workspace import isolated_cache  # the sibling module (bench/ is this script's sys.path[0])
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.deploy")
 
@@ -44,6 +44,7 @@ def main() -> int:
     parser.add_argument("--cold", action="store_true")
     parser.add_argument("--tag", default="bench")
     parser.add_argument("--work", default="")
+    add_record_argument(parser)
     args = parser.parse_args()
     setup_logging()
     reason = docker_ready()
@@ -84,7 +85,7 @@ def main() -> int:
         "compose_ps": ps.strip().splitlines(),
         "down_transcript": down.strip().splitlines()[-3:],
     }
-    print(json.dumps(report))
+    emit(report, record=args.record)
     return 0 if result.ok else 1
 
 

@@ -34,6 +34,7 @@ from server_app.run_context import ServerRun
 from server_app.strategy import FedA2VStrategy
 from server_app.summary import RunSummary
 from server_app.validation import ReplyValidator
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.faults")
 
@@ -74,6 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="", help="work folder (default: a temporary one)")
     parser.add_argument("--nodes", type=int, default=3)
+    add_record_argument(parser)
     args = parser.parse_args()
     setup_logging()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="feda2v-faults-"))
@@ -98,7 +100,7 @@ def main() -> None:
         results["withheld_objects"] = drills.withheld_reply_objects(fed, work / "withheld" / "out", victim)
         log.info("drill withheld_objects: %s", results["withheld_objects"])
     results["malformed_replies"] = malformed_round(work / "malformed")
-    print(json.dumps(results))
+    emit(results, record=args.record)
 
 
 if __name__ == "__main__":

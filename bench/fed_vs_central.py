@@ -32,6 +32,7 @@ from common.logs import setup_logging
 from common.training import TrainSettings, evaluate_adapters, train_adapters
 from server_app.app import class_targets
 from workspace import cache_dir_override, isolated_cache  # the sibling module (bench/ is sys.path[0])
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.fed_vs_central")
 
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--summary", help="use this federated run's summary.json instead of running one")
     parser.add_argument("--run-config", default="", help="run-config overrides for both runs ('k=v k2=v2')")
     parser.add_argument("--num-nodes", type=int, default=3)
+    add_record_argument(parser)
     args = parser.parse_args()
     setup_logging()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -111,7 +113,7 @@ def main() -> None:
         "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "summary": str(summary_path),
     }
-    print(json.dumps(result))
+    emit(result, record=args.record)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from common.logs import setup_logging
 from common.records import ClassTensors
 from common.training import TrainSettings, evaluate_adapters, train_adapters
 from workspace import isolated_cache  # the sibling module (bench/ is this script's sys.path[0])
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.generators")
 
@@ -194,6 +195,7 @@ def main() -> None:
     parser.add_argument("--rss-tiny-ast", action="store_true", help="RSS comparison with the tiny AST instead of AST-base")
     parser.add_argument("--node-child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    add_record_argument(parser)
     args = parser.parse_args()
     setup_logging()
     if args.node_child:
@@ -214,7 +216,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="feda2v-bench-gen-") as tmp:
             result.update(rss_comparison(run, Path(tmp), full_ast=not args.rss_tiny_ast))
             result["rss_audio_encoder"] = "tiny preset" if args.rss_tiny_ast else "AST-base architecture (12 x 768, random weights)"
-    print(json.dumps(result))
+    emit(result, record=args.record)
 
 
 if __name__ == "__main__":

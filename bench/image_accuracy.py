@@ -32,6 +32,7 @@ from common.metrics.images import PictureScorer, score_images
 from common.render.generate import generate_images
 from common.render.images import read_manifest
 from common.render.trained_preset import preset_stats
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.image_accuracy")
 
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--run-config", default="", help="run-config overrides ('k=v k2=v2')")
     parser.add_argument("--num-nodes", type=int, default=3)
     parser.add_argument("--cache", default="", help="cache dir (default: a fresh one, so the preset is trained here)")
+    add_record_argument(parser)
     args = parser.parse_args()
     setup_logging()
     with tempfile.TemporaryDirectory(prefix="feda2v-bench-images-") as tmp:
@@ -97,7 +99,7 @@ def main() -> None:
             (keep / f"{sheet.parent.name}.png").write_bytes(sheet.read_bytes())
         (keep / "report.html").write_bytes((run_dir / "report.html").read_bytes())
         result["contact_sheet"] = str(keep.resolve() / "node_0.png")
-    print(json.dumps(result))
+    emit(result, record=args.record)
 
 
 if __name__ == "__main__":

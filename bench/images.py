@@ -11,7 +11,6 @@ Last line of output: one JSON object (images_per_s_batched, images_per_s_single,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import tempfile
@@ -25,7 +24,8 @@ from common.factory import resolve_device
 from common.logs import setup_logging
 from common.render.backend import Conditioning
 from common.render.jobs import render_job
-from workspace import isolated_cache  # the sibling module (bench/ is this script's sys.path[0])
+from record import add_record_argument, emit  # the sibling modules (bench/ is this script's sys.path[0])
+from workspace import isolated_cache
 
 
 def run(cfg: FedA2VConfig, n: int, out: Path) -> float:
@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--run-config", default="", help="run-config overrides ('render.resolution=64 render.steps=4')")
+    add_record_argument(parser)
     args = parser.parse_args()
     setup_logging()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -58,7 +59,7 @@ def main() -> None:
         batched = run(batched_cfg, args.images, Path(tmp) / "batched")
         single = run(single_cfg, args.images, Path(tmp) / "single")
     r = batched_cfg.render
-    print(json.dumps({
+    emit({
         "images_per_s_batched": round(batched, 2),
         "images_per_s_single": round(single, 2),
         "ratio": round(batched / single, 3) if single else None,
@@ -70,7 +71,7 @@ def main() -> None:
         "dtype": r.dtype,
         "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
         "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }))
+    }, record=args.record)
 
 
 if __name__ == "__main__":

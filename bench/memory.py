@@ -25,6 +25,7 @@ from fed_vs_central import run_federated  # the sibling script (bench/ is this s
 from workspace import isolated_cache
 
 from common.logs import setup_logging
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.memory")
 
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--after", type=int, default=3)
     parser.add_argument("--num-nodes", type=int, default=3)
     parser.add_argument("--run-config", default="", help="extra run-config overrides ('k=v k2=v2')")
+    add_record_argument(parser)
     args = parser.parse_args()
     setup_logging()
     isolated_cache(prefix="feda2v-bench-memory")
@@ -67,7 +69,7 @@ def main() -> None:
            "series_mb": {k: [round(v, 1) for v in vals] for k, vals in series.items()},
            "final_test_retrieval_acc": summary["final"].get("test_retrieval_acc")}
     log.info("worst growth after round %d: %s %.2f%%", args.after, worst, 100 * result[worst]["growth_max"])
-    print(json.dumps(out))
+    emit(out, record=args.record)
 
 
 if __name__ == "__main__":

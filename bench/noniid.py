@@ -38,6 +38,7 @@ from common.config_overrides import parse_overrides
 from common.data.synth import SYNTH_CLASSES
 from common.logs import setup_logging
 from common.report.run_data import server_seconds_per_round
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.noniid")
 
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-epochs", type=int, default=6)
     parser.add_argument("--run-config", default="", help="extra run-config overrides for every run ('k=v k2=v2')")
+    add_record_argument(parser)
     args = parser.parse_args()
     setup_logging()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -124,7 +126,7 @@ def main() -> None:
                              "test_clips": int(len(y_test)), "seconds": seconds,
                              "server_seconds_per_round": server}
             log.info("%s: %s", split, result[split])
-    print(json.dumps(result))
+    emit(result, record=args.record)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from ops.deploy import drills
 from ops.deploy.local import LocalFederation
 from common.logs import setup_logging
 from common.report.run_data import server_step_seconds
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.round_latency")
 
@@ -103,6 +104,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--work", default="", help="work folder (default: a temporary one)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    add_record_argument(parser)
     args = parser.parse_args()
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not chosen or any(v not in VARIANTS for v in chosen):
@@ -129,7 +131,7 @@ def main() -> None:
             results[name] = {"run_seconds": round(time.monotonic() - t0, 1),
                              **breakdown(json.loads((out / name / "summary.json").read_text()))}
             log.info("%s: %s", name, results[name]["steady"])
-    print(json.dumps(results))
+    emit(results, record=args.record)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from workspace import isolated_cache
 
 from common.logs import setup_logging
 from common.report.run_data import server_step_seconds
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.scale")
 
@@ -104,6 +105,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--run-config", default="", help="extra run-config overrides for every run ('k=v k2=v2')")
     parser.add_argument("--cache", default="", help="cache dir (default: a fresh one, warmed by an untimed run)")
+    add_record_argument(parser)
     args = parser.parse_args()
     setup_logging()
     counts = [int(v) for v in args.nodes.split(",") if v.strip()]
@@ -119,7 +121,7 @@ def main() -> None:
             log.info("N=%d: %s", n, {k: v for k, v in result.items() if k != "rounds"})
             print(json.dumps(result), flush=True)
             results[str(n)] = result
-    print(json.dumps({"workers": workers, "per_n": results}))
+    emit({"workers": workers, "per_n": results}, record=args.record)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from fed_vs_central import run_federated  # the sibling script (bench/ is this s
 from workspace import isolated_cache
 
 from common.logs import setup_logging
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.wire")
 PARTS = ("wire_bytes_train_down", "wire_bytes_train_up", "wire_bytes_evaluate_down", "wire_bytes_per_node")
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--codecs", default="float32,int8")
     parser.add_argument("--num-nodes", type=int, default=3)
     parser.add_argument("--run-config", default="", help="extra run-config overrides ('k=v k2=v2')")
+    add_record_argument(parser)
     args = parser.parse_args()
     setup_logging()
     isolated_cache(prefix="feda2v-bench-wire")  # one cache for every codec's run, the benchmark's own
@@ -60,7 +62,7 @@ def main() -> None:
     first = result[codecs[0]]["mb_per_node"]["wire_bytes_per_node"][-1]
     result["steady_ratio_vs_" + codecs[0]] = {
         c: round(first / result[c]["mb_per_node"]["wire_bytes_per_node"][-1], 2) for c in codecs[1:]}
-    print(json.dumps(result))
+    emit(result, record=args.record)
 
 
 if __name__ == "__main__":
