@@ -15,8 +15,8 @@ once per variant after an untimed warm-up run that fills the embedding cache:
   keeps the objects (the weights) in a Python dict instead of SQLite, and nothing survives a
   SuperLink restart.
 
-Every variant but "memory" runs the SuperLink with a ``--database`` file, as README's deployment
-guide does.
+Every variant but "memory" runs the SuperLink with a ``--database`` file, as the deployment guide
+(docs/deployment.md) does.
 
 Every run's ServerApp retries in-flight reply objects promptly. Per round, from ``summary.json``:
 

@@ -34,7 +34,16 @@ from flwr.clientapp import ClientApp
 
 from client_app.augment import augment_from_server
 from client_app.generators import shareable_classes, train_node_generators
-from client_app.held import HELD, HeldRecordMissing, by_reference, forget_files, held, missing_reply, resolve, state_keys
+from client_app.held import (
+    HELD,
+    HeldRecordMissing,
+    by_reference,
+    forget_files,
+    held,
+    missing_reply,
+    resolve,
+    state_keys,
+)
 from client_app.node_data import NodeDataMemo, load_node_data, node_cache_dir
 from client_app.node_state import LOCAL_ADAPTERS, DiskState, release_noted, state_dir
 from client_app.pretrained import load_node_bank, pretrained_index, synthetic_train_set
@@ -42,23 +51,30 @@ from client_app.render import render_node_images
 from common import seeds
 from common.config import FedA2VConfig, NodeRuntimeConfig, load_config
 from common.errors import redact_paths
-from common.logs import setup_logging
-from common.names import folder_name_problem
 from common.factory import adapter_config, build_adapters, resolve_device
-from common.metrics.resources import (ENTRY_UNIX, EXIT_UNIX, memory_metrics, process_age_seconds, release_memory,
-                                      warm_start)
+from common.logs import setup_logging
+from common.metric_keys import NUM_EXAMPLES, NUM_VAL, PARTITION_ID, TEST_ACC, TEST_ACC_CLIP, TEST_ACC_T5
+from common.metrics.resources import (
+    ENTRY_UNIX,
+    EXIT_UNIX,
+    memory_metrics,
+    process_age_seconds,
+    release_memory,
+    warm_start,
+)
 from common.models.adapters import Adapters
+from common.names import folder_name_problem
 from common.records import (
     ARRAYS,
-    CONFIG,
-    GLOBAL_MODEL,
-    RUN_IDENTITY,
-    RUN_NAME,
     CLASS_MEANS,
     CLASS_MEANS_META,
+    CONFIG,
     GENERATORS,
     GENERATORS_META,
+    GLOBAL_MODEL,
     METRICS,
+    RUN_IDENTITY,
+    RUN_NAME,
     TARGETS,
     TARGETS_META,
     ClassTensors,
@@ -300,7 +316,7 @@ def train(msg: Message, context: Context) -> Message:
     means = ClassTensors([class_names[i] for i in present], clip_means[present], t5_means[present], counts[present])
     release_memory()  # what training freed goes back to the OS before the memory is measured
     metrics = {
-        "num-examples": int(labels.numel()),
+        NUM_EXAMPLES: int(labels.numel()),
         "withheld_classes": len(withheld),  # privacy.min-class-count: too few clips to share a mean
         "withheld_clips": int(counts[withheld].sum()) if withheld else 0,
         "augmented_samples": augmented,
@@ -308,7 +324,7 @@ def train(msg: Message, context: Context) -> Message:
         "train_loss_clip": losses["loss_clip"],
         "train_loss_t5": losses["loss_t5"],
         "train_seconds": train_seconds,
-        "partition_id": node.partition_id,
+        PARTITION_ID: node.partition_id,
         **state_metrics,
         **data_metrics,
         **memory_metrics(),
@@ -346,13 +362,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, node, targets, disk, _, state_metrics = _setup(msg, context, evaluate=True)
     device = resolve_device(cfg)
     adapters, _ = _adapters(cfg, msg, context, targets)
-    metrics: dict[str, float | int] = {"num-examples": 0, "num_val": 0, "partition_id": node.partition_id,
+    metrics: dict[str, float | int] = {NUM_EXAMPLES: 0, NUM_VAL: 0, PARTITION_ID: node.partition_id,
                                        **state_metrics}
     empty = ["val", "test"]
     if cfg.node_holds_audio(node.partition_id):
         data = load_node_data(cfg, node, cache_only=_cache_only(cfg), memo=NODE_DATA)
         _check_classes(targets, data.class_names, node)
-        metrics.update({"num-examples": len(data.splits["test"]), "num_val": len(data.splits["val"])})
+        metrics.update({NUM_EXAMPLES: len(data.splits["test"]), NUM_VAL: len(data.splits["val"])})
         settings = TrainSettings.from_config(cfg.train, seed=cfg.seed)
         empty = [name for name in ("val", "test") if not len(data.splits[name])]
         for name in ("val", "test"):
@@ -369,8 +385,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     if "test" not in empty:
         log.info(
             "node %d: test retrieval acc %.3f (clip %.3f, t5 %.3f) on %d clips",
-            node.partition_id, metrics["test_retrieval_acc"], metrics["test_retrieval_acc_clip"],
-            metrics["test_retrieval_acc_t5"], metrics["num-examples"],
+            node.partition_id, metrics[TEST_ACC], metrics[TEST_ACC_CLIP],
+            metrics[TEST_ACC_T5], metrics[NUM_EXAMPLES],
         )
     server_round = int(_round_config(msg).get("server-round", 0))
     if cfg.render.due(server_round, cfg.num_rounds):  # the aggregated adapters of this round draw the images

@@ -89,9 +89,10 @@ def resolve_classes(cfg: FedA2VConfig, root: Path | None = None) -> list[str]:
     if cfg.data.classes:
         return list(cfg.data.classes)
     if root is None or not root.is_dir():
+        where = f"data.root '{root}' is not a directory here" if root is not None else "data.root is not set"
         raise ConfigError(
-            "data.classes is empty and the dataset is not available here: list the federation's "
-            "classes in data.classes (the server needs them to compute text targets)"
+            f"data.classes is empty and the dataset is not available here ({where}): set data.root, or list the "
+            "federation's classes in data.classes (the server needs them to compute text targets)"
         )
     try:
         categories = list_classes(cfg.data.dataset, root, cfg.data.audio_dir)

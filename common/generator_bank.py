@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from common.checkpoints import CheckpointError, load_tensors, save_tensors
+from common.config.choices import GRANULARITIES
 from common.errors import FedA2VError
 from common.models.generators import (
     ConditionalGAN,
@@ -57,7 +58,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-GRANULARITIES: tuple[str, ...] = ("unified", "per_class", "per_group")
 OTHER_GROUP = "other"
 CHECKPOINT_FORMAT = "feda2v-generator/1"
 SUFFIX = ".safetensors"

@@ -7,8 +7,10 @@ from collections.abc import Callable
 
 from flwr.app import MetricRecord, RecordDict
 
-ID_KEYS = ("partition_id",)
-SUMMED = ("num_val", "skipped_files", "images_rendered", "images_skipped", "images_scored")  # counts: summed over nodes
+from common.metric_keys import NUM_EXAMPLES, NUM_VAL, PARTITION_ID
+
+ID_KEYS = (PARTITION_ID,)
+SUMMED = (NUM_VAL, "skipped_files", "images_rendered", "images_skipped", "images_scored")  # counts: summed over nodes
 
 
 def _gather(records: list[RecordDict], weighted_by_key: str) -> tuple[dict[str, float], dict[str, list[tuple[float, float]]]]:
@@ -25,7 +27,7 @@ def _gather(records: list[RecordDict], weighted_by_key: str) -> tuple[dict[str, 
             if key in (weighted_by_key, *SUMMED):
                 counts[key] = counts.get(key, 0.0) + float(value)  # counts are summed, not averaged
                 continue
-            weight_key = ("num_val" if key.startswith("val_") and "num_val" in metrics
+            weight_key = (NUM_VAL if key.startswith("val_") and NUM_VAL in metrics
                           else "images_scored" if key.startswith("image_") and "images_scored" in metrics
                           else weighted_by_key)
             values.setdefault(key, []).append((float(value), float(metrics.get(weight_key, 0))))
@@ -53,14 +55,14 @@ def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> Metric
     return _weighted_means(*_gather(records, weighted_by_key))
 
 
-def median_metrics(records: list[RecordDict], weighted_by_key: str = "num-examples") -> MetricRecord:
+def median_metrics(records: list[RecordDict], weighted_by_key: str = NUM_EXAMPLES) -> MetricRecord:
     """The median over nodes of each metric (counts summed, ids left out): one node, whatever it reports,
     cannot move a median beyond the range of the others' values. A key is over the nodes that reported it."""
     counts, values = _gather(records, weighted_by_key)
     return MetricRecord({**counts, **{k: statistics.median(v for v, _ in pairs) for k, pairs in values.items()}})
 
 
-def trimmed_metrics(records: list[RecordDict], weighted_by_key: str = "num-examples",
+def trimmed_metrics(records: list[RecordDict], weighted_by_key: str = NUM_EXAMPLES,
                     trim_fraction: float = 0.2) -> MetricRecord:
     """Per metric, the nodes' values sorted, ``int(trim_fraction * nodes)`` cut from each end, the rest
     averaged weighted by their clips (counts summed, ids left out). Why: a median over nodes that hold

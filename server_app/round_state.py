@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from common.generator_bank import GeneratorBank
+from common.metric_keys import PARTITION_ID
 from common.records import (
     ARRAYS,
     CLASS_MEANS,
@@ -95,7 +96,7 @@ def partition_id(msg: Message) -> int:
     """The node's partition id from its metrics (its Flower node id when it did not say)."""
     metrics = msg.content[METRICS] if METRICS in msg.content else {}
     try:
-        return int(metrics.get("partition_id", msg.metadata.src_node_id))  # type: ignore[union-attr]
+        return int(metrics.get(PARTITION_ID, msg.metadata.src_node_id))  # type: ignore[union-attr]
     except (TypeError, ValueError):
         return int(msg.metadata.src_node_id)
 
@@ -163,7 +164,7 @@ def collect_train_replies(server_round: int, replies: Iterable[Message], validat
 def claimed_partition(msg: Message) -> str:
     """The partition id a reply claims, for messages about it ('?' when it claims none that reads)."""
     try:
-        value = msg.content[METRICS]["partition_id"]  # type: ignore[index]
+        value = msg.content[METRICS][PARTITION_ID]  # type: ignore[index]
         return str(int(value)) if isinstance(value, (int, float)) and abs(value) < 2**63 else "?"
     except Exception:  # noqa: BLE001 - only a label for the log
         return "?"

@@ -32,15 +32,35 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.records import ARRAYS, METRICS, SERVER_GENERATOR, SERVER_GENERATOR_META, TARGETS, TARGETS_META, ClassTensors, bank_to_records
+from common.config import FedA2VConfig
+from common.metric_keys import TEST_ACC, TEST_ACC_CLIP, TEST_ACC_T5
+from common.records import (
+    ARRAYS,
+    METRICS,
+    SERVER_GENERATOR,
+    SERVER_GENERATOR_META,
+    TARGETS,
+    TARGETS_META,
+    ClassTensors,
+    bank_to_records,
+)
 from common.wire import HELD, WIRE, WireError, content_bytes, decode, encode, is_delta, received, wire_config
 from server_app.holdings import NodeHoldings
 from server_app.metrics import EVALUATE_AGGREGATES, median_metrics
 from server_app.pipeline import Pipeline
 from server_app.quorum import check_quorum, wait_for_nodes
+from server_app.round_state import (
+    RoundState,
+    claimed_partition,
+    collect_train_replies,
+    describe_error,
+    fail_if_all_failed,
+    partition_id,
+)
 from server_app.server_generator import ServerGeneratorStep
-from server_app.round_state import RoundState, claimed_partition, collect_train_replies, describe_error, fail_if_all_failed, partition_id
 from server_app.validation import Rejected, ReplyValidator
+
+_DEFAULT = FedA2VConfig()  # the keyword defaults below are the config's, declared there once
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +79,12 @@ class FedA2VStrategy(FedAvg):
         after_round: Pipeline,
         send_generator: ServerGeneratorStep | None = None,
         validator: ReplyValidator | None = None,
-        min_replies: float = 1,
-        connect_timeout: float = 300.0,
+        min_replies: float = _DEFAULT.min_replies,
+        connect_timeout: float = _DEFAULT.connect_timeout,
         round_offset: int = 0,
-        wire_codec: str = "float32",
-        evaluate_metrics: str = "weighted",
-        trim_fraction: float = 0.2,
+        wire_codec: str = _DEFAULT.wire_codec,
+        evaluate_metrics: str = _DEFAULT.robust.evaluate,
+        trim_fraction: float = _DEFAULT.robust.trim_fraction,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -185,9 +205,9 @@ class FedA2VStrategy(FedAvg):
             log.info(
                 "[round %d] global test retrieval acc %.4f (clip %.4f, t5 %.4f) | test loss %.4f | %d nodes",
                 server_round,
-                global_metrics.get("test_retrieval_acc", float("nan")),
-                global_metrics.get("test_retrieval_acc_clip", float("nan")),
-                global_metrics.get("test_retrieval_acc_t5", float("nan")),
+                global_metrics.get(TEST_ACC, float("nan")),
+                global_metrics.get(TEST_ACC_CLIP, float("nan")),
+                global_metrics.get(TEST_ACC_T5, float("nan")),
                 global_metrics.get("test_loss", float("nan")),
                 len(nodes),
             )

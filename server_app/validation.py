@@ -37,10 +37,19 @@ from flwr.app import Message, RecordDict
 
 from common.factory import embedding_shape
 from common.generator_bank import GeneratorCheckpointError, bank_from_tensors
-from common.records import CLASS_MEANS, CLASS_MEANS_META, GENERATORS, GENERATORS_META, METRICS, RecordError, ClassTensors
-from common.wire import WireError, content_bytes, record_tensors
+from common.metric_keys import NUM_EXAMPLES, NUM_VAL, PARTITION_ID
 from common.models.generators import GeneratorSpec
 from common.owners import OWNERS_FILE
+from common.records import (
+    CLASS_MEANS,
+    CLASS_MEANS_META,
+    GENERATORS,
+    GENERATORS_META,
+    METRICS,
+    ClassTensors,
+    RecordError,
+)
+from common.wire import WireError, content_bytes, record_tensors
 from server_app.identity import PartitionOwners
 
 MAX_METRIC = 1e15  # any metric that is neither an accuracy nor a count (seconds, losses, byte counts)
@@ -48,7 +57,7 @@ MAX_META_CHARS = 1 << 20  # JSON metadata of a generator bank
 MAX_PARTITION_ID = 1 << 31
 #: Metrics that count clips, files or images: integers in [0, robust.max-examples]
 COUNT_KEYS = frozenset({
-    "num-examples", "num_val", "images_scored", "images_rendered", "images_skipped", "skipped_files",
+    NUM_EXAMPLES, NUM_VAL, "images_scored", "images_rendered", "images_skipped", "skipped_files",
     "missing_files", "forget_files", "withheld_clips", "withheld_classes", "cache_hits", "cache_misses",
 })
 
@@ -130,7 +139,7 @@ class ReplyValidator:
     def check_partition(self, node_id: int, metrics: Mapping[str, Any], seen: set[int],
                         connected: set[int] | None = None) -> int:
         """The reply's partition id (its Flower node id when it did not say), checked against its owner."""
-        pid = int(metrics.get("partition_id", node_id))
+        pid = int(metrics.get(PARTITION_ID, node_id))
         if not 0 <= pid < MAX_PARTITION_ID:
             raise Rejected(f"partition id {pid} out of range")
         reason = self.check_identity(node_id, pid, seen, connected)
@@ -164,8 +173,8 @@ class ReplyValidator:
                 return f"metric '{key}' is not a number ({type(value).__name__})"
             if not math.isfinite(float(value)):
                 return f"metric '{key}' is not finite ({value})"
-            if key in COUNT_KEYS or key == "partition_id":
-                if float(value) != int(value) or not 0 <= int(value) <= (MAX_PARTITION_ID if key == "partition_id"
+            if key in COUNT_KEYS or key == PARTITION_ID:
+                if float(value) != int(value) or not 0 <= int(value) <= (MAX_PARTITION_ID if key == PARTITION_ID
                                                                           else max_count):
                     return f"metric '{key}' must be an integer in [0, {max_count}] (robust.max-examples), got {value}"
             elif is_accuracy(key):
@@ -173,7 +182,7 @@ class ReplyValidator:
                     return f"metric '{key}' is an accuracy outside [0, 1]: {value}"
             elif abs(float(value)) > MAX_METRIC:
                 return f"metric '{key}' is out of bounds ({value:g}, at most {MAX_METRIC:g})"
-        n = metrics.get("num-examples")
+        n = metrics.get(NUM_EXAMPLES)
         if n is None:
             return "metrics lack 'num-examples'"
         if int(n) < min_examples:
@@ -235,7 +244,7 @@ class ReplyValidator:
         if state["counts"].dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise Rejected(f"class-mean counts are {state['counts'].dtype}, expected integers")
         counts = [int(c) for c in state["counts"].tolist()]  # Python ints: a sum cannot wrap
-        n = int(metrics["num-examples"])
+        n = int(metrics[NUM_EXAMPLES])
         withheld = int(metrics.get("withheld_clips", 0))
         bad = [c for c in counts if not 1 <= c <= n]
         if bad:

@@ -1,4 +1,4 @@
-"""Configuration: strict validation, precedence, and the pyproject/README mirrors staying in sync."""
+"""Configuration: strict validation, precedence, and the pyproject/docs mirrors staying in sync."""
 
 from __future__ import annotations
 
@@ -153,8 +153,8 @@ def test_unflatten_conflict():
 
 
 def test_readme_configuration_reference_is_current():
-    readme = (ROOT / "README.md").read_text()
-    assert markdown_reference() in readme, "README's configuration reference is stale: paste `feda2v config reference`"
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert markdown_reference() in page, "docs/configuration.md's reference is stale: run python tools/sync_config_docs.py"
 
 
 @pytest.mark.parametrize("bad", ["..", ".", "a/b", "/abs", "../up", "a\\b", "x\0y", "C:x", " x", "x" * 129])
@@ -175,3 +175,17 @@ def test_node_min_class_count_is_a_count():
     assert NodeRuntimeConfig.from_node_config({**node, "min-class-count": 5}).min_class_count == 5
     with pytest.raises(ConfigError, match="min-class-count"):
         NodeRuntimeConfig.from_node_config({**node, "min-class-count": -1})
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (['data.dataset="vegas"'], "data.root"),  # a simulation's nodes have no data-root of their own
+    (['data.dataset="esc50" data.root="/no/such/folder"'], "data.root '/no/such/folder'"),
+    (["min-nodes=4"], "min-nodes=4"),
+])
+def test_feda2v_run_refuses_a_federation_that_cannot_work_before_starting_it(overrides, named):
+    """`feda2v run` checks what the submitting host can know before it starts a SuperLink, naming the key."""
+    from ops.cli.run import check_federation
+
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        check_federation(ROOT, overrides, 3)
+    check_federation(ROOT, [], 3)  # the embedded default passes

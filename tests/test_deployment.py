@@ -1,6 +1,6 @@
 """End to end on Flower's deployment runtime: real ``flower-superlink`` / ``flower-supernode`` processes.
 
-The same commands README's deployment guide gives a site, with every port free and every file in the
+The same commands the deployment guide (docs/deployment.md) gives a site, with every port free and every file in the
 test's tmp dir (:class:`ops.deploy.local.LocalFederation`):
 
     feda2v deploy certs pki --name 127.0.0.1 --name localhost [--name <LAN address>]

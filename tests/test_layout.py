@@ -1,5 +1,5 @@
 """The layout rules: imports run one way (common <- client_app, server_app <- ops), no import cycles, the
-operations package is never imported by the apps and starts a SuperNode without torch, and README's map
+operations package is never imported by the apps and starts a SuperNode without torch, and the docs' map
 of the code is the one generated from the modules' docstrings."""
 
 from __future__ import annotations
@@ -102,6 +102,6 @@ def test_no_import_cycles():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
-def test_readme_code_map_is_current():
+def test_docs_code_map_is_current():
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "code_map.py"), "--check"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -1,7 +1,7 @@
-"""Regenerate the two mirrors of the config schema: pyproject's run-config defaults and README's table.
+"""Regenerate the two mirrors of the config schema: pyproject's run-config defaults and the docs' reference.
 
-Why: Flower reads the run-config defaults from ``[tool.flwr.app.config]`` and README documents every
-key; both are derived from :class:`common.config.FedA2VConfig` and ``tests/test_config.py`` fails when
+Why: Flower reads the run-config defaults from ``[tool.flwr.app.config]`` and docs/configuration.md
+documents every key; both are derived from :class:`common.config.FedA2VConfig` and ``tests/test_config.py`` fails when
 they drift. Run ``python tools/sync_config_docs.py`` after changing the schema.
 """
 
@@ -44,10 +44,10 @@ def main() -> None:
     start = text.index(head) + len(head)
     end = text.index("[tool.pytest.ini_options]")
     pyproject.write_text(text[:start] + pyproject_block() + text[end:])
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    readme.write_text(text[: text.index(TABLE_HEAD)] + markdown_reference() + "\n")
-    print("updated pyproject.toml [tool.flwr.app.config] and README.md's configuration table")
+    page = ROOT / "docs" / "configuration.md"
+    text = page.read_text()
+    page.write_text(text[: text.index(TABLE_HEAD)] + markdown_reference() + "\n")
+    print("updated pyproject.toml [tool.flwr.app.config] and docs/configuration.md's reference table")
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+from common.config.choices import STORAGE_DTYPES
+
 __all__ = ["CACHE_FORMAT", "STORAGE_DTYPES", "cache_key", "cache_key_fields", "dataset_id", "diff_fields"]
 
 # Bump when the on-disk layout (shard metadata, index schema) changes incompatibly.
 CACHE_FORMAT = 1
-STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def cache_key_fields(encoder_identity: dict[str, Any], storage_dtype: str) -> dict[str, Any]:

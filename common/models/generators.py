@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.config.choices import GENERATOR_KINDS
 from common.seeds import seeded
 
 if TYPE_CHECKING:
@@ -70,7 +71,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-GENERATOR_KINDS = ("vae", "gan")
 DEFAULT_LR = {"vae": 3e-3, "gan": 1e-3, "gan_d": 2e-3}  # used where GeneratorTrainSettings leaves lr None
 
 

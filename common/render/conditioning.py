@@ -13,12 +13,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from common.config.choices import CALIBRATIONS, ORACLES
 from common.records import ClassTensors
 from common.render.backend import Conditioning
 from common.training import predict
 
-ORACLES = ("none", "clip", "t5", "both")
-CALIBRATIONS = ("none", "target-radius", "target-span", "target-soft")
 WHITEN_FLOOR = 0.05  # target-soft: no span direction counts more than 1 / (this x the strongest one's spread)
 
 

@@ -20,9 +20,10 @@ from jinja2 import Environment, select_autoescape
 from PIL import Image
 
 from common.atomic import atomic_write_text
+from common.metric_keys import ACCURACY_KEYS, TEST_ACC, TEST_ACC_CLIP, TEST_ACC_T5, VAL_ACC
 from common.provenance import versions
 from common.report import plots
-from common.report.run_data import ACCURACY_KEYS, EVAL_LOSS_KEYS, LOSS_KEYS, RunData
+from common.report.run_data import EVAL_LOSS_KEYS, LOSS_KEYS, RunData
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,8 @@ def _acc_plots(run: RunData) -> list[dict[str, Any]]:
     curves = {key.replace("_retrieval_acc", "").replace("_", " ") or key: run.series("evaluate", key) for key in ACCURACY_KEYS}
     figs.append(("Global retrieval accuracy (test: both branches, CLIP, T5; val)",
                  plots.line_plot("global retrieval accuracy", curves, ylabel="accuracy", ylim=(0, 1.02))))
-    for key, label in (("test_retrieval_acc", "test"), ("test_retrieval_acc_clip", "test, CLIP branch"),
-                       ("test_retrieval_acc_t5", "test, T5 branch")):
+    for key, label in ((TEST_ACC, "test"), (TEST_ACC_CLIP, "test, CLIP branch"),
+                       (TEST_ACC_T5, "test, T5 branch")):
         per_node = {f"node {n}": run.series("evaluate", key, n) for n in run.nodes}
         figs.append((f"Per-node retrieval accuracy ({label})",
                      plots.line_plot(f"per-node retrieval accuracy ({label})", per_node, ylabel="accuracy", ylim=(0, 1.02))))
@@ -173,18 +174,18 @@ def write_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
     runs = [RunData.load(d) for d in run_dirs]
     names = _unique_names(runs)
     curves = []
-    for key, title in (("test_retrieval_acc", "global test retrieval accuracy"),
-                       ("test_retrieval_acc_clip", "global test retrieval accuracy, CLIP branch"),
-                       ("test_retrieval_acc_t5", "global test retrieval accuracy, T5 branch"),
-                       ("val_retrieval_acc", "global validation retrieval accuracy")):
+    for key, title in ((TEST_ACC, "global test retrieval accuracy"),
+                       (TEST_ACC_CLIP, "global test retrieval accuracy, CLIP branch"),
+                       (TEST_ACC_T5, "global test retrieval accuracy, T5 branch"),
+                       (VAL_ACC, "global validation retrieval accuracy")):
         png = plots.line_plot(title, {n: r.series("evaluate", key) for n, r in zip(names, runs)}, ylabel="accuracy",
                               ylim=(0, 1.02))
         curves.append({"title": title, "src": data_uri(png)})
     png = plots.line_plot("train loss (weighted mean over nodes)", {n: r.series("train", "train_loss") for n, r in zip(names, runs)},
                           ylabel="loss")
     curves.append({"title": "train loss", "src": data_uri(png)})
-    columns = ["status", "rounds", "aggregation", "test_retrieval_acc", "test_retrieval_acc_clip", "test_retrieval_acc_t5",
-               "val_retrieval_acc", "image_acc", "total_seconds"]
+    columns = ["status", "rounds", "aggregation", TEST_ACC, TEST_ACC_CLIP, TEST_ACC_T5,
+               VAL_ACC, "image_acc", "total_seconds"]
     rows = []
     for name, run in zip(names, runs):
         final = _final(run)

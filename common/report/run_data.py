@@ -19,7 +19,6 @@ from common.errors import FedA2VError
 
 log = logging.getLogger(__name__)
 
-ACCURACY_KEYS = ("test_retrieval_acc", "test_retrieval_acc_clip", "test_retrieval_acc_t5", "val_retrieval_acc")
 LOSS_KEYS = ("train_loss", "train_loss_clip", "train_loss_t5")
 EVAL_LOSS_KEYS = ("val_loss", "test_loss")
 GENERATOR_KEYS = ("gen_fd_ratio", "gen_precision", "gen_recall", "gen_density", "gen_coverage")

@@ -5,7 +5,7 @@ deployment (``deploy``).
 ``feda2v run`` is a thin wrapper around ``flwr run`` (see :mod:`ops.launcher`) that sets what a
 local simulation needs on this kind of machine (no run-time dependency installation, 1 CPU per
 simulated node, log streaming) and runs from a neutral directory (Flower's local SuperLink keeps the
-working directory of the first ``flwr run``). Plain ``flwr run .`` works too; see README.md.
+working directory of the first ``flwr run``). Plain ``flwr run .`` works too; see docs/index.md.
 
 Each command group is one module of this package with ``add_parser(subparsers)``; the commands only
 parse arguments and call library functions. Errors: a :class:`~common.errors.FedA2VError` (wrong

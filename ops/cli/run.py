@@ -21,6 +21,12 @@ def check_federation(app_dir: Path, overrides: list[str], num_supernodes: int) -
             key, _, value = item.partition("=")
             flat[key.strip()] = parse_toml_value(value)
     cfg = load_config(flat, search_dirs=(app_dir,))
+    if cfg.data.dataset != "synthetic":  # simulated nodes have no node-config data-root: data.root is theirs
+        if not cfg.data.root:
+            raise ConfigError(f"data.dataset='{cfg.data.dataset}' needs data.root: the dataset folder every simulated "
+                              "node reads (a deployed site may set its own node-config 'data-root' instead)")
+        if not Path(cfg.data.root).expanduser().is_dir():
+            raise ConfigError(f"data.root '{cfg.data.root}' does not exist or is not a directory")
     if cfg.min_nodes > num_supernodes:
         raise ConfigError(f"min-nodes={cfg.min_nodes} but --num-supernodes={num_supernodes}: the run would wait for "
                           "nodes that never connect; lower min-nodes or simulate more nodes")

@@ -1,6 +1,6 @@
 """The compose federation of ``docker/`` driven from Python: secrets, ``up``, registration, runs, ``down``.
 
-The same steps README's docker guide lists, in order: make the CA, the server certificate and one
+The same steps the docker guide (docs/deployment.md) lists, in order: make the CA, the server certificate and one
 key per SuperNode (:mod:`ops.deploy.pki`), start the SuperLink alone, register the nodes' public
 keys with ``flwr supernode register`` from the host, start everything else, submit the app with
 ``flwr run`` from the host, and ``down -v`` at the end. Every compose project gets its own name, so
@@ -88,7 +88,7 @@ class ComposeFederation:
         secrets; all owned by the images' user (uid 49999), who must read them inside the containers."""
         if os.geteuid() not in (0, IMAGE_UID):
             raise FedA2VError(f"the compose federation mounts private keys (mode 0600) that the containers' user "
-                              f"(uid {IMAGE_UID}) must read: run as root, or make the secrets as README shows with "
+                              f"(uid {IMAGE_UID}) must read: run as root, or make the secrets as docs/deployment.md shows with "
                               "`--owner 49999` under sudo")
         tls = make_tls(self.secrets, ["superlink", "localhost", "127.0.0.1"], overwrite=True)
         files = [tls.ca_cert, tls.cert, tls.key, make_secret(self.secrets, "superexec", overwrite=True)]

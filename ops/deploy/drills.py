@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.metric_keys import TEST_ACC
 from ops import launcher
 from ops.deploy.local import LocalFederation, wait_until
 
@@ -62,7 +63,7 @@ def _result(out: Path, run_name: str, num_rounds: int, status: str, t0: float, *
         "lost_rounds": num_rounds - len(set(rounds)),
         "duplicate_rounds": len(rounds) - len(set(rounds)),
         "seconds": round(time.monotonic() - t0, 1),
-        "final_acc": summary.get("final", {}).get("test_retrieval_acc"),
+        "final_acc": summary.get("final", {}).get(TEST_ACC),
         **extra,
     }
 
@@ -115,7 +116,7 @@ def kill_serverapp_then_resume(fed: LocalFederation, out: Path, num_rounds: int 
                              "resume_problem": resumed.problem}
     if reference:
         ref = fed.run(run_config(out, "uninterrupted", **config), timeout=timeout_s)
-        extra["final_acc_reference"] = summary_of(out, "uninterrupted").get("final", {}).get("test_retrieval_acc")
+        extra["final_acc_reference"] = summary_of(out, "uninterrupted").get("final", {}).get(TEST_ACC)
         extra["reference_problem"] = ref.problem
     status = launcher.COMPLETED if resumed.ok else str((resumed.status or {}).get("status"))
     return _result(out, name, num_rounds, status, t0, **extra)

@@ -7,7 +7,7 @@ same commands a site runs (``flower-superlink``, ``flower-supernode``, ``flwr su
 killed and restarted mid-run; the ServerApp process can be killed.
 
 By default everything listens on 127.0.0.1 without TLS (a loopback demo). ``secure=True`` runs the
-production setup of README's deployment guide: a CA and server certificate made here
+production setup of the deployment guide (docs/deployment.md): a CA and server certificate made here
 (:mod:`ops.deploy.pki`), the SuperLink on HTTPS with ``--enable-supernode-auth``, every node's
 key registered with ``flwr supernode register`` before the node starts. ``superlink_host`` /
 ``node_hosts`` (:class:`ops.deploy.netns.Host`) put the processes on separate hosts.
@@ -108,7 +108,7 @@ class LocalFederation:
         self.node_program = "feda2v-supernode" if prompt_supernodes else "flower-supernode"
         # per node, a program that replaces it (drills: a faulty node, ops.deploy.faulty_supernode)
         self.node_programs = {pid: list(program) for pid, program in (node_programs or {}).items()}
-        # the SuperLink's --database file (README's production setup). Without it Flower keeps its state and
+        # the SuperLink's --database file (the deployment guide's production setup). Without it Flower keeps its state and
         # every object in memory: nothing survives a SuperLink restart, but weights skip SQLite (faster rounds)
         self.superlink_database = superlink_database
         self.num_nodes = num_nodes

@@ -3,6 +3,7 @@ the count-weighted global class means of the round."""
 
 from __future__ import annotations
 
+from common.metric_keys import NUM_EXAMPLES
 from server_app.aggregators.base import Aggregator
 from server_app.metrics import aggregate_metrics
 from server_app.round_state import RoundState
@@ -11,7 +12,7 @@ from server_app.round_state import RoundState
 class AggregateStep:
     name = "aggregate adapters"
 
-    def __init__(self, aggregator: Aggregator, weighted_by_key: str = "num-examples") -> None:
+    def __init__(self, aggregator: Aggregator, weighted_by_key: str = NUM_EXAMPLES) -> None:
         self.aggregator = aggregator
         self.weighted_by_key = weighted_by_key
 
