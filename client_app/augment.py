@@ -14,7 +14,8 @@ import torch
 from flwr.app import RecordDict
 from torch import Tensor
 
-from common.records import SERVER_GENERATOR, SERVER_GENERATOR_META, RecordError, bank_from_records
+from common.generator_bank import bank_from_records
+from common.records import SERVER_GENERATOR, SERVER_GENERATOR_META, RecordError
 
 log = logging.getLogger(__name__)
 

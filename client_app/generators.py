@@ -32,11 +32,11 @@ from client_app.policy import SitePolicy
 from common import seeds
 from common.cache.embed import ExtractionSettings
 from common.cache.key import cache_key
-from common.config import ConfigError, FedA2VConfig, NodeRuntimeConfig
 from common.checkpoints import CheckpointError, load_tensors
-from common.generator_bank import GeneratorBank, save_bank
+from common.config import ConfigError, FedA2VConfig, NodeRuntimeConfig
+from common.generator_bank import GeneratorBank, bank_from_records, bank_to_records
 from common.models.generators import GeneratorSpec, GeneratorTrainSettings
-from common.records import GENERATORS, bank_from_records, bank_to_records
+from common.records import GENERATORS
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +147,9 @@ def train_node_generators(
     bank.train(train.embeddings, train.labels, data.class_names, settings)
     seconds = time.perf_counter() - t0
     key = encoder_key(cfg)
-    paths = save_bank(
-        bank, directory, gcfg.checkpoint_base, node.partition_id, server_round, gcfg.checkpoint_frequency, key,
-        extra={"run-name": run_name, "run-identity": run_identity},
+    paths = bank.save_pretrained(
+        directory, base=gcfg.checkpoint_base, node_id=node.partition_id, round=server_round,
+        checkpoint_every=gcfg.checkpoint_frequency, encoder_key=key, extra={"run-name": run_name, "run-identity": run_identity},
     )
     bank_to_records(bank, state, key, node.partition_id, server_round)  # continue from here next round
     heldout = data.splits["test"] if len(data.splits["test"]) else data.splits["val"]

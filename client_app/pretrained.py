@@ -31,8 +31,8 @@ from common import seeds
 from common.config import ConfigError, FedA2VConfig, NodeRuntimeConfig
 from common.data.partition import NodeSplit
 from common.factory import embedding_shape, resolve_classes
-from common.generator_bank import GeneratorBank, checkpoint_class_counts, load_bank
-from common.records import GENERATORS, bank_from_records, bank_to_records
+from common.generator_bank import GeneratorBank, bank_from_records, bank_to_records, checkpoint_class_counts
+from common.records import GENERATORS
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,10 @@ def load_node_bank(cfg: FedA2VConfig, node: NodeRuntimeConfig, index: NodeIndex,
     gcfg = cfg.generator
     directory = pretrained_dir(cfg, node)
     key = encoder_key(cfg)
-    bank = load_bank(
-        directory, gcfg.checkpoint_base, node.partition_id, granularity, classes, shape, key,
-        class_groups=gcfg.class_groups or None, expected_kind=gcfg.kind, round=gcfg.pretrained_round or None,
+    bank = GeneratorBank.from_pretrained(
+        directory, base=gcfg.checkpoint_base, node_id=node.partition_id, granularity=granularity, classes=classes,
+        expected_shape=shape, encoder_key=key, class_groups=gcfg.class_groups or None, kind=gcfg.kind,
+        round=gcfg.pretrained_round or None,
     )
     log.info(
         "node %d: loaded %s generators (%s, %d unit(s), classes %s) from %s%s",

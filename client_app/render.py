@@ -17,8 +17,9 @@ from flwr.app import RecordDict
 from client_app.node_data import NodeDataMemo, load_node_data, node_cache_dir
 from common import seeds
 from common.config import FedA2VConfig, NodeRuntimeConfig
+from common.generator_bank import bank_from_records
 from common.models.adapters import Adapters
-from common.records import GENERATORS, ClassTensors, bank_from_records
+from common.records import GENERATORS, ClassTensors
 from common.render.conditioning import adapter_conditioning
 from common.render.images import owner_name
 from common.render.jobs import images_dir, labels_to_classes, render_job, score_owner

@@ -145,33 +145,3 @@ class ClassTensors:
 
 CLASS_TARGETS = "class-targets"  # ClassTensors.save kinds
 CLASS_MEANS_FILE = "class-means"
-
-
-def bank_to_records(
-    bank, content: RecordDict, encoder_key: str, node_id: int | None, server_round: int,
-    name: str = GENERATORS, meta_name: str = GENERATORS_META,
-) -> None:
-    """A generator bank -> ``generators`` + ``generators-meta`` records (weights only, no data)."""
-    import json
-
-    from common.generator_bank import bank_to_tensors
-
-    tensors, meta = bank_to_tensors(bank, encoder_key, node_id=node_id, round=server_round)
-    content[name] = ArrayRecord({k: v.detach().cpu() for k, v in tensors.items()})
-    content[meta_name] = ConfigRecord({"meta": json.dumps(meta)})
-
-
-def bank_from_records(
-    content, source: str, expected_shape: tuple[int, int] | None = None,
-    name: str = GENERATORS, meta_name: str = GENERATORS_META,
-):
-    """The inverse of :func:`bank_to_records`; ``content`` is any mapping holding the two records."""
-    import json
-
-    from common.generator_bank import bank_from_tensors
-
-    if name not in content or meta_name not in content:
-        raise RecordError(f"{source}: lacks the '{name}' / '{meta_name}' records")
-    meta = json.loads(content[meta_name]["meta"])
-    tensors = content[name].to_torch_state_dict()
-    return bank_from_tensors(tensors, meta, expected_shape=expected_shape, source=source), meta

@@ -21,9 +21,9 @@ from common.checkpoints import CheckpointError, load_adapters
 from common.config import ConfigError, FedA2VConfig, config_hash, load_config
 from common.factory import adapter_config, build_adapters, embedding_shape, resolve_classes, resolve_device
 from common.logs import setup_logging
-from common.provenance import git_commit, versions
 from common.models.adapters import AdapterConfig, Adapters
 from common.models.text_encoders import compute_class_targets
+from common.provenance import git_commit, versions
 from common.records import CLASS_TARGETS, GLOBAL_MODEL, RUN_IDENTITY, RUN_NAME, ClassTensors, module_to_arrays
 from common.render.flux import check_render_settings
 from common.render.jobs import prepare_render_model

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from common.checkpoints import CheckpointError, load_adapters, save_adapters
-from common.generator_bank import save_bank
 from common.records import CLASS_MEANS_FILE
 from server_app.resume import save_resume_arrays
 from server_app.round_state import RoundState
@@ -101,10 +100,12 @@ class CheckpointStep:
         generators = self.run.run_dir / "generators"
         for pid, reply in state.replies.nodes.items():
             if reply.bank is not None:
-                save_bank(reply.bank, generators, self.generator_base, pid, r, self.checkpoint_every, reply.encoder_key)
+                reply.bank.save_pretrained(generators, base=self.generator_base, node_id=pid, round=r,
+                                           checkpoint_every=self.checkpoint_every, encoder_key=reply.encoder_key)
         if state.server_bank is not None:
-            paths = save_bank(state.server_bank, generators, self.generator_base, None, r,
-                              self.server_generator_frequency, state.replies.encoder_key)
+            paths = state.server_bank.save_pretrained(generators, base=self.generator_base, node_id=None, round=r,
+                                                      checkpoint_every=self.server_generator_frequency,
+                                                      encoder_key=state.replies.encoder_key)
             log.info("round %d: server generator saved: %s", r, [p.name for p in paths])
 
     def _keep_best(self, state: RoundState) -> None:

@@ -23,9 +23,9 @@ from typing import Protocol
 from common.config import FedA2VConfig
 from common.factory import embedding_shape
 from common.metrics.resources import memory_metrics, release_memory
-from common.report.run_data import STEP_SECONDS_PREFIX
 from common.models.generators import GeneratorSpec, GeneratorTrainSettings
 from common.render.jobs import images_dir
+from common.report.run_data import STEP_SECONDS_PREFIX
 from server_app.aggregators import AGGREGATORS, Aggregator
 from server_app.aggregators.step import AggregateStep
 from server_app.checkpoint import CheckpointStep

@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord
 
 from common.checkpoints import CheckpointError, load_tensors, save_tensors
 from common.config import ConfigError, FedA2VConfig, config_hash
-from common.generator_bank import GeneratorBank, discover_bank
+from common.generator_bank import GeneratorBank
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,8 @@ def open_run(cfg: FedA2VConfig, run_dir: Path, generator_base: str, expected_sha
                               f"{run_dir.name} without them")
     server_files = list((run_dir / "generators").glob(f"{generator_base}_server*.safetensors"))
     if server_files:
-        point.server_bank = discover_bank(run_dir / "generators", generator_base, None, expected_shape=expected_shape)
+        point.server_bank = GeneratorBank.from_pretrained(run_dir / "generators", base=generator_base, node_id=None,
+                                                           expected_shape=expected_shape)
     log.info("resuming %s after round %d (global adapters: %s, server generator: %s)", run_dir.name, last,
              "yes" if point.arrays is not None else "no", "yes" if point.server_bank is not None else "no")
     return point

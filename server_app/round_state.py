@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from common.generator_bank import GeneratorBank
+from common.generator_bank import GeneratorBank, bank_from_records
 from common.metric_keys import PARTITION_ID
 from common.records import (
     ARRAYS,
@@ -26,7 +26,6 @@ from common.records import (
     METRICS,
     ClassTensors,
     RecordError,
-    bank_from_records,
 )
 from common.wire import WireError
 from server_app.teachers import OwnerTeachers

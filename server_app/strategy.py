@@ -33,6 +33,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.config import FedA2VConfig
+from common.generator_bank import bank_to_records
 from common.metric_keys import TEST_ACC, TEST_ACC_CLIP, TEST_ACC_T5
 from common.records import (
     ARRAYS,
@@ -42,7 +43,6 @@ from common.records import (
     TARGETS,
     TARGETS_META,
     ClassTensors,
-    bank_to_records,
 )
 from common.wire import HELD, WIRE, WireError, content_bytes, decode, encode, is_delta, received, wire_config
 from server_app.holdings import NodeHoldings

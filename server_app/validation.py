@@ -36,7 +36,7 @@ import torch
 from flwr.app import Message, RecordDict
 
 from common.factory import embedding_shape
-from common.generator_bank import GeneratorCheckpointError, bank_from_tensors
+from common.generator_bank import GeneratorCheckpointError, bank_from_records
 from common.metric_keys import NUM_EXAMPLES, NUM_VAL, PARTITION_ID
 from common.models.generators import GeneratorSpec
 from common.owners import OWNERS_FILE
@@ -295,7 +295,7 @@ class ReplyValidator:
                     raise Rejected(f"generator weight '{key[:60]}' holds a value of magnitude {peak:g}")
         try:
             shape = (self.generator_spec["tokens"], self.generator_spec["dim"]) if self.generator_spec else None
-            bank = bank_from_tensors(tensors, meta, expected_shape=shape, source=source)
+            bank, _ = bank_from_records(content, source, expected_shape=shape)  # what passed the checks above
         except (GeneratorCheckpointError, RecordError, ValueError, KeyError, TypeError) as err:
             raise Rejected(f"generator bank unusable: {err}") from None
         return bank, meta

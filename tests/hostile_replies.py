@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from common.config import load_config
 from common.models.adapters import AdapterConfig, Adapters
 from common.models.generators import GeneratorSpec
-from common.records import (CLASS_MEANS, CLASS_MEANS_META, GENERATORS, GENERATORS_META, ClassTensors,
-                            bank_to_records, module_to_arrays)
+from common.generator_bank import bank_to_records
+from common.records import CLASS_MEANS, CLASS_MEANS_META, GENERATORS, GENERATORS_META, ClassTensors, module_to_arrays
 from common.wire import PACKED_LAYOUT, PACKED_PREFIX, WIRE, encode, wire_config
 from server_app.pipeline import build_pipelines
 from server_app.run_context import ServerRun

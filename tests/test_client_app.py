@@ -166,8 +166,8 @@ def test_target_class_mismatch_is_a_clear_error(data_root, tmp_path):
 
 
 def test_generator_training_mode_checkpoints_on_node_and_ships_bank_to_server(data_root, tmp_path):
-    from common.generator_bank import load_bank
-    from common.records import GENERATORS, GENERATORS_META, bank_from_records
+    from common.generator_bank import GeneratorBank, bank_from_records
+    from common.records import GENERATORS, GENERATORS_META
     from server_app.pipeline import build_pipelines
     from server_app.run_context import ServerRun
     from server_app.strategy import FedA2VStrategy
@@ -192,8 +192,8 @@ def test_generator_training_mode_checkpoints_on_node_and_ships_bank_to_server(da
     assert sorted(bank.classes) == sorted(CLASSES) and meta["granularity"] == "per_class"
     # round 2 continues from the node state and the latest file is replaced
     train(make_message(server_content(cfg, 2, run_name="gen-run")), ctx)
-    loaded = load_bank(ckpt / "gen-run", "generator", 0, "per_class", CLASSES, expected_shape=tuple(bank.shape),
-                       expected_encoder_key=meta["encoder-key"])
+    loaded = GeneratorBank.from_pretrained(ckpt / "gen-run", base="generator", node_id=0, granularity="per_class",
+                                           classes=CLASSES, expected_shape=tuple(bank.shape), encoder_key=meta["encoder-key"])
     assert sorted(loaded.classes) == sorted(CLASSES)
     # the server stores every node's generators under its run directory
     targets = class_targets(cfg, CLASSES)
@@ -239,7 +239,8 @@ def test_node_image_dir_comes_from_the_run_name_not_a_server_path(tmp_path):
 def test_site_floor_withholds_classes_the_server_would_share(data_root, tmp_path):
     """node-config min-class-count is the site's own floor: with the server's privacy.min-class-count = 1 the
     node still withholds every class it holds fewer training clips of, from class means and generators."""
-    from common.records import GENERATORS, bank_from_records
+    from common.generator_bank import bank_from_records
+    from common.records import GENERATORS
 
     root = Path(shutil.copytree(data_root, tmp_path / "esc"))
     rain = sorted(p for p in (root / "audio").glob("*.wav") if _category(root, p.name) == "rain")

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from common.checkpoints import load_tensors
+from flwr.app import RecordDict
+
 from common.generator_bank import (
     GeneratorBank,
     GeneratorCheckpointError,
     Unit,
-    bank_from_tensors,
-    bank_to_tensors,
+    bank_from_records,
+    bank_to_records,
     checkpoint_name,
-    load_bank,
     plan_units,
-    save_bank,
 )
 from common.metrics import frechet_distance
 from common.models.generators import (
@@ -200,7 +200,7 @@ def test_saved_files_per_granularity_and_round_frequency(tmp_path, granularity, 
     bank = _bank(granularity, epochs=1)
     written = []
     for rnd in range(1, 5):
-        written += save_bank(bank, tmp_path, "gen", 2, rnd, checkpoint_frequency=2, encoder_key=KEY)
+        written += _save(bank, tmp_path, "gen", 2, rnd, 2, KEY)
     expected = {f"gen_node2{p}.safetensors" for p in parts}
     expected |= {f"gen_node2{p}_round_{r}.safetensors" for p in parts for r in (2, 4)}
     assert {p.name for p in tmp_path.iterdir()} == expected
@@ -210,13 +210,13 @@ def test_saved_files_per_granularity_and_round_frequency(tmp_path, granularity, 
         assert meta["round"] == 4
     # frequency 0: only the latest files
     other = tmp_path / "f0"
-    save_bank(bank, other, "gen", 2, 4, checkpoint_frequency=0, encoder_key=KEY)
+    _save(bank, other, "gen", 2, 4, 0, KEY)
     assert {p.name for p in other.iterdir()} == {f"gen_node2{p}.safetensors" for p in parts}
 
 
 def test_checkpoint_metadata(tmp_path):
     bank = _bank("per_group", kind="gan", epochs=1)
-    save_bank(bank, tmp_path, "gen", 1, 3, 1, KEY)
+    _save(bank, tmp_path, "gen", 1, 3, 1, KEY)
     tensors, meta = load_tensors(tmp_path / "gen_node1_group_animals.safetensors")
     assert meta["type"] == "gan" and meta["granularity"] == "per_group"
     assert (meta["unit-kind"], meta["unit-name"], meta["classes"]) == ("group", "animals", ["dog", "rooster"])
@@ -232,12 +232,13 @@ def test_checkpoint_metadata(tmp_path):
 @pytest.mark.parametrize("kind", ["vae", "gan"])
 def test_save_load_round_trip_gives_identical_samples(tmp_path, granularity, kind):
     bank = _bank(granularity, kind=kind)
-    save_bank(bank, tmp_path, "gen", 0, 1, 1, KEY)
+    _save(bank, tmp_path, "gen", 0, 1, 1, KEY)
     groups = GROUPS if granularity == "per_group" else None
-    loaded = load_bank(tmp_path, "gen", 0, granularity, NAMES, (L, H), KEY, class_groups=groups)
-    from_round = load_bank(tmp_path, "gen", 0, granularity, NAMES, (L, H), KEY, class_groups=groups, round=1)
-    tensors, meta = bank_to_tensors(bank, KEY, node_id=0, round=1)
-    via_record = bank_from_tensors(tensors, meta, granularity, (L, H), KEY)
+    loaded = _load(tmp_path, "gen", 0, granularity, NAMES, (L, H), KEY, class_groups=groups)
+    from_round = _load(tmp_path, "gen", 0, granularity, NAMES, (L, H), KEY, class_groups=groups, round=1)
+    content = RecordDict()
+    bank_to_records(bank, content, KEY, 0, 1)
+    via_record, _ = bank_from_records(content, "record", (L, H), expected_granularity=granularity, expected_encoder_key=KEY)
     for cls in NAMES:
         ref = bank.sample(cls, 7, seed=11)
         for other in (loaded, from_round, via_record):
@@ -248,63 +249,64 @@ def test_save_load_round_trip_gives_identical_samples(tmp_path, granularity, kin
 
 def test_per_group_load_without_groups_finds_the_group_files(tmp_path):
     bank = _bank("per_group")
-    save_bank(bank, tmp_path, "gen", 0, 2, 1, KEY)  # also writes _round_2 copies, which must be ignored
-    loaded = load_bank(tmp_path, "gen", 0, "per_group", NAMES, (L, H), KEY)
+    _save(bank, tmp_path, "gen", 0, 2, 1, KEY)  # also writes _round_2 copies, which must be ignored
+    loaded = _load(tmp_path, "gen", 0, "per_group", NAMES, (L, H), KEY)
     assert sorted(u.name for u in loaded.units) == ["animals", "mechanical", "other"]
     assert torch.equal(loaded.sample("rain", 3, 0), bank.sample("rain", 3, 0))
 
 
 def test_granularity_mismatch_names_file_and_field(tmp_path):
-    save_bank(_bank("per_class"), tmp_path, "gen", 0, 1, 0, KEY)
+    _save(_bank("per_class"), tmp_path, "gen", 0, 1, 0, KEY)
     with pytest.raises(GeneratorCheckpointError) as err:
-        load_bank(tmp_path, "gen", 0, "unified", NAMES, (L, H), KEY)
+        _load(tmp_path, "gen", 0, "unified", NAMES, (L, H), KEY)
     msg = str(err.value)
     assert "gen_node0.safetensors" in msg and "granularity is 'per_class', expected 'unified'" in msg
     # a file at the expected name but written with another granularity
     shutil.copy(tmp_path / "gen_node0_class_dog.safetensors", tmp_path / "gen_node0.safetensors")
     with pytest.raises(GeneratorCheckpointError, match=r"gen_node0\.safetensors': granularity is 'per_class', expected 'unified'"):
-        load_bank(tmp_path, "gen", 0, "unified", NAMES, (L, H), KEY)
+        _load(tmp_path, "gen", 0, "unified", NAMES, (L, H), KEY)
 
 
 def test_missing_class_names_class_and_files(tmp_path):
-    save_bank(_bank("per_class"), tmp_path, "gen", 0, 1, 0, KEY)
+    _save(_bank("per_class"), tmp_path, "gen", 0, 1, 0, KEY)
     (tmp_path / "gen_node0_class_siren.safetensors").unlink()
     with pytest.raises(GeneratorCheckpointError, match=r"missing generator for class\(es\) 'siren'.*gen_node0_class_siren\.safetensors"):
-        load_bank(tmp_path, "gen", 0, "per_class", NAMES, (L, H), KEY)
+        _load(tmp_path, "gen", 0, "per_class", NAMES, (L, H), KEY)
     # a unified model that does not cover a selected class
     other = tmp_path / "u"
-    save_bank(_bank("unified"), other, "gen", 0, 1, 0, KEY)
+    _save(_bank("unified"), other, "gen", 0, 1, 0, KEY)
     with pytest.raises(GeneratorCheckpointError, match=r"'cat'.*gen_node0\.safetensors"):
-        load_bank(other, "gen", 0, "unified", NAMES + ["cat"], (L, H), KEY)
+        _load(other, "gen", 0, "unified", NAMES + ["cat"], (L, H), KEY)
     # a subset of the classes loads fine
-    assert load_bank(tmp_path, "gen", 0, "per_class", ["dog", "rain"], (L, H), KEY).classes == ["dog", "rain"]
+    assert _load(tmp_path, "gen", 0, "per_class", ["dog", "rain"], (L, H), KEY).classes == ["dog", "rain"]
 
 
 @pytest.mark.parametrize(
     "override, field, found, expected",
     [
         ({"expected_shape": (12, 768)}, "embedding-shape", "[2, 4]", "[12, 768]"),
-        ({"expected_encoder_key": "ast-real-L12-H768"}, "encoder-key", f"'{KEY}'", "'ast-real-L12-H768'"),
-        ({"expected_kind": "gan"}, "type", "'vae'", "'gan'"),
+        ({"encoder_key": "ast-real-L12-H768"}, "encoder-key", f"'{KEY}'", "'ast-real-L12-H768'"),
+        ({"kind": "gan"}, "type", "'vae'", "'gan'"),
     ],
 )
 def test_metadata_mismatch_names_file_field_found_expected(tmp_path, override, field, found, expected):
-    save_bank(_bank("unified"), tmp_path, "gen", 0, 1, 0, KEY)
-    kwargs = dict(expected_granularity="unified", expected_classes=NAMES, expected_shape=(L, H), expected_encoder_key=KEY)
+    _save(_bank("unified"), tmp_path, "gen", 0, 1, 0, KEY)
+    kwargs = dict(granularity="unified", classes=NAMES, expected_shape=(L, H), encoder_key=KEY)
     kwargs.update(override)
     with pytest.raises(GeneratorCheckpointError) as err:
-        load_bank(tmp_path, "gen", 0, **kwargs)
+        GeneratorBank.from_pretrained(tmp_path, base="gen", node_id=0, **kwargs)
     assert str(err.value) == f"generator checkpoint '{tmp_path / 'gen_node0.safetensors'}': {field} is {found}, expected {expected}"
 
 
 def test_record_round_trip_checks_metadata():
-    tensors, meta = bank_to_tensors(_bank("per_class"), KEY, node_id=4, round=2)
-    assert all(isinstance(v, torch.Tensor) for v in tensors.values())
+    content = RecordDict()
+    bank_to_records(_bank("per_class"), content, KEY, 4, 2)
+    _, meta = bank_from_records(content, "reply of node 4")
     assert meta["granularity"] == "per_class" and len(meta["units"]) == len(NAMES)
     with pytest.raises(GeneratorCheckpointError, match="node 4.*encoder-key"):
-        bank_from_tensors(tensors, meta, expected_encoder_key="other", source="reply of node 4")
+        bank_from_records(content, "reply of node 4", expected_encoder_key="other")
     with pytest.raises(GeneratorCheckpointError, match="granularity is 'per_class', expected 'unified'"):
-        bank_from_tensors(tensors, meta, expected_granularity="unified")
+        bank_from_records(content, "record", expected_granularity="unified")
 
 
 # ----------------------------------------------------------------------------------- bank
@@ -329,3 +331,12 @@ def test_bank_evaluate_reports_per_class_and_pooled_quality():
     assert set(quality) == set(NAMES) | {"all"}
     assert quality["all"]["n_real"] == 16 and quality["all"]["n_fake"] == 32
     assert all(q["fd"] >= 0 and 0 <= q["precision"] <= 1 for q in quality.values())
+
+
+def _save(bank, directory, base, node_id, rnd, every, key):
+    return bank.save_pretrained(directory, base=base, node_id=node_id, round=rnd, checkpoint_every=every, encoder_key=key)
+
+
+def _load(directory, base, node_id, granularity, classes, shape, key, **kwargs):
+    return GeneratorBank.from_pretrained(directory, base=base, node_id=node_id, granularity=granularity, classes=classes,
+                                         expected_shape=shape, encoder_key=key, **kwargs)

@@ -15,7 +15,7 @@ from common.checkpoints import save_adapters, save_tensors
 from ops.cli import main as cli_main
 from common.config import load_config
 from common.factory import adapter_config, build_adapters
-from common.generator_bank import GeneratorBank, GeneratorCheckpointError, save_bank
+from common.generator_bank import GeneratorBank, GeneratorCheckpointError
 from common.models.generators import GeneratorSpec, GeneratorTrainSettings
 from common.records import ClassTensors
 from common.render.backend import Conditioning
@@ -205,7 +205,7 @@ def run_dir(tmp_path):
     x = torch.randn(12, acfg.in_tokens, acfg.in_dim)
     bank.train(x, torch.tensor([0] * 6 + [1] * 6), CLASSES,
                GeneratorTrainSettings(epochs=2, batch_size=4, lr=None, seed=0, min_steps=0))
-    save_bank(bank, run / "generators", "generator", 2, 3, 1, "key")
+    bank.save_pretrained(run / "generators", base="generator", node_id=2, round=3, checkpoint_every=1, encoder_key="key")
     return run
 
 
@@ -235,9 +235,7 @@ def test_generate_with_missing_or_mismatched_checkpoints_is_a_clear_error(run_di
                      "--node", "2", "--classes", "siren"]) == 2
     assert "missing generator for class(es) ['siren']" in caplog.text
     with pytest.raises(GeneratorCheckpointError, match="embedding-shape"):
-        from common.generator_bank import discover_bank
-
-        discover_bank(run_dir / "generators", "generator", 2, expected_shape=(6, 256))
+        GeneratorBank.from_pretrained(run_dir / "generators", base="generator", node_id=2, expected_shape=(6, 256))
     assert cli_main(["generate", "--adapters", adapters, "--out", out, "--source", "text", "--targets",
                      str(run_dir / "class_means.safetensors")]) == 2
     assert "is not a class-targets file" in caplog.text

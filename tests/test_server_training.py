@@ -14,7 +14,7 @@ import server_app.finetune as finetune_module
 from client_app.app import NODE_DATA, train
 from common.config import ConfigError, load_config
 from common.factory import adapter_config, build_adapters
-from common.generator_bank import GeneratorBank
+from common.generator_bank import GeneratorBank, bank_from_records
 from common.models.adapters import AdapterConfig, Adapters
 from common.models.generators import GeneratorSpec, GeneratorTrainSettings
 from common.records import (
@@ -23,7 +23,6 @@ from common.records import (
     GENERATORS,
     GENERATORS_META,
     ClassTensors,
-    bank_from_records,
     module_to_arrays,
 )
 from common.training import TrainSettings

@@ -21,7 +21,7 @@ import torch
 
 from common.checkpoints import CheckpointError, load_adapters, load_tensors
 from common.config import ConfigError, FedA2VConfig
-from common.generator_bank import discover_bank
+from common.generator_bank import GeneratorBank
 from common.records import ClassTensors
 from common.render.conditioning import adapter_conditioning, outputs_conditioning
 from common.render.images import RenderReport
@@ -90,9 +90,10 @@ def generate_images(
         if not generators:
             raise ConfigError("--source generator needs --generators DIR (a node's or the run's generators/ folder)")
         acfg = adapter_model.cfg
-        bank = discover_bank(generators, cfg.generator.checkpoint_base, node_id,
-                             classes=[c for c in wanted if c in class_names] if classes is not None else None,
-                             expected_shape=(acfg.in_tokens, acfg.in_dim))
+        bank = GeneratorBank.from_pretrained(
+            generators, base=cfg.generator.checkpoint_base, node_id=node_id,
+            classes=[c for c in wanted if c in class_names] if classes is not None else None,
+            expected_shape=(acfg.in_tokens, acfg.in_dim))
         counts = {c: n for c in bank.classes if c in wanted}
         x, y = bank.sample_dataset(counts, class_names, seed=cfg.seed)
         cond = adapter_conditioning(adapter_model, x)
