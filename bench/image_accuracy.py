@@ -28,7 +28,7 @@ from workspace import isolated_cache
 from common.config import flatten, load_config
 from common.config_overrides import parse_overrides
 from common.logs import setup_logging
-from common.metrics.images import PictureScorer, score_images
+from common.render.scoring import PictureScorer, score_images
 from common.render.generate import generate_images
 from common.render.images import read_manifest
 from common.render.trained_preset import preset_stats

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from common.atomic import atomic_path, atomic_write_bytes, atomic_write_json
 from common.errors import FedA2VError
+from common.models.adapters import AdapterConfig, Adapters
 
 __all__ = [
     "CheckpointError",
@@ -93,8 +94,6 @@ def save_adapters(
 
 def load_adapters(path: Path, expected_adapter_config: Mapping[str, Any] | None = None):
     """Rebuild adapters from a checkpoint; a dims mismatch names the field, found vs expected."""
-    from common.models.adapters import AdapterConfig, Adapters
-
     tensors, meta = load_tensors(path)
     if meta.get("type") != "adapters":
         raise CheckpointError(f"checkpoint '{path}': type is {meta.get('type')!r}, expected 'adapters'")

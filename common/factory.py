@@ -13,12 +13,13 @@ import torch
 
 from common.config import ConfigError, FedA2VConfig
 from common.data.clips import Clip, DatasetError, DatasetIndex
-from common.data.readers import list_classes, reader, scan
 from common.data.partition import NodeSplit, partition_nodes
+from common.data.readers import list_classes, reader, scan
 from common.data.synth import SYNTH_CLASSES, ensure_synthetic_dataset
 from common.models.adapters import AdapterConfig, Adapters
-from common.seeds import seeded
+from common.models.audio_encoder import TINY_AST, ModelLoadError
 from common.models.text_encoders import FLUX_CLIP_DIM, FLUX_T5_DIM
+from common.seeds import seeded
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,6 @@ def node_splits(cfg: FedA2VConfig, clips: list[Clip], class_names: list[str], nu
 
 def embedding_shape(cfg: FedA2VConfig) -> tuple[int, int]:
     """(L, H) of a reduced AST embedding, known without loading AST weights."""
-    from common.models.audio_encoder import TINY_AST, ModelLoadError
-
     tokens = 1 if cfg.audio_encoder.reduction == "cls" else cfg.audio_encoder.tokens
     if cfg.audio_encoder.model == "tiny":
         return tokens, int(TINY_AST["hidden_size"])

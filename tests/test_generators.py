@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
-
-from common.checkpoints import load_tensors
 from flwr.app import RecordDict
 
+from common.checkpoints import load_tensors
 from common.generator_bank import (
     GeneratorBank,
     GeneratorCheckpointError,
@@ -21,13 +19,13 @@ from common.generator_bank import (
     plan_units,
 )
 from common.metrics import frechet_distance
+from common.models.generator_training import train_generator
 from common.models.generators import (
     ConditionalGAN,
     ConditionalVAE,
     GeneratorSpec,
     GeneratorTrainSettings,
     build_generator,
-    train_generator,
 )
 
 L, H = 2, 4

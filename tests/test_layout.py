@@ -83,8 +83,21 @@ def test_common_holds_no_operations_code():
     assert not [p for p in ("cli", "deploy", "launcher.py", "local_run.py") if (ROOT / "common" / p).exists()]
 
 
-def test_no_import_cycles():
-    graph = import_graph()
+def _package(module: str) -> str:
+    """The unit a module belongs to: an app or ops, or a first-level package or module of common/
+    (common.render, common.metrics, common.records, ...)."""
+    parts = module.split(".")
+    return f"common.{parts[1]}" if parts[0] == "common" and len(parts) > 1 else parts[0]
+
+
+def package_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for mod, deps in import_graph().items():
+        graph.setdefault(_package(mod), set()).update(_package(d) for d in deps if _package(d) != _package(mod))
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     cycles, state = [], {}
 
     def visit(node: str, path: list[str]) -> None:
@@ -99,7 +112,19 @@ def test_no_import_cycles():
     for node in sorted(graph):
         if node not in state:
             visit(node, [node])
+    return cycles
+
+
+def test_no_import_cycles_between_modules():
+    cycles = _cycles(import_graph())
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_import_cycles_between_packages():
+    """A package (common.render, common.metrics, the apps, ...) never reaches back to one that imports it:
+    the picture scorer lives with the pictures, records do not import the generator bank."""
+    cycles = _cycles(package_graph())
+    assert not cycles, "package cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
 def test_docs_code_map_is_current():

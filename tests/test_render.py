@@ -265,7 +265,7 @@ def tiny_clip_folder(path):
 
 
 def test_classification_scores_on_a_known_confusion():
-    from common.metrics.images import classification_scores
+    from common.render.scoring import classification_scores
 
     labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
     pred = torch.tensor([0, 0, 0, 1, 1, 1, 0, 2])

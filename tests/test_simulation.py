@@ -148,7 +148,7 @@ def test_two_round_simulation(e2e: E2EEnv) -> None:
 
     # the trained preset draws each class from its text targets, the colour from the CLIP branch and
     # the shape from the T5 branch: a swap of the branches on the way into FLUX would show here
-    from common.metrics.images import PictureScorer
+    from common.render.scoring import PictureScorer
     from common.render.flux import FluxBackend
     from common.render.backend import Conditioning, RenderSettings
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from common.config import load_config
-from common.metrics.images import PictureScorer, per_class_accuracy, score_images
+from common.render.scoring import PictureScorer, per_class_accuracy, score_images
 from common.records import ClassTensors
 from common.render.backend import Conditioning
 from common.render.flux import check_render_settings

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.cache.embed import ExtractionSettings, embed_clips
+from common.cache.key import cache_key, dataset_id
 from common.cache.store import EmbeddingStore, VerifyReport, list_stores
 from common.config import FedA2VConfig
 from common.data.clips import Clip
@@ -76,8 +77,6 @@ def build(
 
 def _current_key(cfg: FedA2VConfig, base: Path, data_root: str = "") -> tuple[str, str] | None:
     """(dataset dir name, key) the given config would use, if computable without side effects."""
-    from common.cache.key import cache_key, dataset_id
-
     try:
         root = dataset_root(cfg, data_root, base)
         settings = ExtractionSettings.from_config(cfg)

@@ -39,13 +39,12 @@ import os
 import shutil
 import time
 import uuid
-import zlib
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from filelock import FileLock, Timeout
@@ -53,6 +52,7 @@ from safetensors import safe_open
 
 from common.atomic import atomic_write_bytes, atomic_write_json
 from common.cache.key import CACHE_FORMAT, cache_key, dataset_id, diff_fields
+from common.cache.rows import ClipId, row_crc32, row_ranges
 from common.checkpoints import save_tensors
 from common.dtypes import torch_dtype
 from common.errors import FedA2VError
@@ -64,23 +64,6 @@ __all__ = ["ClipId", "EmbeddingStore", "IndexCorrupt", "VerifyReport", "list_sto
 TENSOR = "embeddings"
 _KEY_DIR_CHARS = 16
 _STALE_TMP_SECONDS = 3600.0
-
-
-class ClipId(NamedTuple):
-    """A clip's identity in the cache: dataset-relative path + file size + mtime (ns)."""
-
-    rel_path: str
-    size: int
-    mtime_ns: int
-
-    @classmethod
-    def of(cls, path: Path, rel_path: str) -> "ClipId | None":
-        """Stat the file (no open); ``None`` when it cannot be stat'ed (then it is a miss)."""
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        return cls(rel_path, int(st.st_size), int(st.st_mtime_ns))
 
 
 _SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\.safetensors")  # a file directly in shards/, nothing else
@@ -96,22 +79,6 @@ class _ShardError(Exception):
     def __init__(self, reason: str, delete: bool) -> None:
         super().__init__(reason)
         self.delete = delete
-
-
-def row_crc32(row: torch.Tensor) -> int:
-    """crc32 of a row's raw bytes (any dtype, bf16 included: hashed as bytes)."""
-    return zlib.crc32(row.contiguous().view(torch.uint8).numpy())
-
-
-def _runs(rows: list[int]) -> Iterator[tuple[int, int]]:
-    """Sorted unique rows -> half-open ranges of consecutive rows (one slice read per range)."""
-    start = prev = rows[0]
-    for r in rows[1:]:
-        if r != prev + 1:
-            yield start, prev + 1
-            start = r
-        prev = r
-    yield start, prev + 1
 
 
 @dataclass
@@ -336,7 +303,7 @@ class EmbeddingStore:
                     raise _ShardError(f"belongs to key {str(key)[:16]}", delete=True)
                 sl = fh.get_slice(TENSOR)
                 n = sl.get_shape()[0]
-                for a, b in _runs(sorted(set(rows))):
+                for a, b in row_ranges(sorted(set(rows))):
                     if b > n:
                         raise _ShardError(f"row {b - 1} requested, shard has {n}", delete=False)
                     block = sl[a:b]

@@ -19,13 +19,13 @@ from torch import Tensor
 from common.checkpoints import load_tensors, save_tensors
 from common.config.choices import GRANULARITIES
 from common.metrics.embeddings import embedding_quality
+from common.models.generator_training import train_generator
 from common.models.generators import (
     ConditionalGAN,
     ConditionalVAE,
     GeneratorSpec,
     GeneratorTrainSettings,
     build_generator,
-    train_generator,
 )
 from common.seeds import class_stream
 

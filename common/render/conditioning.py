@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from common.config.choices import CALIBRATIONS, ORACLES
 from common.records import ClassTensors
 from common.render.backend import Conditioning
+from common.render.trained_preset import Preconditioner
 from common.training import predict
 
 WHITEN_FLOOR = 0.05  # target-soft: no span direction counts more than 1 / (this x the strongest one's spread)
@@ -101,8 +102,6 @@ def target_soft(cond: Conditioning, targets: ClassTensors, sigma: float) -> Cond
     the adapter output itself; for real FLUX.1 use ``target-radius`` or ``none``. Centre, span and
     scale come from the targets alone: an image never depends on its batch.
     """
-    from common.render.trained_preset import Preconditioner
-
     if sigma <= 0:
         raise ValueError(f"render.calibrate-sigma must be > 0, got {sigma}")
     out = dict(cond.tensors)

@@ -19,8 +19,9 @@ from common.config import FedA2VConfig
 from common.records import ClassTensors
 from common.render.backend import Conditioning, RenderBackend, RenderSettings
 from common.render.conditioning import calibrate, with_oracle
-from common.render.images import ImageRequest, RenderReport, owner_name, render_images
+from common.render.images import ImageRequest, RenderReport, owner_name, read_manifest, render_images
 from common.render.registry import build_backend
+from common.render.scoring import PictureScorer, ZeroShotCLIP, score_images
 from common.render.trained_preset import PRESET, Recipe, ensure_preset
 
 log = logging.getLogger(__name__)
@@ -132,9 +133,6 @@ def score_owner(cfg: FedA2VConfig, out: Path, owner: str, class_names: list[str]
     shape, ``image_acc:<class>``, ``images_scored``); otherwise zero-shot CLIP (``image_zs_acc``, ...) when a
     metric model is configured; else ``{}`` (logged once).
     """
-    from common.metrics.images import PictureScorer, ZeroShotCLIP, score_images
-    from common.render.images import read_manifest
-
     entries = [e for e in read_manifest(out) if e.get("owner") == owner
                and (server_round is None or e.get("round") == server_round)]
     if cfg.render.model == PRESET:

@@ -12,13 +12,12 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
 from common.render.backend import RenderBackend, RenderSettings
+from common.render.flux import FluxBackend
 
 __all__ = ["BACKENDS", "backend_names", "build_backend"]
 
 
 def _flux(settings: RenderSettings) -> RenderBackend:
-    from common.render.flux import FluxBackend
-
     return FluxBackend(settings)
 
 

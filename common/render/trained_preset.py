@@ -43,6 +43,7 @@ from torch import Tensor
 
 from common.atomic import atomic_write_json, fsync_dir
 from common.records import ClassTensors
+from common.render.flux import TINY_SCHEDULER
 from common.render.pictures import PALETTE, SHAPES, attribute_count, class_look, picture
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,6 @@ class Recipe:
 
 
 def preset_key(targets: ClassTensors, recipe: Recipe) -> str:
-    from common.render.flux import TINY_SCHEDULER
-
     h = hashlib.sha256()
     h.update(json.dumps({"v": VERSION, "classes": list(targets.class_names), "recipe": dataclasses.asdict(recipe),
                          "transformer": TRAINED_TRANSFORMER, "vae": TRAINED_VAE, "scheduler": TINY_SCHEDULER,
@@ -217,8 +216,6 @@ def _step(opt, sched, loss: Tensor, what: str, step: int, total: int, every: int
 def train_preset(targets: ClassTensors, recipe: Recipe):
     """Train the VAE, then the transformer; returns ``(FluxPipeline, stats)``."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
-    from common.render.flux import TINY_SCHEDULER
 
     num_classes = len(targets.class_names)
     looks = [class_look(i) for i in range(num_classes)]

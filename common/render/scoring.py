@@ -1,4 +1,4 @@
-"""Image accuracy from sound: is the class of the clip (or sample) that drew an image visible in it?
+"""Image accuracy from sound (the picture scorer lives with the pictures): is the class of the clip (or sample) that drew an image visible in it?
 
 Two scorers, one interface (``predict(images, class_names, template) -> class indices``):
 
@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 from PIL import Image
+
+from common.render.pictures import class_look, class_pictures, nearest_colour, nearest_shape
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,6 @@ class PictureScorer:
     """Nearest class picture (mean squared error at the picture resolution); colour and shape read apart."""
 
     def __init__(self, num_classes: int, resolution: int = 64) -> None:
-        from common.render.pictures import class_look, class_pictures
-
         self.resolution = resolution
         self.templates = class_pictures(num_classes, resolution)  # [K, 3, R, R]
         looks = [class_look(i) for i in range(num_classes)]
@@ -106,8 +106,6 @@ class PictureScorer:
 
     def branch_scores(self, images: list[Image.Image], labels: torch.Tensor) -> dict[str, float]:
         """``acc_clip``: the colour is the label's colour; ``acc_t5``: the shape is the label's shape."""
-        from common.render.pictures import nearest_colour, nearest_shape
-
         x = self.tensors(images)
         if not len(x):
             return {}
