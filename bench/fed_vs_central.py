@@ -102,6 +102,9 @@ def main() -> None:
         "ratio": round(fed_acc / cen_acc, 4) if cen_acc else None,
         "fedavg_test_acc_clip": round(float(fed["test_retrieval_acc_clip"]), 4),
         "fedavg_test_acc_t5": round(float(fed["test_retrieval_acc_t5"]), 4),
+        # per round: what "the same per-round accuracy at the same seeds" is checked against
+        "fedavg_test_acc_per_round": [round(float(r["evaluate"]["global"].get("test_retrieval_acc", float("nan"))), 4)
+                                      for r in summary.get("rounds", [])],
         "central_test_acc_clip": round(cen["retrieval_acc_clip"], 4),
         "central_test_acc_t5": round(cen["retrieval_acc_t5"], 4),
         "fed_test_clips": int(fed.get("num-examples", 0)),
@@ -111,8 +114,9 @@ def main() -> None:
         "fed_wall_seconds": round(fed_seconds, 1) if not args.summary else None,
         "central_train_seconds": round(cen["seconds"], 1),
         "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "summary": str(summary_path),
     }
+    if args.summary:
+        result["summary"] = str(summary_path)  # a temporary run's summary is gone when the bench ends
     emit(result, record=args.record)
 
 
