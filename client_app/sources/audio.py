@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from client_app.node_data import NodeData, load_node_data
-from client_app.sources.base import TrainingSet, TrainingSource, register
-
-if TYPE_CHECKING:
-    from client_app.session import NodeSession
+from client_app.sources.base import NodeSessionView, TrainingSet, TrainingSource, register
 
 __all__ = ["AudioSource", "data_metrics"]
 
@@ -29,7 +24,7 @@ def data_metrics(data: NodeData) -> dict[str, float]:
 class AudioSource(TrainingSource):
     """``generator.mode = "off"``: train on the node's real clips."""
 
-    def training_set(self, session: "NodeSession") -> TrainingSet:
+    def training_set(self, session: NodeSessionView) -> TrainingSet:
         data = load_node_data(self.cfg, self.node, memo=session.memo)
         split = data.splits["train"]
         return TrainingSet(data.class_names, split.embeddings, split.labels, data_metrics(data))

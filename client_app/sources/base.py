@@ -11,17 +11,30 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import torch
+from flwr.app import RecordDict
 
+from client_app.message import NodeMessage
+from client_app.node_data import NodeDataMemo
+from client_app.node_state import DiskState
 from common.config import FedA2VConfig, NodeRuntimeConfig
 from common.errors import FedA2VError
 
-if TYPE_CHECKING:  # the session imports the sources; a source only reads the session it is handed
-    from client_app.session import NodeSession
+__all__ = ["SOURCES", "NodeSessionView", "TrainingSet", "TrainingSource", "register", "source_for"]
 
-__all__ = ["SOURCES", "TrainingSet", "TrainingSource", "register", "source_for"]
+
+class NodeSessionView(Protocol):
+    """What a source reads of the message's session (:class:`client_app.session.NodeSession`, which
+    imports the sources: they see it through this view only)."""
+
+    message: NodeMessage
+    disk: DiskState
+    memo: NodeDataMemo
+
+    @property
+    def state(self) -> RecordDict: ...
 
 
 @dataclass
@@ -54,10 +67,10 @@ class TrainingSource:
         """Held-out embeddings come from the embedding cache alone (no AST is built for evaluation)."""
         return False
 
-    def training_set(self, session: "NodeSession") -> TrainingSet:
+    def training_set(self, session: NodeSessionView) -> TrainingSet:
         raise NotImplementedError
 
-    def before_render(self, session: "NodeSession") -> None:
+    def before_render(self, session: NodeSessionView) -> None:
         """Whatever rendering needs of this source in this message (default: nothing)."""
 
 

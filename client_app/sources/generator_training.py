@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from client_app.generators import train_node_generators
 from client_app.node_data import load_node_data
 from client_app.sources.audio import data_metrics
-from client_app.sources.base import TrainingSet, TrainingSource, register
+from client_app.sources.base import NodeSessionView, TrainingSet, TrainingSource, register
 from common.records import GENERATORS
-
-if TYPE_CHECKING:
-    from client_app.session import NodeSession
 
 __all__ = ["GeneratorOnlySource", "GeneratorTrainingSource"]
 
@@ -22,7 +17,7 @@ class GeneratorTrainingSource(TrainingSource):
 
     carries = (GENERATORS,)
 
-    def training_set(self, session: "NodeSession") -> TrainingSet:
+    def training_set(self, session: NodeSessionView) -> TrainingSet:
         data = load_node_data(self.cfg, self.node, memo=session.memo)
         msg = session.message
         _, gen_metrics = train_node_generators(self.cfg, self.node, data, session.state, msg.server_round,

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from client_app.pretrained import load_node_bank, pretrained_index, synthetic_train_set
-from client_app.sources.base import TrainingSet, TrainingSource, register
+from client_app.sources.base import NodeSessionView, TrainingSet, TrainingSource, register
 from common.records import GENERATORS
-
-if TYPE_CHECKING:
-    from client_app.session import NodeSession
 
 __all__ = ["PretrainedSource"]
 
@@ -23,7 +18,7 @@ class PretrainedSource(TrainingSource):
     def cache_only(self) -> bool:
         return self.cfg.generator.real_mix_ratio == 0
 
-    def training_set(self, session: "NodeSession") -> TrainingSet:
+    def training_set(self, session: NodeSessionView) -> TrainingSet:
         synth, _ = synthetic_train_set(self.cfg, self.node, session.state, session.message.server_round,
                                        memo=session.memo)
         session.disk.on_disk.add(GENERATORS)  # in its checkpoints: the next message reads them again
@@ -31,7 +26,7 @@ class PretrainedSource(TrainingSource):
                    "load_seconds": 0.0, "cache_hits": 0, "cache_misses": 0, "skipped_files": 0, "missing_files": 0}
         return TrainingSet(synth.class_names, synth.embeddings, synth.labels, metrics, has_bank=True)
 
-    def before_render(self, session: "NodeSession") -> None:
+    def before_render(self, session: NodeSessionView) -> None:
         if self.cfg.render.source == "generator":  # images drawn from the bank: load it from its checkpoints
             load_node_bank(self.cfg, self.node, pretrained_index(self.cfg, self.node), session.state)
             session.disk.on_disk.add(GENERATORS)
