@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from generated_page import write_or_check  # the sibling module (tools/ is this script's sys.path[0])
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 PAGE = ROOT / "docs" / "benchmarks.md"
@@ -122,15 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/benchmarks.md is stale")
     args = parser.parse_args(argv)
-    new = page()
-    if args.check:
-        if not PAGE.is_file() or PAGE.read_text() != new:
-            print("docs/benchmarks.md is stale: run python tools/bench_pages.py", file=sys.stderr)
-            return 1
-        return 0
-    PAGE.write_text(new)
-    print(f"updated {PAGE.relative_to(ROOT)}")
-    return 0
+    return write_or_check(PAGE, page(), args.check, "bench_pages.py")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import ast
 import sys
 from pathlib import Path
 
+from generated_page import write_or_check  # the sibling module (tools/ is this script's sys.path[0])
+
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = Path("docs") / "architecture.md"  # the page holding the map, relative to the checkout
 PACKAGES = ("common", "client_app", "server_app", "ops")
@@ -53,15 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PAGE} lacks the markers {BEGIN!r} ... {END!r}", file=sys.stderr)
         return 1
     start, end = text.index(BEGIN), text.index(END) + len(END)
-    new = text[:start] + code_map() + text[end:]
-    if args.check:
-        if new != text:
-            print(f"{PAGE}'s code map is stale: run python tools/code_map.py", file=sys.stderr)
-            return 1
-        return 0
-    page.write_text(new)
-    print(f"updated the code map in {PAGE}")
-    return 0
+    return write_or_check(page, text[:start] + code_map() + text[end:], args.check, "code_map.py")
 
 
 if __name__ == "__main__":
