@@ -47,24 +47,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the hostile replies live with the tests
 
 from flwr.app import Message, MessageType, MetricRecord, RecordDict  # noqa: E402
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
+from workspace import isolated_cache  # noqa: E402
 
 from client_app.app import evaluate as node_evaluate  # noqa: E402
 from client_app.app import train as node_train  # noqa: E402
 from common.config import flatten, load_config  # noqa: E402
-from common.factory import adapter_config, build_adapters, resolve_classes  # noqa: E402
-from ops.local_run import node_context, server_content, server_message  # noqa: E402
+from common.data.dataset import resolve_classes
 from common.logs import setup_logging  # noqa: E402
 from common.metrics.resources import rss_mb  # noqa: E402
+from common.models.adapters import AdapterConfig, Adapters
 from common.records import ARRAYS, CLASS_MEANS, CLASS_MEANS_META, METRICS, RUN_NAME, ClassTensors, module_to_arrays  # noqa: E402
 from common.wire import WIRE, decode, encode, received, wire_config  # noqa: E402
+from ops.local_run import node_context, server_content, server_message  # noqa: E402
 from server_app.app import class_targets  # noqa: E402
 from server_app.pipeline import build_pipelines  # noqa: E402
 from server_app.run_context import ServerRun  # noqa: E402
 from server_app.strategy import FedA2VStrategy  # noqa: E402
 from server_app.summary import RunSummary  # noqa: E402
 from server_app.validation import Rejected, ReplyValidator  # noqa: E402
-from workspace import isolated_cache  # noqa: E402
-from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.adversarial")
 NODES, HOSTILE = 5, 4
@@ -79,9 +80,9 @@ ATTACKS = WEIGHT_ATTACKS + SIDE_ATTACKS
 # ---------------------------------------------------------------------------- fuzz
 def fuzz(cases: int, tmp: Path) -> dict:
     """``cases`` hostile replies through the parser and the aggregation; what escaped, and memory."""
+    from hostile_replies import as_reply, honest_content, reply_contents, server
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
-    from hostile_replies import as_reply, honest_content, reply_contents, server
 
     from server_app.identity import PartitionOwners
     from server_app.quorum import QuorumError
@@ -141,10 +142,10 @@ class Federation:
         self.cfg = load_config(flat)
         cfg = self.cfg
         self.run_config = flatten(cfg.model_dump(by_alias=True))
-        class_names = resolve_classes(cfg, None)
+        class_names = resolve_classes(cfg.data, None)
         self.targets = class_targets(cfg, class_names)
-        acfg = adapter_config(cfg, clip_dim=self.targets.clip.shape[1], t5_dim=self.targets.t5.shape[2])
-        template = build_adapters(cfg, acfg)
+        acfg = AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, clip_dim=self.targets.clip.shape[1], t5_dim=self.targets.t5.shape[2])
+        template = Adapters.seeded(acfg, cfg.seed)
         run_dir = work / "outputs" / name
         run_dir.mkdir(parents=True, exist_ok=True)
         run = ServerRun(run_dir=run_dir, targets=self.targets, template=template, adapter_config=acfg.to_dict(),
@@ -241,7 +242,7 @@ def tamper_train(reply: Message, attack: str, base: dict, cfg) -> None:
         means.counts = means.counts * factor
         means.to_records(content, CLASS_MEANS, CLASS_MEANS_META, half=codec != "float32")
         targets = ClassTensors.from_records(content, CLASS_MEANS, CLASS_MEANS_META)  # dims of the outputs
-        untrained = build_adapters(cfg, adapter_config(cfg, clip_dim=targets.clip.shape[1], t5_dim=targets.t5.shape[2]))
+        untrained = Adapters.seeded(AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, clip_dim=targets.clip.shape[1], t5_dim=targets.t5.shape[2]), cfg.seed)
         content[ARRAYS] = encode(untrained.state_dict(), codec, base=base)
     elif attack in ("scaled_update", "sign_flip"):
         factor = 100.0 if attack == "scaled_update" else -1.0

@@ -28,17 +28,19 @@ from pathlib import Path
 
 import torch
 from fed_vs_central import run_federated  # the sibling script (bench/ is this script's sys.path[0])
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 from workspace import isolated_cache
 
 from client_app.node_data import load_node_data
 from common.checkpoints import load_adapters
 from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config
 from common.config_overrides import parse_overrides
-from common.factory import adapter_config, build_adapters, resolve_device, synth_classes
+from common.data.dataset import synth_classes
+from common.device import resolve_device
 from common.logs import setup_logging
+from common.models.adapters import AdapterConfig, Adapters
 from common.report.run_data import server_seconds_per_round
 from common.training import TrainSettings, evaluate_adapters, train_adapters
-from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.aggregation")
 
@@ -58,7 +60,7 @@ METHODS = {
 
 
 def partition(cfg: FedA2VConfig) -> dict[str, object]:
-    classes = synth_classes(cfg)
+    classes = synth_classes(cfg.data)
     per = len(classes) // NUM_NODES
     out: dict[str, object] = {"data.partition": "explicit", "min-nodes": NUM_NODES}
     for i in range(NUM_NODES):
@@ -95,10 +97,10 @@ def evaluate_checkpoint(path: Path, cfg: FedA2VConfig, x: torch.Tensor, y: torch
 
 def central(cfg: FedA2VConfig, targets, x_test, y_test) -> float:
     x, y, _ = union(cfg, "train")
-    adapters = build_adapters(cfg, adapter_config(cfg, targets.clip.shape[1], targets.t5.shape[2]))
+    adapters = Adapters.seeded(AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, targets.clip.shape[1], targets.t5.shape[2]), cfg.seed)
     settings = TrainSettings.from_config(cfg.train, seed=cfg.seed)
     settings.epochs = cfg.num_rounds * cfg.train.local_epochs
-    train_adapters(adapters, x, y, targets.clip, targets.t5, settings, resolve_device(cfg))
+    train_adapters(adapters, x, y, targets.clip, targets.t5, settings, resolve_device(cfg.device))
     return float(evaluate_adapters(adapters, x_test, y_test, targets.clip, targets.t5, settings)["retrieval_acc"])
 
 

@@ -36,12 +36,12 @@ import time
 from pathlib import Path
 
 import torch
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 from common.cache import ExtractionSettings, LazyEncoder, embed_clips, open_store
 from common.config import DataConfig
 from common.data.esc50 import read_esc50
 from common.logs import setup_logging
-from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.cache")
 

@@ -19,12 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
+from workspace import isolated_cache  # the sibling module (bench/ is this script's sys.path[0])
+
 from common.config import default_cache_dir
+from common.logs import setup_logging
 from ops.deploy.compose import NUM_SITES, ComposeFederation
 from ops.deploy.images import OFFLINE_BASE, ROLES, ROOTFS_IMAGE, build_images, docker_ready
-from common.logs import setup_logging
-from workspace import isolated_cache  # the sibling module (bench/ is this script's sys.path[0])
-from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.deploy")
 

@@ -21,20 +21,20 @@ from pathlib import Path
 
 import torch
 from flwr.app import Message, MessageType, Metadata, MetricRecord, RecordDict
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
-from ops.deploy import drills, faulty_supernode
 from common.config import load_config
 from common.data.synth import SYNTH_CLASSES, synthesize_dataset
-from ops.deploy.local import LocalFederation
 from common.logs import setup_logging
 from common.models.adapters import AdapterConfig, Adapters
 from common.records import CLASS_MEANS, CLASS_MEANS_META, ClassTensors, module_to_arrays
+from ops.deploy import drills, faulty_supernode
+from ops.deploy.local import LocalFederation
 from server_app.pipeline import build_pipelines
 from server_app.run_context import ServerRun
 from server_app.strategy import FedA2VStrategy
 from server_app.summary import RunSummary
 from server_app.validation import ReplyValidator
-from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.faults")
 

@@ -22,17 +22,18 @@ import time
 from pathlib import Path
 
 import torch
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
+from workspace import cache_dir_override, isolated_cache  # the sibling module (bench/ is sys.path[0])
 
 from client_app.node_data import load_node_data
-from ops import launcher
 from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config
 from common.config_overrides import parse_overrides
-from common.factory import adapter_config, build_adapters, resolve_device
+from common.device import resolve_device
 from common.logs import setup_logging
+from common.models.adapters import AdapterConfig, Adapters
 from common.training import TrainSettings, evaluate_adapters, train_adapters
+from ops import launcher
 from server_app.app import class_targets
-from workspace import cache_dir_override, isolated_cache  # the sibling module (bench/ is sys.path[0])
-from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.fed_vs_central")
 
@@ -57,14 +58,14 @@ def run_federated(overrides: str, num_nodes: int, workdir: Path, run_name: str =
 
 
 def central(cfg: FedA2VConfig, num_nodes: int) -> dict:
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.device)
     nodes = [load_node_data(cfg, NodeRuntimeConfig(partition_id=i, num_partitions=num_nodes)) for i in range(num_nodes)]
     def union(split: str):
         return (torch.cat([n.splits[split].embeddings for n in nodes]), torch.cat([n.splits[split].labels for n in nodes]))
     x_train, y_train = union("train")
     x_test, y_test = union("test")
     targets = class_targets(cfg, nodes[0].class_names)
-    adapters = build_adapters(cfg, adapter_config(cfg, targets.clip.shape[1], targets.t5.shape[2]))
+    adapters = Adapters.seeded(AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, targets.clip.shape[1], targets.t5.shape[2]), cfg.seed)
     settings = TrainSettings.from_config(cfg.train, seed=cfg.seed)
     settings.epochs = cfg.num_rounds * cfg.train.local_epochs
     t0 = time.perf_counter()

@@ -38,21 +38,21 @@ import tomllib
 from pathlib import Path
 
 import torch
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
+from workspace import isolated_cache  # the sibling module (bench/ is this script's sys.path[0])
 
 from client_app.node_data import load_node_data
 from common.checkpoints import load_tensors, save_tensors
 from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config
 from common.config_overrides import parse_overrides
-from common.factory import (
-    adapter_config, build_adapters, dataset_root, prepare_dataset, resolve_classes, resolve_device,
-)
+from common.data.dataset import dataset_root, prepare_dataset, resolve_classes
+from common.device import resolve_device
 from common.generator_bank import GeneratorBank
-from common.models.generators import GeneratorSpec, GeneratorTrainSettings
 from common.logs import setup_logging
+from common.models.adapters import AdapterConfig, Adapters
+from common.models.generators import GeneratorSpec, GeneratorTrainSettings
 from common.records import ClassTensors
 from common.training import TrainSettings, evaluate_adapters, train_adapters
-from workspace import isolated_cache  # the sibling module (bench/ is this script's sys.path[0])
-from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.generators")
 
@@ -68,10 +68,10 @@ def _rss_mb() -> float:
 
 def adapter_acc(cfg: FedA2VConfig, targets: ClassTensors, x: torch.Tensor, y: torch.Tensor, test) -> float:
     """Test retrieval accuracy of adapters trained on ``(x, y)`` for rounds x local epochs."""
-    adapters = build_adapters(cfg, adapter_config(cfg, targets.clip.shape[1], targets.t5.shape[2]))
+    adapters = Adapters.seeded(AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, targets.clip.shape[1], targets.t5.shape[2]), cfg.seed)
     settings = TrainSettings.from_config(cfg.train, seed=cfg.seed)
     settings.epochs = cfg.num_rounds * cfg.train.local_epochs
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.device)
     train_adapters(adapters, x, y, targets.clip, targets.t5, settings, device)
     return float(evaluate_adapters(adapters, test.embeddings, test.labels, targets.clip, targets.t5, settings,
                                    device=device)["retrieval_acc"])
@@ -123,9 +123,10 @@ def quality_sweep(cfg: FedA2VConfig, kinds: list[str], granularities: list[str])
 # ------------------------------------------------------------------------------ node RSS (child processes)
 def node_child(workdir: Path, mode: str) -> None:
     """One node's train + evaluate in this fresh process; prints its peak RSS as JSON."""
+    from flwr.app import ArrayRecord, MessageType
+
     from client_app.app import evaluate, train
     from ops.local_run import node_context, server_content, server_message
-    from flwr.app import ArrayRecord, MessageType
 
     run_config = json.loads((workdir / f"run_config_{mode}.json").read_text())
     tensors, meta = load_tensors(workdir / "targets.safetensors")
@@ -151,11 +152,11 @@ def rss_comparison(run: dict, workdir: Path, full_ast: bool) -> dict:
 
         base["audio-encoder.model"] = str(make_full_ast(workdir / "ast-full"))
     cfg = load_config(base)
-    prepare_dataset(cfg, dataset_root(cfg))  # the children only read it
-    targets = class_targets(cfg, resolve_classes(cfg))
+    prepare_dataset(cfg.data, dataset_root(cfg.data, cfg.resolved_cache_dir()))  # the children only read it
+    targets = class_targets(cfg, resolve_classes(cfg.data))
     save_tensors(workdir / "targets.safetensors", {"clip": targets.clip, "t5": targets.t5},
                  {"class-names": targets.class_names})
-    adapters = build_adapters(cfg, adapter_config(cfg, targets.clip.shape[1], targets.t5.shape[2]))
+    adapters = Adapters.seeded(AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, targets.clip.shape[1], targets.t5.shape[2]), cfg.seed)
     save_tensors(workdir / "adapters.safetensors", {k: v.detach() for k, v in adapters.state_dict().items()}, {})
     modes = {
         "ast": {"audio-encoder.cache": False},

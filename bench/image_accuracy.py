@@ -23,16 +23,16 @@ import time
 from pathlib import Path
 
 from fed_vs_central import run_federated  # the sibling script (bench/ is this script's sys.path[0])
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 from workspace import isolated_cache
 
 from common.config import flatten, load_config
 from common.config_overrides import parse_overrides
 from common.logs import setup_logging
-from common.render.scoring import PictureScorer, score_images
 from common.render.generate import generate_images
 from common.render.images import read_manifest
+from common.render.scoring import PictureScorer, score_images
 from common.render.trained_preset import preset_stats
-from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.image_accuracy")
 

@@ -17,15 +17,15 @@ import tempfile
 from pathlib import Path
 
 import torch
+from record import add_record_argument, emit  # the sibling modules (bench/ is this script's sys.path[0])
+from workspace import isolated_cache
 
 from common.config import FedA2VConfig, flatten, load_config
 from common.config_overrides import parse_overrides
-from common.factory import resolve_device
+from common.device import resolve_device
 from common.logs import setup_logging
 from common.render.backend import Conditioning
 from common.render.jobs import render_job
-from record import add_record_argument, emit  # the sibling modules (bench/ is this script's sys.path[0])
-from workspace import isolated_cache
 
 
 def run(cfg: FedA2VConfig, n: int, out: Path) -> float:
@@ -33,7 +33,7 @@ def run(cfg: FedA2VConfig, n: int, out: Path) -> float:
     cond = Conditioning({"clip_pooled": torch.randn(n, 768, generator=g),
                          "t5_sequence": torch.randn(n, cfg.text_encoder.t5_tokens, 4096, generator=g)})
     classes = [f"class{i:03d}" for i in range(n)]  # one image per class: n distinct files
-    device = str(resolve_device(cfg))
+    device = str(resolve_device(cfg.device))
     render_job(cfg, None, cond.rows([0]), classes[:1], ["warmup"], out / "warmup", None, per_class=1, device=device)
     report = render_job(cfg, None, cond, classes, ["bench"] * n, out / "timed", None, per_class=1, device=device)
     assert report.written == n, report

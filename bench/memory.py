@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 from fed_vs_central import run_federated  # the sibling script (bench/ is this script's sys.path[0])
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 from workspace import isolated_cache
 
 from common.logs import setup_logging
-from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.memory")
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from aggregation import NUM_NODES, central, evaluate_checkpoint, union, write_config_file  # sibling scripts
 from fed_vs_central import run_federated
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 from workspace import isolated_cache
 
 from common.config import FedA2VConfig, flatten, load_config
@@ -38,7 +39,6 @@ from common.config_overrides import parse_overrides
 from common.data.synth import SYNTH_CLASSES
 from common.logs import setup_logging
 from common.report.run_data import server_seconds_per_round
-from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
 
 log = logging.getLogger("bench.noniid")
 

@@ -50,12 +50,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
+
 from common.data.synth import SYNTH_CLASSES, synthesize_dataset
-from ops.deploy import drills
-from ops.deploy.local import LocalFederation
 from common.logs import setup_logging
 from common.report.run_data import server_step_seconds
-from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
+from ops.deploy import drills
+from ops.deploy.local import LocalFederation
 
 log = logging.getLogger("bench.round_latency")
 

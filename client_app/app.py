@@ -44,8 +44,8 @@ from client_app.replies import evaluate_reply, shared_means, train_reply
 from client_app.session import NodeSession, check_classes
 from common import seeds
 from common.config import FedA2VConfig
+from common.device import resolve_device
 from common.errors import redact_paths
-from common.factory import resolve_device
 from common.metric_keys import NUM_EXAMPLES, NUM_VAL, TEST_ACC, TEST_ACC_CLIP, TEST_ACC_T5
 from common.metrics.resources import ENTRY_UNIX, memory_metrics, process_age_seconds, release_memory, warm_start
 from common.records import module_to_arrays
@@ -124,7 +124,7 @@ def train(msg: Message, context: Context) -> Message:
     timing = _timing()
     session = NodeSession.open(msg, context, NODE_DATA)
     cfg, node, targets, r = session.cfg, session.node, session.targets, session.message.server_round
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.device)
     data = session.source.training_set(session)
     check_classes(targets, data.class_names, node)
     adapters, sent = session.adapters()
@@ -161,7 +161,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     timing = _timing()
     session = NodeSession.open(msg, context, NODE_DATA, evaluate=True)
     cfg, node, r = session.cfg, session.node, session.message.server_round
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.device)
     adapters, _ = session.adapters()
     metrics = {**_evaluate_on_held_out_clips(session, adapters, device), **session.state_metrics}
     if cfg.render.due(r, cfg.num_rounds):  # the aggregated adapters of this round draw the images

@@ -32,8 +32,9 @@ import torch
 from common.cache import EmbeddingStore, EmbedStats, ExtractionSettings, LazyEncoder, embed_clips, open_store
 from common.config import FedA2VConfig, NodeRuntimeConfig
 from common.data.clips import Clip
+from common.data.dataset import dataset_root, node_splits, prepare_dataset, resolve_classes, scan_dataset
 from common.data.partition import NodeSplit
-from common.factory import dataset_root, node_splits, prepare_dataset, resolve_classes, resolve_device, scan_dataset
+from common.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +165,11 @@ class NodeIndex:
 def node_index(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> NodeIndex:
     """The node's share of the dataset from its metadata alone (csv + directory listing)."""
     cache_dir = node_cache_dir(cfg, node)
-    root = prepare_dataset(cfg, dataset_root(cfg, node.data_root, cache_dir))
-    class_names = resolve_classes(cfg, root)
-    scan = scan_dataset(cfg, root, class_names)
+    root = prepare_dataset(cfg.data, dataset_root(cfg.data, cache_dir, node.data_root))
+    class_names = resolve_classes(cfg.data, root)
+    scan = scan_dataset(cfg.data, root, class_names)
     clips, class_names = scan.clips, scan.class_names
-    mine = node_splits(cfg, clips, class_names, node.num_partitions)[node.partition_id]
+    mine = node_splits(cfg.data, cfg.nodes, cfg.seed, clips, class_names, node.num_partitions)[node.partition_id]
     return NodeIndex(root, cache_dir, list(class_names), mine, [*scan.missing, *scan.skipped])
 
 
@@ -193,7 +194,7 @@ def load_node_data(
         node.partition_id, node.num_partitions, len(mine.train), len(mine.val), len(mine.test), len(mine.classes),
         index.root,
     )
-    settings = ExtractionSettings.from_config(cfg, device=str(resolve_device(cfg)))
+    settings = ExtractionSettings.from_config(cfg, device=str(resolve_device(cfg.device)))
     store = open_store(index.cache_dir, index.root, settings) if cfg.audio_encoder.cache else None
     encoder = LazyEncoder(settings)  # built only if some clip misses the cache
     embedded: dict[str, EmbeddedSplit] = {}

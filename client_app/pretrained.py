@@ -29,9 +29,10 @@ from client_app.generators import checkpoint_dir, checkpoint_root, encoder_key, 
 from client_app.node_data import NodeDataMemo, NodeIndex, load_node_data, node_cache_dir, node_index
 from common import seeds
 from common.config import ConfigError, FedA2VConfig, NodeRuntimeConfig
+from common.data.dataset import resolve_classes
 from common.data.partition import NodeSplit
-from common.factory import embedding_shape, resolve_classes
 from common.generator_bank import GeneratorBank, bank_from_records, bank_to_records, checkpoint_class_counts
+from common.models.audio_encoder import embedding_shape
 from common.records import GENERATORS
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def audio_free_index(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> NodeIndex:
     directory = pretrained_dir(cfg, node)
     counts = checkpoint_class_counts(directory, cfg.generator.checkpoint_base, node.partition_id,
                                      cfg.generator.pretrained_round or None)
-    class_names = resolve_classes(cfg, None)
+    class_names = resolve_classes(cfg.data, None)
     held = [c for c in class_names if counts.get(c)]
     if not held:
         raise ConfigError(f"node {node.partition_id} holds no audio and no generator checkpoint under "
@@ -89,7 +90,7 @@ def pretrained_index(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> NodeIndex:
 
 def load_node_bank(cfg: FedA2VConfig, node: NodeRuntimeConfig, index: NodeIndex, state: RecordDict) -> GeneratorBank:
     """The node's pretrained bank: from Context state after the first message, else its checkpoints."""
-    shape = embedding_shape(cfg)
+    shape = embedding_shape(cfg.audio_encoder)
     if GENERATORS in state:
         bank, _ = bank_from_records(state, source=f"node {node.partition_id} state", expected_shape=shape)
         return bank

@@ -23,9 +23,8 @@ from client_app.node_state import LOCAL_ADAPTERS, DiskState, state_dir
 from client_app.sources import TrainingSource, source_for
 from common.config import FedA2VConfig, NodeRuntimeConfig, load_config
 from common.errors import redact_paths
-from common.factory import adapter_config, build_adapters
 from common.logs import setup_logging
-from common.models.adapters import Adapters
+from common.models.adapters import AdapterConfig, Adapters
 from common.records import TARGETS, TARGETS_META, ClassTensors, RecordError, arrays_to_module
 
 __all__ = ["NodeSession", "check_classes"]
@@ -94,8 +93,8 @@ class NodeSession:
     def adapters(self) -> tuple[Adapters, dict | None]:
         """The adapters this message works on, and the server's weights as received (``None`` when the node
         works on its own adapters): the base of a train reply sent as a difference (:mod:`common.wire`)."""
-        acfg = adapter_config(self.cfg, clip_dim=self.targets.clip.shape[1], t5_dim=self.targets.t5.shape[2])
-        adapters = build_adapters(self.cfg, acfg)
+        acfg = AdapterConfig.from_sections(self.cfg.adapter, self.cfg.audio_encoder, self.cfg.text_encoder, clip_dim=self.targets.clip.shape[1], t5_dim=self.targets.t5.shape[2])
+        adapters = Adapters.seeded(acfg, self.cfg.seed)
         if not self.message.global_model and LOCAL_ADAPTERS in self.state:
             return arrays_to_module(self.state[LOCAL_ADAPTERS], adapters), None  # type: ignore[arg-type]
         sent = self.message.global_weights()

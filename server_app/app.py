@@ -19,9 +19,11 @@ from flwr.serverapp.strategy import Result
 from common.atomic import atomic_write_json
 from common.checkpoints import CheckpointError, load_adapters
 from common.config import ConfigError, FedA2VConfig, config_hash, load_config
-from common.factory import adapter_config, build_adapters, embedding_shape, resolve_classes, resolve_device
+from common.data.dataset import resolve_classes
+from common.device import resolve_device
 from common.logs import setup_logging
 from common.models.adapters import AdapterConfig, Adapters
+from common.models.audio_encoder import embedding_shape
 from common.models.text_encoders import compute_class_targets
 from common.provenance import git_commit, versions
 from common.records import CLASS_TARGETS, GLOBAL_MODEL, RUN_IDENTITY, RUN_NAME, ClassTensors, module_to_arrays
@@ -92,18 +94,18 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_config(context.run_config)
     check_render_settings(cfg.render)  # a bad render.model must fail now, not after the last round
     run_dir = run_directory(cfg, context.run_id)
-    point = open_run(cfg, run_dir, cfg.generator.checkpoint_base, embedding_shape(cfg))
+    point = open_run(cfg, run_dir, cfg.generator.checkpoint_base, embedding_shape(cfg.audio_encoder))
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", cfg.model_dump(by_alias=True))
     log.info("feda2v run %s: outputs in %s", context.run_id, run_dir)
 
-    class_names = resolve_classes(cfg, Path(cfg.data.root) if cfg.data.root else None)
+    class_names = resolve_classes(cfg.data, Path(cfg.data.root) if cfg.data.root else None)
     targets = class_targets(cfg, class_names)
     targets.save(run_dir / "targets.safetensors", CLASS_TARGETS,
                  {"prompt-template": cfg.text_encoder.prompt_template, "text-encoder": cfg.text_encoder.model})
     prepare_render_model(cfg, targets)
-    acfg = adapter_config(cfg, clip_dim=targets.clip.shape[1], t5_dim=targets.t5.shape[2])
-    adapters = build_adapters(cfg, acfg)
+    acfg = AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, clip_dim=targets.clip.shape[1], t5_dim=targets.t5.shape[2])
+    adapters = Adapters.seeded(acfg, cfg.seed)
     n_params = sum(p.numel() for p in adapters.parameters())
     log.info(
         "%d classes, adapters %s -> clip %d, t5 %dx%d (%.2f M params), aggregation=%s",
@@ -111,7 +113,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg.aggregation,
     )
     run = ServerRun(run_dir=run_dir, targets=targets, template=adapters, adapter_config=acfg.to_dict(),
-                    config_hash=config_hash(cfg), num_rounds=cfg.num_rounds, device=resolve_device(cfg))
+                    config_hash=config_hash(cfg), num_rounds=cfg.num_rounds, device=resolve_device(cfg.device))
     start_round = point.last_round if point is not None else 0
     identity = run_identity(point)  # a resumed run keeps its own (summary.json), a new one draws one
     if start_round >= cfg.num_rounds:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from common.config import FedA2VConfig
-from common.factory import embedding_shape
 from common.metrics.resources import memory_metrics, release_memory
+from common.models.audio_encoder import embedding_shape
 from common.models.generators import GeneratorSpec, GeneratorTrainSettings
 from common.render.jobs import images_dir
 from common.report.run_data import STEP_SECONDS_PREFIX
@@ -101,7 +101,7 @@ def build_pipelines(cfg: FedA2VConfig, run: ServerRun, summary: RunSummary) -> R
     if cfg.server_generator.mode != "off" and not cfg.generate_only:
         sg = cfg.server_generator
         gen = cfg.generator.model_copy(update={"kind": sg.kind})
-        spec = GeneratorSpec.from_config(gen, *embedding_shape(cfg))
+        spec = GeneratorSpec.from_config(gen, *embedding_shape(cfg.audio_encoder))
         if sg.mode == "merge":
             merge = gen.model_copy(update={"epochs": sg.epochs, "batch_size": sg.batch_size, "lr": sg.lr, "min_steps": 0})
             server_generator = SERVER_GENERATORS["merge"](

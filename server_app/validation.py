@@ -35,9 +35,9 @@ from typing import Any, Mapping
 import torch
 from flwr.app import Message, RecordDict
 
-from common.factory import embedding_shape
 from common.generator_bank import GeneratorCheckpointError, bank_from_records
 from common.metric_keys import NUM_EXAMPLES, NUM_VAL, PARTITION_ID
+from common.models.audio_encoder import embedding_shape
 from common.models.generators import GeneratorSpec
 from common.owners import OWNERS_FILE
 from common.records import (
@@ -111,7 +111,7 @@ class ReplyValidator:
                                  assigned={int(p): n for p, n in cfg.robust.partition_owners.items()})
         return cls(template_state, class_names, adapter_cfg.clip_dim, (adapter_cfg.t5_tokens, adapter_cfg.t5_dim),
                    ReplyLimits.from_config(cfg.robust),
-                   GeneratorSpec.from_config(cfg.generator, *embedding_shape(cfg)).to_dict(), owners)
+                   GeneratorSpec.from_config(cfg.generator, *embedding_shape(cfg.audio_encoder)).to_dict(), owners)
 
     # ------------------------------------------------------------------ whole replies
     def check_size(self, content: RecordDict) -> None:

@@ -14,10 +14,10 @@ import client_app.node_data as node_data
 from client_app.app import NODE_DATA, evaluate, train
 from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config
 from common.data.synth import synthesize_dataset
+from common.models.adapters import AdapterConfig, Adapters
+from common.records import CLASS_MEANS, CLASS_MEANS_META, ClassTensors, module_to_arrays
 from ops.local_run import server_content as local_server_content
 from ops.local_run import server_message
-from common.factory import adapter_config, build_adapters
-from common.records import CLASS_MEANS, CLASS_MEANS_META, ClassTensors, module_to_arrays
 from server_app.aggregators import AGGREGATORS
 from server_app.app import class_targets
 
@@ -46,7 +46,7 @@ def make_message(content: RecordDict, message_type: str = MessageType.TRAIN) -> 
 
 def server_content(cfg, server_round: int = 1, run_name: str = "") -> RecordDict:
     targets = class_targets(cfg, CLASSES)
-    adapters = build_adapters(cfg, adapter_config(cfg, targets.clip.shape[1], targets.t5.shape[2]))
+    adapters = Adapters.seeded(AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, targets.clip.shape[1], targets.t5.shape[2]), cfg.seed)
     global_model = AGGREGATORS[cfg.aggregation].global_model  # what the server's aggregation method says
     return local_server_content(targets, module_to_arrays(adapters), server_round, global_model, run_name=run_name)
 
@@ -114,7 +114,7 @@ def test_train_reply_records_and_privacy_rule(data_root, tmp_path):
     assert means.class_names == CLASSES
     assert int(means.counts.sum()) == n_train
     assert means.clip.shape == (3, 768) and means.t5.shape == (3, 4, 4096)
-    adapters = build_adapters(cfg, adapter_config(cfg, 768, 4096))
+    adapters = Adapters.seeded(AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, 768, 4096), cfg.seed)
     # every array is either an adapter weight (same keys and shapes as the model) ...
     weights = content["arrays"].to_torch_state_dict()
     assert {k: tuple(v.shape) for k, v in weights.items()} == {k: tuple(v.shape) for k, v in adapters.state_dict().items()}
@@ -197,8 +197,8 @@ def test_generator_training_mode_checkpoints_on_node_and_ships_bank_to_server(da
     assert sorted(loaded.classes) == sorted(CLASSES)
     # the server stores every node's generators under its run directory
     targets = class_targets(cfg, CLASSES)
-    acfg = adapter_config(cfg, 768, 4096)
-    run = ServerRun(run_dir=tmp_path / "run", targets=targets, template=build_adapters(cfg, acfg),
+    acfg = AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, 768, 4096)
+    run = ServerRun(run_dir=tmp_path / "run", targets=targets, template=Adapters.seeded(acfg, cfg.seed),
                     adapter_config=acfg.to_dict(), config_hash="h", num_rounds=1, device=torch.device("cpu"))
     server_cfg = cfg.model_copy(update={"num_rounds": 1, "render": cfg.render.model_copy(update={"when": "off"})})
     pipelines = build_pipelines(server_cfg, run, RunSummary(tmp_path / "run" / "summary.json", {}))

@@ -17,6 +17,7 @@ from common.config import (
     markdown_reference,
     unflatten,
 )
+from common.data.dataset import explicit_nodes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,10 +92,9 @@ def test_explicit_partition_needs_node_tables(tmp_path):
     f = tmp_path / "nodes.toml"
     f.write_text('[data]\npartition = "explicit"\n[nodes.0]\nclasses = ["dog"]\n[nodes.1]\nclasses = "rain,siren"\nsamples-per-class = 5\n')
     cfg = load_config(flat_pyproject() | {"config-file": str(f)})
-    assert cfg.node_classes(2) == [["dog"], ["rain", "siren"]]
-    assert cfg.node_samples_per_class(2) == [None, 5]
+    assert explicit_nodes(cfg.data, cfg.nodes, 2) == ([["dog"], ["rain", "siren"]], [None, 5])
     with pytest.raises(ConfigError, match=r"node\(s\) 2"):
-        cfg.node_classes(3)
+        explicit_nodes(cfg.data, cfg.nodes, 3)
 
 
 def test_shipped_config_files_validate():

@@ -13,12 +13,12 @@ import soundfile as sf
 
 from common.config import load_config
 from common.data.clips import DatasetError
+from common.data.dataset import resolve_classes
 from common.data.partition import partition_nodes, split_dataset
 from common.data.readers import READERS, list_classes, scan
 from common.data.synth import VGGSOUND_LABELS, synthesize_dataset
 from common.data.vegas import scan_vegas
 from common.data.vggsound import scan_vggsound
-from common.factory import resolve_classes
 
 CLASSES = ["dog", "rooster", "siren", "engine"]
 
@@ -170,5 +170,5 @@ def test_vggsound_layout_errors_name_the_file(tmp_path: Path) -> None:
 def test_config_reads_classes_through_the_registry(vegas_root: Path, vgg_root: Path) -> None:
     assert set(READERS) == {"esc50", "synthetic", "vegas", "vggsound"}
     cfg = load_config({"data.dataset": "vegas", "data.root": str(vegas_root), "data.num-classes": 2})
-    assert resolve_classes(cfg, vegas_root) == ["dog", "engine"]
+    assert resolve_classes(cfg.data, vegas_root) == ["dog", "engine"]
     assert list_classes("vggsound", vgg_root)[0] == "chicken crowing"

@@ -12,16 +12,16 @@ import torch
 from PIL import Image
 
 from common.checkpoints import save_adapters, save_tensors
-from ops.cli import main as cli_main
 from common.config import load_config
-from common.factory import adapter_config, build_adapters
 from common.generator_bank import GeneratorBank, GeneratorCheckpointError
+from common.models.adapters import AdapterConfig, Adapters
 from common.models.generators import GeneratorSpec, GeneratorTrainSettings
 from common.records import ClassTensors
 from common.render.backend import Conditioning
 from common.render.conditioning import calibrate, target_radius, target_soft, with_oracle
 from common.render.images import MANIFEST, read_manifest
 from common.render.jobs import render_job
+from ops.cli import main as cli_main
 
 CLASSES = ["dog", "rain", "siren"]
 RENDER = {"render.model": "tiny", "render.resolution": 32, "render.steps": 2, "render.batch-size": 3, "text-encoder.t5-tokens": 4,
@@ -191,8 +191,8 @@ def test_target_soft_gives_a_clear_row_its_class_prompt_and_an_ambiguous_row_a_b
 def run_dir(tmp_path):
     """A run directory as a federation leaves it: adapters, targets, class means, generators."""
     cfg = cfg_with()
-    acfg = adapter_config(cfg, 768, 4096)
-    adapters = build_adapters(cfg, acfg)
+    acfg = AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, 768, 4096)
+    adapters = Adapters.seeded(acfg, cfg.seed)
     run = tmp_path / "run"
     save_adapters(run / "checkpoints" / "adapters.safetensors", adapters, acfg.to_dict(), CLASSES, 3, "h", {})
     targets = ClassTensors(CLASSES, torch.randn(3, 768), torch.randn(3, 4, 4096))
@@ -298,9 +298,9 @@ def test_server_renders_global_images_from_its_generator_or_the_class_means(tmp_
     from server_app.render import GlobalRenderer
 
     cfg = cfg_with(**{"num-rounds": 3, "render.images-per-class": 1})
-    acfg = adapter_config(cfg, 768, 4096)
+    acfg = AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, 768, 4096)
     targets = ClassTensors(CLASSES, torch.randn(3, 768), torch.randn(3, 4, 4096))
-    renderer = GlobalRenderer(cfg, targets, build_adapters(cfg, acfg), tmp_path, "cpu")
+    renderer = GlobalRenderer(cfg, targets, Adapters.seeded(acfg, cfg.seed), tmp_path, "cpu")
     assert not renderer.due(2) and renderer.due(3)
     means = ClassTensors(["dog", "siren"], torch.randn(2, 768), torch.randn(2, 4, 4096), torch.tensor([3, 3]))
     metrics = renderer(3, None, means, None)
@@ -308,7 +308,7 @@ def test_server_renders_global_images_from_its_generator_or_the_class_means(tmp_
     assert {e["source"] for e in read_manifest(tmp_path / "images")} == {"class-mean"}
     bank = GeneratorBank.create(GeneratorSpec.from_config(cfg.generator, acfg.in_tokens, acfg.in_dim), "unified", CLASSES)
     renderer.run_dir = tmp_path / "with-bank"
-    renderer(3, module_to_arrays(build_adapters(cfg, acfg)), means, bank)
+    renderer(3, module_to_arrays(Adapters.seeded(acfg, cfg.seed)), means, bank)
     entries = read_manifest(tmp_path / "with-bank" / "images")
     assert sorted(e["class_name"] for e in entries) == CLASSES
     assert all(e["source"].startswith("server-generator#") and e["owner"] == "server" for e in entries)

@@ -13,7 +13,6 @@ import server_app.aggregators.kd as kd_module
 import server_app.finetune as finetune_module
 from client_app.app import NODE_DATA, train
 from common.config import ConfigError, load_config
-from common.factory import adapter_config, build_adapters
 from common.generator_bank import GeneratorBank, bank_from_records
 from common.models.adapters import AdapterConfig, Adapters
 from common.models.generators import GeneratorSpec, GeneratorTrainSettings
@@ -26,9 +25,11 @@ from common.records import (
     module_to_arrays,
 )
 from common.training import TrainSettings
+from server_app.aggregators.kd import distill, holdout_split
 from server_app.app import class_targets
 from server_app.finetune import finetune
-from server_app.aggregators.kd import distill, holdout_split
+from server_app.pipeline import build_pipelines
+from server_app.run_context import ServerRun
 from server_app.server_generator import (
     DataFreeSettings,
     merge_generators,
@@ -36,8 +37,6 @@ from server_app.server_generator import (
     teacher_agreement,
     train_data_free,
 )
-from server_app.pipeline import build_pipelines
-from server_app.run_context import ServerRun
 from server_app.strategy import FedA2VStrategy
 from server_app.summary import RunSummary
 from server_app.teachers import OwnerTeachers
@@ -204,9 +203,9 @@ def _node_replies(data_root, tmp_path, extra: dict):  # noqa: F811
 
 def _strategy(cfg, tmp_path) -> FedA2VStrategy:
     targets = class_targets(cfg, CLASSES)
-    acfg = adapter_config(cfg, 768, 4096)
-    template = build_adapters(cfg, acfg)
-    run = ServerRun(run_dir=tmp_path / "run", targets=targets, template=build_adapters(cfg, acfg),
+    acfg = AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, 768, 4096)
+    template = Adapters.seeded(acfg, cfg.seed)
+    run = ServerRun(run_dir=tmp_path / "run", targets=targets, template=Adapters.seeded(acfg, cfg.seed),
                     adapter_config=acfg.to_dict(), config_hash="h", num_rounds=1, device=torch.device("cpu"))
     summary = RunSummary(tmp_path / "run" / "summary.json", {})
     pipelines = build_pipelines(cfg, run, summary)
@@ -225,7 +224,7 @@ def test_train_reply_privacy_rule_with_generators(data_root, tmp_path):  # noqa:
     content = reply.content
     assert set(content.keys()) == {"arrays", "metrics", CLASS_MEANS, CLASS_MEANS_META, GENERATORS, GENERATORS_META, "held"}
     n_train = int(content["metrics"]["num-examples"])
-    adapters = build_adapters(cfg, adapter_config(cfg, 768, 4096))
+    adapters = Adapters.seeded(AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, 768, 4096), cfg.seed)
     weights = content["arrays"].to_torch_state_dict()
     assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in adapters.state_dict().items()}
     means = content[CLASS_MEANS].to_torch_state_dict()
@@ -341,7 +340,7 @@ def test_best_checkpoint_follows_validation_accuracy(tmp_path) -> None:
     """adapters_best.safetensors: the round with the best global validation accuracy, kept across a resume."""
     from common.checkpoints import load_adapters
     from common.config import load_config
-    from common.factory import adapter_config, build_adapters
+    from common.models.adapters import AdapterConfig, Adapters
     from common.records import module_to_arrays
     from server_app.checkpoint import CheckpointStep
     from server_app.round_state import NodeReplies, RoundState
@@ -350,12 +349,12 @@ def test_best_checkpoint_follows_validation_accuracy(tmp_path) -> None:
     cfg = load_config({"adapter.hidden-dim": 16, "adapter.heads": 2, "text-encoder.t5-tokens": 2})
     names = ["dog", "rain"]
     targets = ClassTensors(names, torch.randn(2, 768), torch.randn(2, 2, 4096))
-    acfg = adapter_config(cfg, 768, 4096)
-    run = ServerRun(run_dir=tmp_path, targets=targets, template=build_adapters(cfg, acfg), adapter_config=acfg.to_dict(),
+    acfg = AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, 768, 4096)
+    run = ServerRun(run_dir=tmp_path, targets=targets, template=Adapters.seeded(acfg, cfg.seed), adapter_config=acfg.to_dict(),
                     config_hash="h", num_rounds=4, device=torch.device("cpu"))
 
     def round_state(r: int, val: float | None) -> RoundState:
-        state = RoundState(r, None, NodeReplies(), arrays=module_to_arrays(build_adapters(cfg, acfg)))
+        state = RoundState(r, None, NodeReplies(), arrays=module_to_arrays(Adapters.seeded(acfg, cfg.seed)))
         if val is not None:
             state.evaluate_metrics = {"val_retrieval_acc": val, "test_retrieval_acc": 1.0 - val}
         return state
@@ -378,7 +377,7 @@ def test_best_checkpoint_follows_validation_accuracy(tmp_path) -> None:
 def test_ema_checkpoint_averages_rounds_and_survives_resume(tmp_path) -> None:
     from common.checkpoints import load_adapters
     from common.config import load_config
-    from common.factory import adapter_config, build_adapters
+    from common.models.adapters import AdapterConfig, Adapters
     from common.records import module_to_arrays
     from server_app.checkpoint import CheckpointStep
     from server_app.round_state import NodeReplies, RoundState
@@ -386,10 +385,10 @@ def test_ema_checkpoint_averages_rounds_and_survives_resume(tmp_path) -> None:
 
     cfg = load_config({"adapter.hidden-dim": 16, "adapter.heads": 2, "text-encoder.t5-tokens": 2})
     targets = ClassTensors(["dog", "rain"], torch.randn(2, 768), torch.randn(2, 2, 4096))
-    acfg = adapter_config(cfg, 768, 4096)
-    run = ServerRun(run_dir=tmp_path, targets=targets, template=build_adapters(cfg, acfg), adapter_config=acfg.to_dict(),
+    acfg = AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, 768, 4096)
+    run = ServerRun(run_dir=tmp_path, targets=targets, template=Adapters.seeded(acfg, cfg.seed), adapter_config=acfg.to_dict(),
                     config_hash="h", num_rounds=3, device=torch.device("cpu"))
-    models = [build_adapters(cfg, acfg) for _ in range(3)]
+    models = [Adapters.seeded(acfg, cfg.seed) for _ in range(3)]
     for i, m in enumerate(models):
         for p in m.parameters():
             torch.nn.init.constant_(p, float(i + 1))  # round r's global adapters: every weight = r
@@ -403,7 +402,7 @@ def test_ema_checkpoint_averages_rounds_and_survives_resume(tmp_path) -> None:
     resumed(RoundState(3, None, NodeReplies(), arrays=module_to_arrays(models[2])))
     ema, _ = load_adapters(tmp_path / "checkpoints" / "adapters_ema.safetensors")
     assert all(torch.allclose(p, torch.full_like(p, 2.25)) for p in ema.parameters())  # 0.5 * 1.5 + 0.5 * 3
-    off = CheckpointStep(ServerRun(run_dir=tmp_path / "off", targets=targets, template=build_adapters(cfg, acfg),
+    off = CheckpointStep(ServerRun(run_dir=tmp_path / "off", targets=targets, template=Adapters.seeded(acfg, cfg.seed),
                                    adapter_config=acfg.to_dict(), config_hash="h", num_rounds=1, device=torch.device("cpu")),
                          "fedavg", True, 1, "generator", 5, ema_decay=0.0)
     off(RoundState(1, None, NodeReplies(), arrays=module_to_arrays(models[0])))

@@ -20,9 +20,8 @@ from client_app.generators import encoder_key
 from common.cache import ExtractionSettings
 from common.cache.key import CACHE_FORMAT, cache_key
 from common.config import FedA2VConfig, flatten, load_config
-from common.factory import adapter_config, build_adapters
 from common.generator_bank import GeneratorBank
-from common.models.adapters import AdapterConfig
+from common.models.adapters import AdapterConfig, Adapters
 from common.models.audio_encoder import TINY_AST, AudioEncoder, ast_frames
 from common.models.generators import GeneratorSpec, GeneratorTrainSettings
 from common.models.text_encoders import FLUX_CLIP_DIM, FLUX_T5_DIM
@@ -175,7 +174,7 @@ def test_train_settings(case):
     _assert_fields(settings, TRAIN, flat, "TrainSettings")
     assert settings.seed == 123
     # effective: the optimisers the loop builds
-    adapters = build_adapters(cfg, adapter_config(cfg, clip_dim=8, t5_dim=8))
+    adapters = Adapters.seeded(AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, clip_dim=8, t5_dim=8), cfg.seed)
     optimizers = make_optimizers(adapters, settings)
     for branch, key in (("clip", "train.lr-clip"), ("t5", "train.lr-t5")):
         group = optimizers[branch].param_groups[0]
@@ -213,14 +212,14 @@ def test_extraction_settings_audio_encoder_and_cache_key(case):
 
 def test_adapter_config_and_built_adapters(case):
     cfg, flat = case
-    acfg = adapter_config(cfg)
+    acfg = AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder)
     _assert_fields(acfg, ADAPTER, flat, "AdapterConfig")
     pooled = flat["audio-encoder.reduction"] == "pool"
     assert acfg.in_tokens == (flat["audio-encoder.tokens"] if pooled else 1)
     assert acfg.in_dim == TINY_AST["hidden_size"]
     assert (acfg.clip_dim, acfg.t5_dim) == (FLUX_CLIP_DIM, FLUX_T5_DIM)
     # effective: the modules built from it
-    adapters = build_adapters(cfg, adapter_config(cfg, clip_dim=8, t5_dim=8))
+    adapters = Adapters.seeded(AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, clip_dim=8, t5_dim=8), cfg.seed)
     for branch in (adapters.clip, adapters.t5):
         assert branch.attn.num_heads == flat["adapter.heads"]
         assert branch.latents.shape[1] == flat["adapter.hidden-dim"]
@@ -231,11 +230,11 @@ def test_adapter_config_and_built_adapters(case):
 
 def test_build_adapters_is_seeded_and_leaves_the_global_rng_alone(case):
     cfg, _ = case
-    acfg = adapter_config(cfg, clip_dim=8, t5_dim=8)
+    acfg = AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, clip_dim=8, t5_dim=8)
     before = torch.random.get_rng_state()
-    a = build_adapters(cfg, acfg)
+    a = Adapters.seeded(acfg, cfg.seed)
     assert torch.equal(torch.random.get_rng_state(), before)
-    b = build_adapters(cfg, acfg)
+    b = Adapters.seeded(acfg, cfg.seed)
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
 

@@ -56,7 +56,7 @@ def _toml(value: object) -> str:
 
 
 def synthetic_root(cache: Path) -> Path:
-    """Where the app generates the dataset for these settings (common.factory.synthetic_root)."""
+    """Where the app generates the dataset for these settings (common.data.dataset.synthetic_root)."""
     root = cache / "data" / f"synthetic-esc50-c{NUM_CLASSES}-n{CLIPS_PER_CLASS}-s0"
     assert root.is_dir(), f"the run did not generate its dataset at {root}"
     return root

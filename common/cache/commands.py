@@ -19,7 +19,8 @@ from common.cache.key import cache_key, dataset_id
 from common.cache.store import EmbeddingStore, VerifyReport, list_stores
 from common.config import FedA2VConfig
 from common.data.clips import Clip
-from common.factory import dataset_root, node_splits, prepare_dataset, resolve_classes, resolve_device, scan_dataset
+from common.data.dataset import dataset_root, node_splits, prepare_dataset, resolve_classes, scan_dataset
+from common.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,13 @@ def embeddings_root(cfg: FedA2VConfig, cache_dir: str = "") -> Path:
 
 def _clips_to_build(cfg: FedA2VConfig, root: Path, num_nodes: int | None, all_classes: bool) -> list[Clip]:
     if all_classes:
-        return scan_dataset(cfg, root, None).clips
-    index = scan_dataset(cfg, root, resolve_classes(cfg, root))
+        return scan_dataset(cfg.data, root, None).clips
+    index = scan_dataset(cfg.data, root, resolve_classes(cfg.data, root))
     clips, class_names = index.clips, index.class_names
     if not num_nodes:
         return clips
     used: dict[str, Clip] = {}
-    for split in node_splits(cfg, clips, class_names, num_nodes):
+    for split in node_splits(cfg.data, cfg.nodes, cfg.seed, clips, class_names, num_nodes):
         for clip in (*split.train, *split.val, *split.test):
             used[clip.rel_path] = clip
     return [used[k] for k in sorted(used)]
@@ -56,9 +57,9 @@ def build(
 ) -> dict[str, Any]:
     """Embed the dataset's clips into the cache (only the missing ones); returns a summary."""
     base = Path(cache_dir).expanduser() if cache_dir else cfg.resolved_cache_dir()
-    root = prepare_dataset(cfg, dataset_root(cfg, data_root, base))
+    root = prepare_dataset(cfg.data, dataset_root(cfg.data, base, data_root))
     clips = _clips_to_build(cfg, root, num_nodes, all_classes)
-    settings = ExtractionSettings.from_config(cfg, device=str(resolve_device(cfg)))
+    settings = ExtractionSettings.from_config(cfg, device=str(resolve_device(cfg.device)))
     store = EmbeddingStore.open(base / "embeddings", root, settings.key_fields())
     t0 = time.perf_counter()
     res = embed_clips(clips, settings, store, progress=progress)
@@ -78,7 +79,7 @@ def build(
 def _current_key(cfg: FedA2VConfig, base: Path, data_root: str = "") -> tuple[str, str] | None:
     """(dataset dir name, key) the given config would use, if computable without side effects."""
     try:
-        root = dataset_root(cfg, data_root, base)
+        root = dataset_root(cfg.data, base, data_root)
         settings = ExtractionSettings.from_config(cfg)
         return dataset_id(root), cache_key(settings.key_fields())
     except Exception as err:  # e.g. esc50 without data.root, a model folder absent on this host

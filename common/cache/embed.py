@@ -45,7 +45,7 @@ class ExtractionSettings:
     """Everything the extraction path needs; ``identity()`` is the part that changes an embedding.
 
     No field has a default: build it with :meth:`from_config` (``audio-encoder.*``, ``data.*`` and
-    ``seed``); ``device`` is where the AST runs (:func:`common.factory.resolve_device`).
+    ``seed``); ``device`` is where the AST runs (:func:`common.device.resolve_device`).
     """
 
     model: str

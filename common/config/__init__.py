@@ -25,8 +25,20 @@ from common.config.loading import config_hash, flatten, json_schema, load_config
 from common.config.reference import markdown_reference
 from common.config.run import FedA2VConfig, NodeRuntimeConfig
 from common.config.sections import (
-    AdapterConfigSection, AudioEncoderConfig, DataConfig, FinetuneConfig, GeneratorConfig, KDConfig, LoggingConfig,
-    NodeSpec, PrivacyConfig, RenderConfig, RobustConfig, ServerGeneratorConfig, TextEncoderConfig, TrainConfig,
+    AdapterConfigSection,
+    AudioEncoderConfig,
+    DataConfig,
+    FinetuneConfig,
+    GeneratorConfig,
+    KDConfig,
+    LoggingConfig,
+    NodeSpec,
+    PrivacyConfig,
+    RenderConfig,
+    RobustConfig,
+    ServerGeneratorConfig,
+    TextEncoderConfig,
+    TrainConfig,
 )
 
 __all__ = [

@@ -14,8 +14,20 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from common.config.base import ConfigError, Strict, default_cache_dir, format_errors
 from common.config.choices import AggregationName
 from common.config.sections import (
-    AdapterConfigSection, AudioEncoderConfig, DataConfig, FinetuneConfig, GeneratorConfig, KDConfig, LoggingConfig,
-    NodeSpec, PrivacyConfig, RenderConfig, RobustConfig, ServerGeneratorConfig, TextEncoderConfig, TrainConfig,
+    AdapterConfigSection,
+    AudioEncoderConfig,
+    DataConfig,
+    FinetuneConfig,
+    GeneratorConfig,
+    KDConfig,
+    LoggingConfig,
+    NodeSpec,
+    PrivacyConfig,
+    RenderConfig,
+    RobustConfig,
+    ServerGeneratorConfig,
+    TextEncoderConfig,
+    TrainConfig,
 )
 from common.names import folder_name_problem
 
@@ -194,20 +206,6 @@ class FedA2VConfig(Strict):
     # ------------------------------------------------------------------ derived values
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
-
-    def node_classes(self, num_nodes: int) -> list[list[str]] | None:
-        """Explicit per-node class lists, validated against the number of nodes."""
-        if self.data.partition != "explicit":
-            return None
-        missing = [str(i) for i in range(num_nodes) if str(i) not in self.nodes]
-        if missing:
-            raise ConfigError(f"data.partition='explicit' but no [nodes.<id>] table for node(s) {', '.join(missing)}")
-        return [list(self.nodes[str(i)].classes) for i in range(num_nodes)]
-
-    def node_samples_per_class(self, num_nodes: int) -> list[int | None] | None:
-        if self.data.partition != "explicit":
-            return None
-        return [self.nodes[str(i)].samples_per_class or None for i in range(num_nodes)]
 
     def node_generator_plan(self, partition_id: int) -> tuple[str, list[str] | None]:
         """This node's generator granularity and class selection (``None`` = all it holds)."""

@@ -10,8 +10,17 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from common.config.base import Strict, split_list
-from common.config.choices import Calibration, DatasetName, GeneratorKind, GeneratorMode, Granularity, Oracle, \
-    Precision, StorageDtype
+from common.config.choices import (
+    Calibration,
+    DatasetName,
+    GeneratorKind,
+    GeneratorMode,
+    Granularity,
+    Oracle,
+    Precision,
+    StorageDtype,
+)
+
 
 class DataConfig(Strict):
     """Which audio, how it is loaded, and how it is split across nodes."""

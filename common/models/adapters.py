@@ -20,6 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from common.config import AdapterConfigSection, AudioEncoderConfig, TextEncoderConfig
+from common.models.audio_encoder import embedding_shape
+from common.models.text_encoders import FLUX_CLIP_DIM, FLUX_T5_DIM
+from common.seeds import seeded
+
 __all__ = ["AdapterConfig", "Adapters", "BranchAdapter"]
 
 
@@ -27,9 +32,9 @@ __all__ = ["AdapterConfig", "Adapters", "BranchAdapter"]
 class AdapterConfig:
     """The adapters' architecture: the config's ``adapter.*`` section plus the dims it is derived from.
 
-    No field has a default: build it with :func:`common.factory.adapter_config` (input dims from the
-    audio encoder, output dims from the text targets, ``t5_tokens`` from ``text-encoder.t5-tokens``,
-    the rest from ``adapter.*``) or read it back from a checkpoint with :meth:`from_dict`.
+    No field has a default: build it with :meth:`from_sections` (input dims from the audio encoder,
+    output dims from the text targets, ``t5_tokens`` from ``text-encoder.t5-tokens``, the rest from
+    ``adapter.*``) or read it back from a checkpoint with :meth:`from_dict`.
     """
 
     in_dim: int
@@ -49,6 +54,17 @@ class AdapterConfig:
             raise ValueError(f"AdapterConfig.hidden_dim ({self.hidden_dim}) must be divisible by heads ({self.heads})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"AdapterConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def from_sections(cls, adapter: AdapterConfigSection, audio_encoder: AudioEncoderConfig,
+                      text_encoder: TextEncoderConfig, clip_dim: int = FLUX_CLIP_DIM,
+                      t5_dim: int = FLUX_T5_DIM) -> "AdapterConfig":
+        """The one place the architecture is built from the config's sections (output dims: FLUX.1's
+        spaces unless the class targets say otherwise)."""
+        tokens, hidden = embedding_shape(audio_encoder)
+        return cls(in_dim=hidden, in_tokens=tokens, clip_dim=clip_dim, t5_dim=t5_dim,
+                   t5_tokens=text_encoder.t5_tokens, hidden_dim=adapter.hidden_dim, heads=adapter.heads,
+                   dropout=adapter.dropout)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,6 +142,13 @@ class Adapters(nn.Module):
         common = dict(in_dim=cfg.in_dim, hidden_dim=cfg.hidden_dim, heads=cfg.heads, dropout=cfg.dropout, in_tokens=cfg.in_tokens)
         self.clip = BranchAdapter(out_dim=cfg.clip_dim, num_latents=1, **common)
         self.t5 = BranchAdapter(out_dim=cfg.t5_dim, num_latents=cfg.t5_tokens, **common)
+
+    @classmethod
+    def seeded(cls, cfg: AdapterConfig, seed: int) -> "Adapters":
+        """Adapters with a seeded init, so every node and the server start from the same weights; the init
+        runs in a fork of the global RNG, so the caller's RNG is left as it was."""
+        with seeded(seed):
+            return cls(cfg)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if x.ndim == 2:  # [B, H] (e.g. a CLS embedding stored without its L=1 axis)

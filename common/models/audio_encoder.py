@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from common.config import AudioEncoderConfig
 from common.dtypes import torch_dtype
 from common.errors import FedA2VError
 from common.models.fingerprint import files_fingerprint
@@ -52,6 +53,7 @@ __all__ = [
     "ast_frames",
     "audio_encoder_identity",
     "build_tiny_ast",
+    "embedding_shape",
     "hf_offline",
     "resize_time_positions",
 ]
@@ -80,6 +82,23 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 class ModelLoadError(FedA2VError, ValueError):
     """A model (or its tokenizer/feature extractor) cannot be loaded from what is available offline."""
+
+
+def embedding_shape(section: AudioEncoderConfig) -> tuple[int, int]:
+    """(L, H) of a reduced AST embedding, known without loading AST weights."""
+    tokens = 1 if section.reduction == "cls" else section.tokens
+    if section.model == "tiny":
+        return tokens, int(TINY_AST["hidden_size"])
+    from transformers import ASTConfig
+
+    try:
+        hidden = ASTConfig.from_pretrained(section.model).hidden_size
+    except OSError as err:
+        raise ModelLoadError(
+            f"audio-encoder.model '{section.model}': config not available offline ({err}). "
+            "Point it at a local folder, set HF_HOME to a cache holding it, or use 'tiny'."
+        ) from None
+    return tokens, int(hidden)
 
 
 def hf_offline() -> bool:
