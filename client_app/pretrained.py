@@ -7,8 +7,8 @@ against this run's config (granularity, classes, embedding shape, encoder cache 
 ``synthetic-samples-per-class`` embeddings per class (``auto`` = its real training count, read from
 the dataset's metadata, not its audio).
 
-Why the AST is never built here: that is the point of the mode (the earlier system saved ~2 GB of
-GPU memory and 10-20 s per node). With ``real-mix-ratio = 0`` the node's training set is purely
+Why the AST is never built here: that is the point of the mode (the AST's memory and extraction
+time are most of a node's cost). With ``real-mix-ratio = 0`` the node's training set is purely
 synthetic, so this module touches only the dataset's csv/listing and the generator files; the AST
 and its feature extractor are not constructed and no audio file is opened (a test enforces it).
 Evaluation reads held-out embeddings from the embedding cache only (see

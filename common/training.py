@@ -7,7 +7,7 @@ and the losses live here once.
 Targets are **per sample**: a batch's targets are ``targets[labels]``, so a mixed-class batch trains
 every clip toward its own class (the earlier code base trained all clips of a batch toward the
 first clip's class). Nothing that crosses a round keeps an autograd graph: metrics are Python
-floats, class means are accumulated under ``torch.no_grad`` (the earlier code leaked ~500 MB per
+floats, class means are accumulated under ``torch.no_grad`` (the earlier code leaked memory with every
 batch that way).
 """
 

@@ -1,7 +1,6 @@
 """What tensors look like on the wire: float32, float16, or int8 with one scale per row.
 
-Why: the default adapters are 13.8 M parameters (55 MB in float32) and travel three times per node
-and round (train down, train up, evaluate down); with a real AST and longer T5 sequences they grow.
+Why: the adapters are most of a round's bytes and travel three times per node and round (train down, train up, evaluate down); with a real AST and longer T5 sequences they grow.
 Weights tolerate 8 bits per value when every row (the last axis) has its own scale: the error is at
 most half a step, 1/254 of the row's largest magnitude. Uploads are smaller still in error: a node
 sends the *difference* between its trained weights and the weights it received (``base``), whose

@@ -2,7 +2,7 @@
 
 Why: Flower 1.41's deployment Grid (``flwr/superlink/grid/http_grid.py``) sleeps 3 s between two
 pulls of replies, so every train and evaluate phase ends up to 3 s after its last reply arrived
-(1.5 s on average, twice per round). This wrapper does the same push-then-pull with Flower's own
+(twice per round). This wrapper does the same push-then-pull with Flower's own
 ``push_messages`` / ``pull_messages``, polling every ``reply-poll-interval`` seconds; everything
 else is the wrapped Grid's. The loop is bounded by the phase's ``timeout`` (``round-timeout``),
 exactly as Flower's is; with no timeout it waits for every reply, as Flower's does.

@@ -151,9 +151,9 @@ class GeneratorConfig(Strict):
     batch_size: int = Field(32, ge=1, description="Generator mini-batch size.")
     min_steps: int = Field(
         600, ge=0, description="At least this many optimiser steps per model and round (raises epochs for models "
-        "with few clips, e.g. per_class: measured GAN per-class FD ratio 5.8 at 300 steps, 1.3 at 600).",
+        "with few clips, e.g. per_class GANs, which fall far short of their quality at fewer steps).",
     )
-    lr: float = Field(0.0, ge=0, description="Learning rate; 0: the measured per-kind default (VAE 3e-3, GAN 1e-3).")
+    lr: float = Field(0.0, ge=0, description="Learning rate; 0: the per-kind default (VAE 3e-3, GAN 1e-3).")
     synthetic_samples_per_class: int | Literal["auto"] = Field(
         "auto",
         description="use-pretrained-generators: embeddings sampled per class and round ('auto' = the node's "
@@ -211,8 +211,8 @@ class KDConfig(Strict):
     lr: float = Field(1e-3, gt=0, description="KD learning rate (both branches).")
     batch_size: int = Field(64, ge=1, description="KD mini-batch size.")
     precision: Precision = Field(
-        "auto", description="KD forward passes in fp32, or under bfloat16 autocast (fp32 weights; ~2.3x faster per "
-        "epoch where the CPU or GPU has bf16 units); 'auto': bf16 where the device has them, else fp32."
+        "auto", description="KD forward passes in fp32, or under bfloat16 autocast (fp32 weights; faster per epoch "
+        "where the CPU or GPU has bf16 units); 'auto': bf16 where the device has them, else fp32."
     )
 
 

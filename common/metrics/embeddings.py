@@ -7,26 +7,13 @@ plain Python floats: nothing here keeps an autograd graph, everything runs in fl
 Feature space
 -------------
 ``embedding_quality`` compares **flattened** ``[N, L*H]`` embeddings by default. That is what the
-adapters consume, and it keeps the token structure. Measured on a default node (94 training, 40
-held-out clips, L = 12, H = 256), FD ratios (see below) of deliberately broken "generators":
-
-==========================  =========  ==========
-fake set                    flattened  token mean
-==========================  =========  ==========
-the training clips          0.47       0.13
-training clips, tokens      3.35       0.13
-shuffled
-training clips + noise      1.11       0.21
-(0.3 std)
-per-class diagonal          3.52       1.09
-Gaussian
-==========================  =========  ==========
-
-Mean-pooling discards ~21% of the variance and cannot see token order at all. High dimension is
-not a numerical problem here: with ``N < D`` the covariances have rank < N and the cross term is
-computed exactly from the ``N x M`` cross-Gram matrix (see ``frechet_distance``), never from a
-``D x D`` square root; the statistical noise of a plug-in FD grows with the effective rank of the
-data, not with ``D``, and the default embeddings keep 98.5% of their variance in 20 directions.
+adapters consume, and it keeps the token structure: a token mean cannot see token order at all (a
+"generator" that shuffles the training clips' tokens looks perfect through it) and discards a good part
+of the variance. High dimension is not a numerical problem here: with ``N < D`` the covariances have
+rank < N and the cross term is computed exactly from the ``N x M`` cross-Gram matrix (see
+``frechet_distance``), never from a ``D x D`` square root; the statistical noise of a plug-in FD grows
+with the effective rank of the data, not with ``D``, and embeddings keep most of their variance in a
+few directions.
 Pass ``features="token_mean"`` for the ``[N, H]`` token mean.
 
 Reference values

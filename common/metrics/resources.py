@@ -62,7 +62,7 @@ def release_memory() -> None:
     allocations below its mmap threshold from heap arenas, and raises that threshold each time a
     large block is freed, so later rounds' tensors land in arenas whose free pages glibc keeps: the
     resident set then creeps up round after round although nothing is alive (``bench/memory.py``
-    measured 4-9 MB per round before this). ``malloc_trim(0)`` returns those pages.
+    shows it). ``malloc_trim(0)`` returns those pages.
     """
     gc.collect()
     trim = _malloc_trim()

@@ -424,7 +424,7 @@ def _feature_extractor_defaults() -> dict[str, Any]:
     """The ASTFeatureExtractor defaults that shape fbanks (nothing is built).
 
     Why two ways: this is part of the cache key, computed in every fresh ClientApp process, and
-    importing transformers costs ~1.5 s there. The defaults are read from the installed source file's
+    importing transformers there would cost more than the rest of a cached message. The defaults are read from the installed source file's
     ``__init__`` signature (literals only); if that file cannot be read that way, from the imported
     class's signature, which gives the same values (tested).
     """

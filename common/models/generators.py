@@ -307,9 +307,8 @@ class ConditionalVAE(_Base):
         plus the mean posterior variance, i.e. the moments of the aggregate posterior q(z | c).
 
         Why: on ~10 clips per class the decoder averages over overlapping posteriors, and samples
-        from N(0, I) land where no training clip's posterior was; measured on the default node
-        data, prior samples kept only 25-65% of the real within-class spread, and a linear probe
-        trained on them lost ~30% accuracy on real clips. Only class-level moments are stored
+        from N(0, I) land where no training clip's posterior was: such samples keep only part of the
+        real within-class spread, and a probe trained on them does worse on real clips. Only class-level moments are stored
         (``[C, d]`` and ``[C, d, d]``), never per-clip latents.
         """
         was_training = self.training

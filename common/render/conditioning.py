@@ -52,7 +52,7 @@ def target_radius(cond: Conditioning, targets: ClassTensors, span: bool = False)
     """Each row's offset from the centre of the class text targets, rescaled to the targets' mean radius.
 
     Why: adapters trained to regress text targets shrink toward the targets' mean when a clip is
-    ambiguous (measured on KD adapters: the T5 outputs carry 0.2-0.6x of their class's offset from the
+    ambiguous (on KD adapters the T5 outputs carry a fraction of their class's offset from the
     mean), and a picture model trained on prompts has never seen such short offsets: it draws the
     in-between picture. Rescaling keeps the direction, which holds the class (retrieval is by cosine),
     and restores the length a prompt has. Per branch and per row (a T5 row is its whole sequence);
@@ -88,10 +88,9 @@ def target_soft(cond: Conditioning, targets: ClassTensors, sigma: float) -> Cond
 
     Why: a picture model that knows only the federation's class prompts (the ``tiny-trained`` preset)
     draws a class's picture for that class's prompt, and something undefined in between. Adapter
-    outputs from sound land near their class's prompt but not on it (measured on the default
-    federation: 0.2-0.9 of the distance between two prompts away, in the targets' whitened span); there the
-    preset drew the right colour for 0.46 of the clips, while the nearest prompt was the right one
-    for 0.93. So, per branch and per row (a T5 row is its whole sequence), the row's offset from the
+    outputs from sound land near their class's prompt but not on it (in the targets' whitened span,
+    a good part of the distance between two prompts away); there the preset draws the right picture
+    far less often than the nearest prompt is the right one. So, per branch and per row (a T5 row is its whole sequence), the row's offset from the
     targets' centre is read in the targets' span, whitened (:class:`Preconditioner`, floor
     :data:`WHITEN_FLOOR`), and the row becomes ``sum_c w_c target_c`` with
     ``w = softmax(-d_c^2 / (2 (sigma s)^2))``, ``d_c`` the whitened distance to class ``c``'s target and

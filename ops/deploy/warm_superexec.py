@@ -3,8 +3,8 @@
 Why: in a deployment Flower 1.41 runs every message in a fresh ``flwr-clientapp`` process (its
 SuperExec's subprocess executor, ``flwr/supercore/superexec/executor/subprocess_executor.py``; warm
 executors exist only in its Kubernetes executor). Each one starts Python and imports Flower and torch
-before the app runs: about 3.5 s per message on this project's 2-core test machine, twice a round, and
-the largest part of a loopback round's overhead (docs/cost.md).
+before the app runs, twice a round: the largest part of a loopback round's overhead (docs/cost.md,
+the ``round_latency`` benchmark).
 
 :class:`ForkserverExecutor` starts ClientApp tasks through Python's ``multiprocessing`` forkserver:
 one server process imports :data:`PRELOAD` (Flower's ClientApp runtime, torch, numpy, safetensors)
