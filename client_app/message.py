@@ -7,6 +7,7 @@ run name is refused, before any folder is built from it, unless it is one plain 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -41,7 +42,7 @@ class NodeMessage:
     run_name: str  # checked: one plain folder name, or "" when the server sent none
     run_identity: str  # the run's identity (``run-identity``; empty from a server that sends none)
     global_model: bool  # False: standalone nodes, each continues its own adapters
-    codec: str  # the server's weight codec (common.wire)
+    codec: str  # the server's weight codec (common.wire); read from the completed content (see completed)
     wire: bool  # the server encodes weights (and accepts a difference back)
     by_reference: bool  # the server named some records by hash (client_app.held)
 
@@ -58,6 +59,12 @@ class NodeMessage:
             wire=WIRE in msg.content,
             by_reference=by_reference(msg.content),
         )
+
+    def completed(self, content: RecordDict) -> "NodeMessage":
+        """The message once the records the server sent by reference are filled in from what the node holds
+        (:func:`client_app.held.resolve`): the codec travels with the weights (their ``wire`` record), so it
+        is read from the completed content, never from the message as it arrived."""
+        return dataclasses.replace(self, content=content, codec=codec_of(content), wire=WIRE in content)
 
     def global_weights(self) -> dict:
         """The global adapters' weights as the server sent them (decoded): the base of a train reply sent as

@@ -9,7 +9,6 @@ every handler free of that bookkeeping, and keeps the Context that travels back 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -87,8 +86,7 @@ class NodeSession:
                 log.warning("node %d: the server's records could not be kept on disk (%s); a restart will need "
                             "them sent again", node.partition_id, redact_paths(str(err)))
         targets = ClassTensors.from_records(content, TARGETS, TARGETS_META)
-        return cls(cfg, node, dataclasses.replace(message, content=content), context, targets, disk, source, memo,
-                   carried, state_metrics)
+        return cls(cfg, node, message.completed(content), context, targets, disk, source, memo, carried, state_metrics)
 
     def adapters(self) -> tuple[Adapters, dict | None]:
         """The adapters this message works on, and the server's weights as received (``None`` when the node

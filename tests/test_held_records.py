@@ -19,7 +19,8 @@ from client_app.held import held, resolve, state_keys
 from client_app.node_state import DiskState, claim, persist, restore, state_dir
 from common.config import load_config
 from common.records import ARRAYS, CONFIG, HELD_MISSING, METRICS, RUN_IDENTITY, TARGETS, TARGETS_META, ClassTensors
-from common.wire import BY_REFERENCE, HELD, WIRE, HeldRecordMissing, content_bytes, decode, encode, wire_config
+from common.wire import (BY_REFERENCE, HELD, WIRE, HeldRecordMissing, codec_of, content_bytes, decode, encode, is_delta,
+                         wire_config)
 from server_app.holdings import NodeHoldings, ResendInFull
 from tests.test_client_app import data_root, run_config, server_content  # noqa: F401
 
@@ -214,3 +215,25 @@ def test_a_state_folder_holds_one_run_and_a_file_of_another_run_is_never_loaded(
     with node_log(caplog):
         assert claim(tmp_path, "b") == ["held-weights_round_2.safetensors"]
     assert "another run of this name" in caplog.text and not list(tmp_path.glob("*.safetensors"))
+
+
+def test_a_reply_to_weights_sent_by_reference_is_in_the_servers_codec(data_root, tmp_path):  # noqa: F811
+    """The codec travels with the weights (their ``wire`` record), so it is read after the held records are
+    filled in: when the weights come by reference the node still answers in the server's int8, as a
+    difference from them (a regression caught by the per-round accuracy: it once answered in float32)."""
+    rc = run_config(data_root, tmp_path)
+    cfg = load_config(rc)
+    grid, holdings = NodeGrid({NODE: node_context(rc)}), NodeHoldings()
+
+    def int8(kind: str, server_round: int) -> Message:
+        msg = node_message(cfg, server_round, "run-codec", "x", kind)
+        msg.content[ARRAYS] = encode(msg.content[ARRAYS], "int8")
+        msg.content[WIRE] = wire_config("int8", delta=False)
+        return msg
+
+    first = phase(holdings, grid, int8(MessageType.TRAIN, 1))[0]
+    phase(holdings, grid, int8(MessageType.EVALUATE, 1))
+    again = phase(holdings, grid, int8(MessageType.TRAIN, 2))[0]
+    assert "weights" in grid.pushed[-1].content[BY_REFERENCE]
+    for reply in (first, again):
+        assert codec_of(reply.content) == "int8" and is_delta(reply.content)
