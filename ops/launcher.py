@@ -85,6 +85,8 @@ COMPLETED = "finished:completed"
 TERM_GRACE_S = 15.0
 KILL_GRACE_S = 5.0
 LS_TIMEOUT_S = 120.0
+STATUS_POLL_S = 2.0  # between two status questions while a run submitted without --stream is still going
+UNBOUNDED_WAIT_S = 7 * 24 * 3600.0  # the most a launch without a timeout waits for its run to finish
 
 OFFLINE_DEFAULTS = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -405,16 +407,24 @@ class LaunchResult:
         return self.returncode if self.returncode != 0 else (0 if self.ok else 1)
 
 
-def _verdict(result: LaunchResult, env: Mapping[str, str], cwd: str | Path, superlink: str | None) -> None:
+def _verdict(result: LaunchResult, env: Mapping[str, str], cwd: str | Path, superlink: str | None,
+             deadline: float) -> None:
+    """The run's final status. Without ``--stream`` ``flwr run`` returns once the run is submitted, so the
+    SuperLink is asked again every :data:`STATUS_POLL_S` until the run has finished or ``deadline``
+    (``time.monotonic()``) has passed."""
     result.run_id = parse_run_id(result.output)
     if result.run_id is None:
         result.problem = "could not find the run id in the output of flwr run"
         return
-    try:
-        result.status = run_status(result.run_id, env, cwd, superlink)
-    except ValueError as err:
-        result.problem = f"could not read the status of run {result.run_id}: {err}"
-        return
+    while True:
+        try:
+            result.status = run_status(result.run_id, env, cwd, superlink)
+        except ValueError as err:
+            result.problem = f"could not read the status of run {result.run_id}: {err}"
+            return
+        if str(result.status.get("status", "")).startswith("finished") or time.monotonic() >= deadline:
+            break
+        time.sleep(STATUS_POLL_S)
     if result.status.get("status") != COMPLETED:
         result.problem = (f"run {result.run_id} ended as {result.status.get('status')}: "
                           f"{result.status.get('status-details')}")
@@ -486,7 +496,8 @@ def launch(
             if proc.returncode != 0:
                 result.problem = f"flwr run exited with {proc.returncode}"
             else:
-                _verdict(result, full_env, workdir, superlink)
+                _verdict(result, full_env, workdir, superlink,
+                         t0 + (timeout if timeout is not None else UNBOUNDED_WAIT_S))
     finally:
         if not keep_superlink:
             result.leftovers = stop_tagged(tag)

@@ -127,7 +127,8 @@ def _sim_config(out: Path, name: str, rounds: int) -> str:
 
 @pytest.mark.slow
 def test_two_simulations_side_by_side_both_complete(tmp_path: Path, e2e_cache: Path) -> None:  # noqa: F811
-    """The run that ends first stops only its own SuperLink: the other, still running, completes."""
+    """The run that ends first stops only its own SuperLink: the other, still running, completes. The short
+    one is submitted without ``--stream`` (``flwr run`` returns at once): its verdict waits for the run."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "PYTEST_", launcher.RUN_TAG_VAR))}
     base.update({"FEDA2V_CACHE": str(e2e_cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                  "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"})
@@ -135,7 +136,7 @@ def test_two_simulations_side_by_side_both_complete(tmp_path: Path, e2e_cache: P
 
     def run(name: str, rounds: int) -> launcher.LaunchResult:
         cmd = launcher.flwr_run_command(launcher.APP_DIR, federation_config=federation,
-                                        run_config=[_sim_config(tmp_path / "out", name, rounds)])
+                                        run_config=[_sim_config(tmp_path / "out", name, rounds)], stream=rounds > 1)
         return launcher.launch(cmd, env=base, cwd=tmp_path, quiet=True, timeout=1200)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -147,5 +148,6 @@ def test_two_simulations_side_by_side_both_complete(tmp_path: Path, e2e_cache: P
         assert result.local_superlink.started_by(result.output), f"{name} reused another SuperLink"
         assert result.leftovers == []
     assert results["short"].local_superlink.http_port != results["long"].local_superlink.http_port
+    assert "--stream" not in results["short"].cmd and (tmp_path / "out" / "short" / "summary.json").is_file()
     summary = json.loads((tmp_path / "out" / "long" / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
