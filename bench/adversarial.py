@@ -57,6 +57,8 @@ from common.data.dataset import resolve_classes
 from common.logs import setup_logging  # noqa: E402
 from common.metrics.resources import rss_mb  # noqa: E402
 from common.models.adapters import AdapterConfig, Adapters
+from common.models.audio_encoder import embedding_shape
+from common.models.generators import GeneratorSpec
 from common.records import ARRAYS, CLASS_MEANS, CLASS_MEANS_META, METRICS, RUN_NAME, ClassTensors, module_to_arrays  # noqa: E402
 from common.wire import WIRE, decode, encode, received, wire_config  # noqa: E402
 from ops.local_run import node_context, server_content, server_message  # noqa: E402
@@ -151,7 +153,8 @@ class Federation:
         run = ServerRun(run_dir=run_dir, targets=self.targets, template=template, adapter_config=acfg.to_dict(),
                         config_hash="bench", num_rounds=cfg.num_rounds, device=torch.device("cpu"))
         pipelines = build_pipelines(cfg, run, RunSummary(run_dir / "summary.json", {"classes": class_names}))
-        validator = ReplyValidator.for_run(cfg, template.state_dict(), class_names, acfg, run_dir)
+        spec = GeneratorSpec.from_config(cfg.generator, *embedding_shape(cfg.audio_encoder))
+        validator = ReplyValidator.for_run(cfg.robust, spec, template.state_dict(), class_names, acfg, run_dir)
         self.strategy = FedA2VStrategy(targets=self.targets, round_pipeline=pipelines.round,
                                        after_round=pipelines.after_round, validator=validator,
                                        min_replies=cfg.min_replies, wire_codec=cfg.wire_codec,
@@ -300,11 +303,12 @@ def _federation_job(job: tuple[dict, int, str, str, str | None]) -> tuple[str, d
 
 def warm_cache(work: Path) -> None:
     from client_app.node_data import load_node_data
+    from client_app.site import NodeSite
     from common.config import NodeRuntimeConfig
 
     cfg = load_config({"cache-dir": str(work / "cache"), "device": "cpu"})
     for pid in range(NODES):
-        load_node_data(cfg, NodeRuntimeConfig(partition_id=pid, num_partitions=NODES))
+        load_node_data(cfg.data, NodeSite.of(cfg, NodeRuntimeConfig(partition_id=pid, num_partitions=NODES)))
 
 
 def attacks(names: list[str], rounds: int, work: Path, jobs: int = 1) -> dict:

@@ -32,6 +32,7 @@ from record import add_record_argument, emit  # the sibling module (bench/ is sy
 from workspace import isolated_cache
 
 from client_app.node_data import load_node_data
+from client_app.site import NodeSite
 from common.checkpoints import load_adapters
 from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config
 from common.config_overrides import parse_overrides
@@ -83,7 +84,7 @@ def write_config_file(path: Path, values: dict[str, object]) -> Path:
 
 
 def union(cfg: FedA2VConfig, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    nodes = [load_node_data(cfg, NodeRuntimeConfig(partition_id=i, num_partitions=NUM_NODES)) for i in range(NUM_NODES)]
+    nodes = [load_node_data(cfg.data, NodeSite.of(cfg, NodeRuntimeConfig(partition_id=i, num_partitions=NUM_NODES))) for i in range(NUM_NODES)]
     x = torch.cat([n.splits[split].embeddings for n in nodes])
     y = torch.cat([n.splits[split].labels for n in nodes])
     return x, y, nodes[0].class_names

@@ -26,6 +26,7 @@ from record import add_record_argument, emit  # the sibling module (bench/ is sy
 from workspace import cache_dir_override, isolated_cache  # the sibling module (bench/ is sys.path[0])
 
 from client_app.node_data import load_node_data
+from client_app.site import NodeSite
 from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config
 from common.config_overrides import parse_overrides
 from common.device import resolve_device
@@ -59,7 +60,7 @@ def run_federated(overrides: str, num_nodes: int, workdir: Path, run_name: str =
 
 def central(cfg: FedA2VConfig, num_nodes: int) -> dict:
     device = resolve_device(cfg.device)
-    nodes = [load_node_data(cfg, NodeRuntimeConfig(partition_id=i, num_partitions=num_nodes)) for i in range(num_nodes)]
+    nodes = [load_node_data(cfg.data, NodeSite.of(cfg, NodeRuntimeConfig(partition_id=i, num_partitions=num_nodes))) for i in range(num_nodes)]
     def union(split: str):
         return (torch.cat([n.splits[split].embeddings for n in nodes]), torch.cat([n.splits[split].labels for n in nodes]))
     x_train, y_train = union("train")

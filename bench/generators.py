@@ -42,6 +42,7 @@ from record import add_record_argument, emit  # the sibling module (bench/ is sy
 from workspace import isolated_cache  # the sibling module (bench/ is this script's sys.path[0])
 
 from client_app.node_data import load_node_data
+from client_app.site import NodeSite
 from common.checkpoints import load_tensors, save_tensors
 from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config
 from common.config_overrides import parse_overrides
@@ -80,7 +81,7 @@ def adapter_acc(cfg: FedA2VConfig, targets: ClassTensors, x: torch.Tensor, y: to
 def quality_sweep(cfg: FedA2VConfig, kinds: list[str], granularities: list[str]) -> dict:
     from server_app.app import class_targets
 
-    data = load_node_data(cfg, NodeRuntimeConfig(partition_id=0, num_partitions=1))
+    data = load_node_data(cfg.data, NodeSite.of(cfg, NodeRuntimeConfig(partition_id=0, num_partitions=1)))
     train, test = data.splits["train"], data.splits["test"]
     names = data.class_names
     targets = class_targets(cfg, names)

@@ -25,7 +25,7 @@ from common.config_overrides import parse_overrides
 from common.device import resolve_device
 from common.logs import setup_logging
 from common.render.backend import Conditioning
-from common.render.jobs import render_job
+from common.render.jobs import RenderContext, render_job
 
 
 def run(cfg: FedA2VConfig, n: int, out: Path) -> float:
@@ -34,8 +34,8 @@ def run(cfg: FedA2VConfig, n: int, out: Path) -> float:
                          "t5_sequence": torch.randn(n, cfg.text_encoder.t5_tokens, 4096, generator=g)})
     classes = [f"class{i:03d}" for i in range(n)]  # one image per class: n distinct files
     device = str(resolve_device(cfg.device))
-    render_job(cfg, None, cond.rows([0]), classes[:1], ["warmup"], out / "warmup", None, per_class=1, device=device)
-    report = render_job(cfg, None, cond, classes, ["bench"] * n, out / "timed", None, per_class=1, device=device)
+    render_job(RenderContext.of(cfg), None, cond.rows([0]), classes[:1], ["warmup"], out / "warmup", None, per_class=1, device=device)
+    report = render_job(RenderContext.of(cfg), None, cond, classes, ["bench"] * n, out / "timed", None, per_class=1, device=device)
     assert report.written == n, report
     return report.images_per_s
 

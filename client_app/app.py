@@ -43,12 +43,11 @@ from client_app.render import render_node_images
 from client_app.replies import evaluate_reply, shared_means, train_reply
 from client_app.session import NodeSession, check_classes
 from common import seeds
-from common.config import FedA2VConfig
-from common.device import resolve_device
 from common.errors import redact_paths
 from common.metric_keys import NUM_EXAMPLES, NUM_VAL, TEST_ACC, TEST_ACC_CLIP, TEST_ACC_T5
 from common.metrics.resources import ENTRY_UNIX, memory_metrics, process_age_seconds, release_memory, warm_start
 from common.records import module_to_arrays
+from common.render.jobs import RenderContext
 from common.training import TrainSettings, class_mean_outputs, evaluate_adapters, train_adapters
 
 __all__ = ["app", "checked_run_name", "evaluate", "node_run_dir", "train"]
@@ -58,11 +57,11 @@ app = ClientApp()
 NODE_DATA = NodeDataMemo(max_entries=8)  # this process's node embeddings (see client_app.node_data)
 
 
-def node_run_dir(cfg: FedA2VConfig, run_name: str) -> Path | None:
+def node_run_dir(output_dir: str, run_name: str) -> Path | None:
     """``<output-dir>/<run-name>`` resolved on this node (``None`` without a run name)."""
     if not checked_run_name(run_name):
         return None
-    return (Path(cfg.output_dir).expanduser() / run_name).resolve()
+    return (Path(output_dir).expanduser() / run_name).resolve()
 
 
 def _timing() -> dict[str, float]:
@@ -124,7 +123,7 @@ def train(msg: Message, context: Context) -> Message:
     timing = _timing()
     session = NodeSession.open(msg, context, NODE_DATA)
     cfg, node, targets, r = session.cfg, session.node, session.targets, session.message.server_round
-    device = resolve_device(cfg.device)
+    device = session.site.device
     data = session.source.training_set(session)
     check_classes(targets, data.class_names, node)
     adapters, sent = session.adapters()
@@ -160,28 +159,27 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     timing = _timing()
     session = NodeSession.open(msg, context, NODE_DATA, evaluate=True)
-    cfg, node, r = session.cfg, session.node, session.message.server_round
-    device = resolve_device(cfg.device)
+    cfg, site, r = session.cfg, session.site, session.message.server_round
     adapters, _ = session.adapters()
-    metrics = {**_evaluate_on_held_out_clips(session, adapters, device), **session.state_metrics}
+    metrics = {**_evaluate_on_held_out_clips(session, adapters), **session.state_metrics}
     if cfg.render.due(r, cfg.num_rounds):  # the aggregated adapters of this round draw the images
         session.source.before_render(session)
-        run_dir = node_run_dir(cfg, session.message.run_name)
-        metrics.update(render_node_images(cfg, node, adapters, session.targets, session.state, str(run_dir or ""), r,
-                                          str(device), cache_only=session.source.cache_only, memo=NODE_DATA))
+        run_dir = node_run_dir(cfg.output_dir, session.message.run_name)
+        metrics.update(render_node_images(RenderContext.of(cfg, site.cache_dir), cfg.data, site, adapters, session.targets, session.state,
+                                          str(run_dir or ""), r, cache_only=session.source.cache_only, memo=NODE_DATA))
     if r >= cfg.num_rounds:  # the run's last message to this node: its held records' files can go
         forget_files(session.disk.directory)
     session.close(persist=False)
     return evaluate_reply(msg, session, _finish(metrics, timing))
 
 
-def _evaluate_on_held_out_clips(session: NodeSession, adapters, device) -> dict[str, float | int]:
+def _evaluate_on_held_out_clips(session: NodeSession, adapters) -> dict[str, float | int]:
     """Retrieval accuracy and losses on the node's validation and test clips (none for a node without audio)."""
-    cfg, node, targets = session.cfg, session.node, session.targets
+    cfg, site, node, targets, device = session.cfg, session.site, session.node, session.targets, session.site.device
     metrics: dict[str, float | int] = {NUM_EXAMPLES: 0, NUM_VAL: 0}
     empty = ["val", "test"]
-    if cfg.node_holds_audio(node.partition_id):
-        data = load_node_data(cfg, node, cache_only=session.source.cache_only, memo=NODE_DATA)
+    if site.holds_audio:
+        data = load_node_data(cfg.data, site, cache_only=session.source.cache_only, memo=NODE_DATA)
         check_classes(targets, data.class_names, node)
         metrics.update({NUM_EXAMPLES: len(data.splits["test"]), NUM_VAL: len(data.splits["val"])})
         settings = TrainSettings.from_config(cfg.train, seed=cfg.seed)
@@ -194,7 +192,7 @@ def _evaluate_on_held_out_clips(session: NodeSession, adapters, device) -> dict[
                 metrics.update({f"{name}_{k}": v for k, v in result.items()})
     if empty:
         why = (f"holds no audio (nodes.{node.partition_id}.audio = false)"
-               if not cfg.node_holds_audio(node.partition_id) else "has no embeddings to evaluate on")
+               if not site.holds_audio else "has no embeddings to evaluate on")
         log.info("node %d %s: %s evaluation skipped", node.partition_id, why, " and ".join(empty))
     if "test" not in empty:
         log.info("node %d: test retrieval acc %.3f (clip %.3f, t5 %.3f) on %d clips", node.partition_id,

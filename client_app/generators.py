@@ -26,14 +26,12 @@ from typing import Any
 import torch
 from flwr.app import RecordDict
 
-from client_app.node_data import NodeData, node_cache_dir
+from client_app.node_data import NodeData
 from client_app.node_state import run_folder
-from client_app.policy import SitePolicy
+from client_app.site import NodeSite
 from common import seeds
-from common.cache.embed import ExtractionSettings
-from common.cache.key import cache_key
 from common.checkpoints import CheckpointError, load_tensors
-from common.config import ConfigError, FedA2VConfig, NodeRuntimeConfig
+from common.config import ConfigError, GeneratorConfig
 from common.generator_bank import GeneratorBank, bank_from_records, bank_to_records
 from common.models.generators import GeneratorSpec, GeneratorTrainSettings
 from common.records import GENERATORS
@@ -43,24 +41,10 @@ log = logging.getLogger(__name__)
 GEN_QUALITY = ("fd_ratio", "precision", "recall", "density", "coverage")  # reported per node, pooled and per class
 
 
-def encoder_key(cfg: FedA2VConfig) -> str:
-    """The embedding cache key: generators are only valid for embeddings of exactly this encoder."""
-    return cache_key(ExtractionSettings.from_config(cfg).key_fields())
-
-
-def checkpoint_root(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> Path:
-    """This node's checkpoint directory: node-config ``checkpoint-dir`` > ``generator.checkpoint-dir`` >
-    ``<cache-dir>/generators``. It holds one folder per run."""
-    if node.checkpoint_dir:
-        return Path(node.checkpoint_dir).expanduser()
-    if cfg.generator.checkpoint_dir:
-        return Path(cfg.generator.checkpoint_dir).expanduser()
-    return node_cache_dir(cfg, node) / "generators"
-
-
-def checkpoint_dir(cfg: FedA2VConfig, node: NodeRuntimeConfig, run_name: str) -> Path:
-    """Where the run ``run_name`` keeps this node's generator checkpoints."""
-    return checkpoint_root(cfg, node) / run_folder(run_name)
+def checkpoint_dir(site: NodeSite, run_name: str) -> Path:
+    """Where the run ``run_name`` keeps this node's generator checkpoints (a folder of
+    :attr:`~client_app.site.NodeSite.checkpoint_root`)."""
+    return site.checkpoint_root / run_folder(run_name)
 
 
 def clear_other_runs(directory: Path, base: str, node_id: int, identity: str) -> list[str]:
@@ -85,21 +69,18 @@ def clear_other_runs(directory: Path, base: str, node_id: int, identity: str) ->
     return stale
 
 
-def shareable_classes(cfg: FedA2VConfig, node: NodeRuntimeConfig, counts: dict[str, int]) -> list[str]:
-    """The classes a node may model or summarise (class means, generators): the node's
-    :class:`~client_app.policy.SitePolicy` decides, so the site's own ``min-class-count`` floor
-    applies wherever the run's ``privacy.min-class-count`` does and the server cannot lower it."""
-    return SitePolicy.of(cfg, node).shareable_classes(counts)
-
-
-def generator_classes(cfg: FedA2VConfig, node: NodeRuntimeConfig, held: list[str], class_names: list[str]) -> tuple[str, list[str]]:
+def generator_classes(site: NodeSite, held: list[str], class_names: list[str]) -> tuple[str, list[str]]:
     """This node's generator granularity and the classes it trains / loads generators for.
 
-    ``held``: the classes the node has (enough, see :func:`shareable_classes`) training clips of. A node-level ``generator-classes`` list
-    narrows that; a listed class unknown to the federation is an error, one the node holds no
-    clips of is skipped with a warning (a generator cannot be trained on nothing).
+    ``held``: the classes the node has enough training clips of (:meth:`SitePolicy.shareable_classes`:
+    the site's own ``min-class-count`` floor applies wherever the run's does, and the server cannot
+    lower it). A node-level ``generator-classes`` list narrows that; a listed class unknown to the
+    federation is an error, one the node holds no clips of is skipped with a warning (a generator
+    cannot be trained on nothing).
     """
-    granularity, selected = cfg.node_generator_plan(node.partition_id)
+    node = site.node
+    granularity = site.generator_granularity
+    selected = list(site.generator_classes) if site.generator_classes is not None else None
     if selected is None:
         return granularity, list(held)
     unknown = [c for c in selected if c not in class_names]
@@ -118,35 +99,35 @@ def generator_classes(cfg: FedA2VConfig, node: NodeRuntimeConfig, held: list[str
 
 
 def train_node_generators(
-    cfg: FedA2VConfig, node: NodeRuntimeConfig, data: NodeData, state: RecordDict, server_round: int,
+    gcfg: GeneratorConfig, site: NodeSite, data: NodeData, state: RecordDict, server_round: int,
     run_name: str = "", run_identity: str = "",
 ) -> tuple[GeneratorBank, dict[str, Any]]:
     """One round of generator training on the node's training embeddings (continuing across rounds);
     checkpoints go to the run's folder (:func:`checkpoint_dir`), tagged with ``run_identity``."""
-    gcfg = cfg.generator
+    node = site.node
     train = data.splits["train"]
     tokens, dim = int(train.embeddings.shape[1]), int(train.embeddings.shape[2])
     counts = torch.bincount(train.labels, minlength=len(data.class_names)).tolist()
-    held = shareable_classes(cfg, node, dict(zip(data.class_names, counts)))
-    granularity, present = generator_classes(cfg, node, held, data.class_names)
+    held = site.policy.shareable_classes(dict(zip(data.class_names, counts)))
+    granularity, present = generator_classes(site, held, data.class_names)
     if len(present) < len(held):  # train only on the selected classes
         keep = torch.isin(train.labels, torch.tensor([data.class_names.index(c) for c in present]))
         train = dataclasses.replace(train, embeddings=train.embeddings[keep], labels=train.labels[keep],
                                     clip_ids=[i for i, k in zip(train.clip_ids, keep.tolist()) if k])
-    directory = checkpoint_dir(cfg, node, run_name)
+    directory = checkpoint_dir(site, run_name)
     if GENERATORS in state:
         bank, _ = bank_from_records(state, source=f"node {node.partition_id} state", expected_shape=(tokens, dim))
     else:
         clear_other_runs(directory, gcfg.checkpoint_base, node.partition_id, run_identity)
         bank = GeneratorBank.create(
             GeneratorSpec.from_config(gcfg, tokens, dim), granularity, present, gcfg.class_groups or None,
-            known_classes=data.class_names, seed=seeds.node_bank_init(cfg.seed, node.partition_id),
+            known_classes=data.class_names, seed=seeds.node_bank_init(site.seed, node.partition_id),
         )
     t0 = time.perf_counter()
-    settings = GeneratorTrainSettings.from_config(gcfg, seed=seeds.node_generator_train(cfg.seed, server_round))
+    settings = GeneratorTrainSettings.from_config(gcfg, seed=seeds.node_generator_train(site.seed, server_round))
     bank.train(train.embeddings, train.labels, data.class_names, settings)
     seconds = time.perf_counter() - t0
-    key = encoder_key(cfg)
+    key = site.encoder_key
     paths = bank.save_pretrained(
         directory, base=gcfg.checkpoint_base, node_id=node.partition_id, round=server_round,
         checkpoint_every=gcfg.checkpoint_frequency, encoder_key=key, extra={"run-name": run_name, "run-identity": run_identity},
@@ -154,7 +135,7 @@ def train_node_generators(
     bank_to_records(bank, state, key, node.partition_id, server_round)  # continue from here next round
     heldout = data.splits["test"] if len(data.splits["test"]) else data.splits["val"]
     quality = bank.evaluate(heldout.embeddings, heldout.labels, data.class_names, train.embeddings, train.labels,
-                            seed=cfg.seed) if len(heldout) else {}
+                            seed=site.seed) if len(heldout) else {}
     for name, q in quality.items():
         log.info(
             "node %d round %d generator[%s] fd_ratio %.2f precision %.2f recall %.2f coverage %.2f",

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
+from client_app.site import NodeSite
 from common.cache import EmbeddingStore, EmbedStats, ExtractionSettings, LazyEncoder, embed_clips, open_store
-from common.config import FedA2VConfig, NodeRuntimeConfig
+from common.config import DataConfig
 from common.data.clips import Clip
 from common.data.dataset import dataset_root, node_splits, prepare_dataset, resolve_classes, scan_dataset
 from common.data.partition import NodeSplit
-from common.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -102,21 +102,17 @@ class NodeDataMemo:
         return len(self._entries)
 
 
-def _memo_key(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> str:
+def _memo_key(data: DataConfig, site: NodeSite) -> str:
+    """Everything that decides the node's embeddings (not the device: it changes no embedding)."""
     relevant = {
-        "data": cfg.data.model_dump(),
-        "nodes": {k: v.model_dump() for k, v in cfg.nodes.items()},
-        "audio_encoder": cfg.audio_encoder.model_dump(),
-        "seed": cfg.seed,
-        "cache_dir": cfg.cache_dir,
-        "node": node.model_dump(),
+        "data": data.model_dump(),
+        "nodes": {k: v.model_dump() for k, v in site.node_specs.items()},
+        "audio_encoder": site.audio_encoder.model_dump(),
+        "seed": site.seed,
+        "cache_dir": str(site.cache_dir),
+        "node": site.node.model_dump(),
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
-
-
-def node_cache_dir(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> Path:
-    """This host's cache dir: node-config ``cache-dir``, else ``cache-dir``, else $FEDA2V_CACHE / user cache."""
-    return Path(node.cache_dir).expanduser() if node.cache_dir else cfg.resolved_cache_dir()
 
 
 def _embed_split(
@@ -162,40 +158,40 @@ class NodeIndex:
         return {c: counts[c] for c in self.class_names if c in counts}
 
 
-def node_index(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> NodeIndex:
+def node_index(data: DataConfig, site: NodeSite) -> NodeIndex:
     """The node's share of the dataset from its metadata alone (csv + directory listing)."""
-    cache_dir = node_cache_dir(cfg, node)
-    root = prepare_dataset(cfg.data, dataset_root(cfg.data, cache_dir, node.data_root))
-    class_names = resolve_classes(cfg.data, root)
-    scan = scan_dataset(cfg.data, root, class_names)
+    node = site.node
+    root = prepare_dataset(data, dataset_root(data, site.cache_dir, node.data_root))
+    class_names = resolve_classes(data, root)
+    scan = scan_dataset(data, root, class_names)
     clips, class_names = scan.clips, scan.class_names
-    mine = node_splits(cfg.data, cfg.nodes, cfg.seed, clips, class_names, node.num_partitions)[node.partition_id]
-    return NodeIndex(root, cache_dir, list(class_names), mine, [*scan.missing, *scan.skipped])
+    mine = node_splits(data, site.node_specs, site.seed, clips, class_names, node.num_partitions)[node.partition_id]
+    return NodeIndex(root, site.cache_dir, list(class_names), mine, [*scan.missing, *scan.skipped])
 
 
-def load_node_data(
-    cfg: FedA2VConfig, node: NodeRuntimeConfig, cache_only: bool = False, memo: NodeDataMemo | None = None
-) -> NodeData:
+def load_node_data(data: DataConfig, site: NodeSite, cache_only: bool = False, memo: NodeDataMemo | None = None
+                   ) -> NodeData:
     """The node's train/val/test embeddings (persisted in the embedding cache, memoised in ``memo``).
 
     ``cache_only``: serve what the embedding cache holds and skip (count, log) the rest, so that
     neither the AST nor any audio file is touched (the pretrained-generator mode's evaluation).
     ``memo``: the caller's memo (the ClientApp's); ``None`` loads without memoisation.
     """
-    key = _memo_key(cfg, node) + (":cache-only" if cache_only else "")
+    node = site.node
+    key = _memo_key(data, site) + (":cache-only" if cache_only else "")
     if memo is not None:
         hit = memo.get(key)
         if hit is not None:
             return hit
-    index = node_index(cfg, node)
+    index = node_index(data, site)
     mine = index.split
     log.info(
         "node %d/%d: %d train, %d val, %d test clips of %d classes from %s",
         node.partition_id, node.num_partitions, len(mine.train), len(mine.val), len(mine.test), len(mine.classes),
         index.root,
     )
-    settings = ExtractionSettings.from_config(cfg, device=str(resolve_device(cfg.device)))
-    store = open_store(index.cache_dir, index.root, settings) if cfg.audio_encoder.cache else None
+    settings = site.extraction
+    store = open_store(index.cache_dir, index.root, settings) if site.audio_encoder.cache else None
     encoder = LazyEncoder(settings)  # built only if some clip misses the cache
     embedded: dict[str, EmbeddedSplit] = {}
     skipped: list[tuple[Clip, str]] = []
@@ -213,7 +209,7 @@ def load_node_data(
             node.partition_id, len(skipped),
         )
     del encoder
-    data = NodeData(
+    loaded = NodeData(
         class_names=index.class_names,
         node_classes=list(mine.classes),
         splits=embedded,
@@ -223,5 +219,5 @@ def load_node_data(
         stats=stats,
     )
     if memo is not None:
-        memo.put(key, data)
-    return data
+        memo.put(key, loaded)
+    return loaded

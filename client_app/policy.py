@@ -5,7 +5,7 @@ Why: the run config comes from the server, and a server (buggy, misconfigured or
 operator sets a floor in the SuperNode's ``--node-config`` (``min-class-count``) and the node applies the
 stricter of the two. :class:`SitePolicy` is the one place where run and node settings meet for such
 limits: later per-site privacy settings join it here, and every use (class means, generator training,
-pretrained banks) reads the policy instead of ``cfg.privacy`` directly.
+pretrained banks) reads the policy (:attr:`client_app.site.NodeSite.policy`) instead of ``[privacy]`` directly.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from common.config import FedA2VConfig, NodeRuntimeConfig
+from common.config import NodeRuntimeConfig, PrivacyConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ class SitePolicy:
     node_min_class_count: int  # the site's own floor (0: none)
 
     @classmethod
-    def of(cls, cfg: FedA2VConfig, node: NodeRuntimeConfig) -> "SitePolicy":
-        run_floor, own_floor = cfg.privacy.min_class_count, node.min_class_count
+    def of(cls, privacy: PrivacyConfig, node: NodeRuntimeConfig) -> "SitePolicy":
+        run_floor, own_floor = privacy.min_class_count, node.min_class_count
         return cls(partition_id=node.partition_id, min_class_count=max(run_floor, own_floor),
                    run_min_class_count=run_floor, node_min_class_count=own_floor)
 

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from client_app.generators import checkpoint_dir, checkpoint_root, encoder_key, generator_classes, shareable_classes
-from client_app.node_data import NodeDataMemo, NodeIndex, load_node_data, node_cache_dir, node_index
+from client_app.generators import checkpoint_dir, generator_classes
+from client_app.node_data import NodeDataMemo, NodeIndex, load_node_data, node_index
+from client_app.site import NodeSite
 from common import seeds
-from common.config import ConfigError, FedA2VConfig, NodeRuntimeConfig
+from common.config import ConfigError, DataConfig, GeneratorConfig
 from common.data.dataset import resolve_classes
 from common.data.partition import NodeSplit
 from common.generator_bank import GeneratorBank, bank_from_records, bank_to_records, checkpoint_class_counts
@@ -55,50 +56,49 @@ class SyntheticTrainSet:
         return int(self.labels.numel())
 
 
-def pretrained_dir(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> Path:
+def pretrained_dir(gcfg: GeneratorConfig, site: NodeSite) -> Path:
     """The folder of the run ``generator.init-from-run`` in this node's checkpoint directory; a run this node
     has no folder of is an error naming the runs it has."""
-    directory = checkpoint_dir(cfg, node, cfg.generator.init_from_run)
+    directory = checkpoint_dir(site, gcfg.init_from_run)
     if not directory.is_dir():
-        root = checkpoint_root(cfg, node)
+        root = site.checkpoint_root
         runs = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-        raise ConfigError(f"generator.init-from-run='{cfg.generator.init_from_run}': node {node.partition_id} has no "
+        raise ConfigError(f"generator.init-from-run='{gcfg.init_from_run}': node {site.partition_id} has no "
                           f"generator checkpoints of that run in {root} (runs there: {runs or 'none'})")
     return directory
 
 
-def audio_free_index(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> NodeIndex:
+def audio_free_index(data: DataConfig, gcfg: GeneratorConfig, site: NodeSite) -> NodeIndex:
     """The index of a node that holds no audio (``nodes.<id>.audio = false``): no dataset, no clips; its
     classes and counts are what its generator checkpoints recorded."""
-    directory = pretrained_dir(cfg, node)
-    counts = checkpoint_class_counts(directory, cfg.generator.checkpoint_base, node.partition_id,
-                                     cfg.generator.pretrained_round or None)
-    class_names = resolve_classes(cfg.data, None)
+    node = site.node
+    directory = pretrained_dir(gcfg, site)
+    counts = checkpoint_class_counts(directory, gcfg.checkpoint_base, node.partition_id, gcfg.pretrained_round or None)
+    class_names = resolve_classes(data, None)
     held = [c for c in class_names if counts.get(c)]
     if not held:
         raise ConfigError(f"node {node.partition_id} holds no audio and no generator checkpoint under "
                           f"{directory} records any of the classes {class_names}")
     log.info("node %d holds no audio: classes and counts from its generator checkpoints: %s", node.partition_id,
              {c: counts[c] for c in held})
-    return NodeIndex(Path(), node_cache_dir(cfg, node), class_names, NodeSplit([], [], [], held),
-                     recorded_counts=counts)
+    return NodeIndex(Path(), site.cache_dir, class_names, NodeSplit([], [], [], held), recorded_counts=counts)
 
 
-def pretrained_index(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> NodeIndex:
-    return node_index(cfg, node) if cfg.node_holds_audio(node.partition_id) else audio_free_index(cfg, node)
+def pretrained_index(data: DataConfig, gcfg: GeneratorConfig, site: NodeSite) -> NodeIndex:
+    return node_index(data, site) if site.holds_audio else audio_free_index(data, gcfg, site)
 
 
-def load_node_bank(cfg: FedA2VConfig, node: NodeRuntimeConfig, index: NodeIndex, state: RecordDict) -> GeneratorBank:
+def load_node_bank(gcfg: GeneratorConfig, site: NodeSite, index: NodeIndex, state: RecordDict) -> GeneratorBank:
     """The node's pretrained bank: from Context state after the first message, else its checkpoints."""
-    shape = embedding_shape(cfg.audio_encoder)
+    node = site.node
+    shape = embedding_shape(site.audio_encoder)
     if GENERATORS in state:
         bank, _ = bank_from_records(state, source=f"node {node.partition_id} state", expected_shape=shape)
         return bank
-    held = shareable_classes(cfg, node, index.train_counts())
-    granularity, classes = generator_classes(cfg, node, held, index.class_names)
-    gcfg = cfg.generator
-    directory = pretrained_dir(cfg, node)
-    key = encoder_key(cfg)
+    held = site.policy.shareable_classes(index.train_counts())
+    granularity, classes = generator_classes(site, held, index.class_names)
+    directory = pretrained_dir(gcfg, site)
+    key = site.encoder_key
     bank = GeneratorBank.from_pretrained(
         directory, base=gcfg.checkpoint_base, node_id=node.partition_id, granularity=granularity, classes=classes,
         expected_shape=shape, encoder_key=key, class_groups=gcfg.class_groups or None, kind=gcfg.kind,
@@ -113,9 +113,9 @@ def load_node_bank(cfg: FedA2VConfig, node: NodeRuntimeConfig, index: NodeIndex,
     return bank
 
 
-def sample_counts(cfg: FedA2VConfig, index: NodeIndex, bank: GeneratorBank) -> dict[str, int]:
+def sample_counts(gcfg: GeneratorConfig, index: NodeIndex, bank: GeneratorBank) -> dict[str, int]:
     """Synthetic samples per class: a fixed number, or ``auto`` = the node's real training count."""
-    per_class = cfg.generator.synthetic_samples_per_class
+    per_class = gcfg.synthetic_samples_per_class
     real = index.train_counts()
     if per_class == "auto":
         return {c: real.get(c) or bank.class_counts.get(c, 0) for c in bank.classes}
@@ -123,8 +123,9 @@ def sample_counts(cfg: FedA2VConfig, index: NodeIndex, bank: GeneratorBank) -> d
 
 
 def synthetic_train_set(
-    cfg: FedA2VConfig,
-    node: NodeRuntimeConfig,
+    data: DataConfig,
+    gcfg: GeneratorConfig,
+    site: NodeSite,
     state: RecordDict,
     server_round: int,
     memo: NodeDataMemo | None = None,
@@ -133,16 +134,17 @@ def synthetic_train_set(
 
     ``memo``: the ClientApp's node-data memo, used for the real share (``real-mix-ratio > 0``).
     """
-    index = pretrained_index(cfg, node)
-    bank = load_node_bank(cfg, node, index, state)
-    counts = sample_counts(cfg, index, bank)
-    seed = seeds.node_train(cfg.seed, server_round, node.partition_id)  # fresh samples every round
+    node = site.node
+    index = pretrained_index(data, gcfg, site)
+    bank = load_node_bank(gcfg, site, index, state)
+    counts = sample_counts(gcfg, index, bank)
+    seed = seeds.node_train(site.seed, server_round, node.partition_id)  # fresh samples every round
     x, y = bank.sample_dataset(counts, index.class_names, seed)
     synthetic = len(y)
     real = 0
-    ratio = cfg.generator.real_mix_ratio
+    ratio = gcfg.real_mix_ratio
     if ratio > 0:
-        train = load_node_data(cfg, node, memo=memo).splits["train"]
+        train = load_node_data(data, site, memo=memo).splits["train"]
         keep = _real_subset(train.labels, ratio, seed)
         x, y = torch.cat([x, train.embeddings[keep]]), torch.cat([y, train.labels[keep]])
         real = int(keep.numel())

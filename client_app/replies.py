@@ -1,7 +1,7 @@
 """What a node sends back: the class means it may share, and its train and evaluate replies.
 
 Why here: the rules of what leaves a site sit in one place: per-class means only for classes above the
-privacy floor (the larger of the run's and the site's own, :func:`client_app.generators.shareable_classes`),
+privacy floor (the larger of the run's and the site's own, :class:`client_app.policy.SitePolicy`),
 weights in the server's codec (a difference from the weights it sent), the generator bank only when the
 server keeps it, and the names of the server's records the node holds.
 """
@@ -13,7 +13,6 @@ import time
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from client_app.generators import shareable_classes
 from client_app.held import HELD, held
 from client_app.session import NodeSession
 from common.metric_keys import NUM_EXAMPLES, PARTITION_ID
@@ -27,7 +26,7 @@ __all__ = ["evaluate_reply", "shared_means", "train_reply"]
 def shared_means(session: NodeSession, class_names: list[str], clip: torch.Tensor, t5: torch.Tensor,
                  counts: torch.Tensor) -> tuple[ClassTensors, dict[str, int]]:
     """The class means this node may share, and how much it withheld (``withheld_classes``, ``withheld_clips``)."""
-    shared = set(shareable_classes(session.cfg, session.node, dict(zip(class_names, counts.tolist()))))
+    shared = set(session.site.policy.shareable_classes(dict(zip(class_names, counts.tolist()))))
     present = [i for i, c in enumerate(class_names) if c in shared]
     withheld = [i for i, n in enumerate(counts.tolist()) if n > 0 and class_names[i] not in shared]
     means = ClassTensors([class_names[i] for i in present], clip[present], t5[present], counts[present])

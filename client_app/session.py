@@ -17,8 +17,9 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from client_app.held import resolve, state_keys
 from client_app.message import NodeMessage
-from client_app.node_data import NodeDataMemo, node_cache_dir
+from client_app.node_data import NodeDataMemo
 from client_app.node_state import LOCAL_ADAPTERS, DiskState, state_dir
+from client_app.site import NodeSite
 from client_app.sources import TrainingSource, source_for
 from common.config import FedA2VConfig, NodeRuntimeConfig, load_config
 from common.errors import redact_paths
@@ -45,7 +46,7 @@ class NodeSession:
     """Everything one train or evaluate message works with (see the module docstring)."""
 
     cfg: FedA2VConfig
-    node: NodeRuntimeConfig
+    site: NodeSite  # this node's side of the run config, resolved once
     message: NodeMessage
     context: Context
     targets: ClassTensors
@@ -59,6 +60,10 @@ class NodeSession:
     def state(self) -> RecordDict:
         return self.context.state
 
+    @property
+    def node(self) -> NodeRuntimeConfig:
+        return self.site.node
+
     @classmethod
     def open(cls, msg: Message, context: Context, memo: NodeDataMemo, evaluate: bool = False) -> "NodeSession":
         """Parse the message, read back the node's state (its carried records of earlier rounds; for an
@@ -69,9 +74,10 @@ class NodeSession:
         if node.num_threads:
             torch.set_num_threads(node.num_threads)
         message = NodeMessage.parse(msg)  # the run name is checked before any path is built from it
-        source = source_for(cfg, node)
+        site = NodeSite.of(cfg, node)
+        source = source_for(cfg, site)
         carried = source.carries + (() if message.global_model else (LOCAL_ADAPTERS,))
-        disk = DiskState(state_dir(node_cache_dir(cfg, node), message.run_name, node.partition_id),
+        disk = DiskState(state_dir(site.cache_dir, message.run_name, node.partition_id),
                          message.run_identity)
         state_metrics = _restore_carried(disk, context.state, carried, message.server_round + int(evaluate),
                                          node.partition_id, message.server_round)
@@ -86,7 +92,7 @@ class NodeSession:
                 log.warning("node %d: the server's records could not be kept on disk (%s); a restart will need "
                             "them sent again", node.partition_id, redact_paths(str(err)))
         targets = ClassTensors.from_records(content, TARGETS, TARGETS_META)
-        return cls(cfg, node, message.completed(content), context, targets, disk, source, memo, carried, state_metrics)
+        return cls(cfg, site, message.completed(content), context, targets, disk, source, memo, carried, state_metrics)
 
     def adapters(self) -> tuple[Adapters, dict | None]:
         """The adapters this message works on, and the server's weights as received (``None`` when the node

@@ -24,11 +24,12 @@ from common.device import resolve_device
 from common.logs import setup_logging
 from common.models.adapters import AdapterConfig, Adapters
 from common.models.audio_encoder import embedding_shape
+from common.models.generators import GeneratorSpec
 from common.models.text_encoders import compute_class_targets
 from common.provenance import git_commit, versions
 from common.records import CLASS_TARGETS, GLOBAL_MODEL, RUN_IDENTITY, RUN_NAME, ClassTensors, module_to_arrays
 from common.render.flux import check_render_settings
-from common.render.jobs import prepare_render_model
+from common.render.jobs import RenderContext
 from server_app.grid import PromptGrid
 from server_app.holdings import ResendInFull
 from server_app.pipeline import aggregation_method, build_pipelines
@@ -93,8 +94,9 @@ def main(grid: Grid, context: Context) -> None:
     setup_logging()
     cfg = load_config(context.run_config)
     check_render_settings(cfg.render)  # a bad render.model must fail now, not after the last round
-    run_dir = run_directory(cfg, context.run_id)
-    point = open_run(cfg, run_dir, cfg.generator.checkpoint_base, embedding_shape(cfg.audio_encoder))
+    run_dir = run_directory(cfg.output_dir, cfg.run_name, context.run_id)
+    point = open_run(run_dir, cfg.resume, config_hash(cfg), cfg.generator.checkpoint_base,
+                     embedding_shape(cfg.audio_encoder))
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", cfg.model_dump(by_alias=True))
     log.info("feda2v run %s: outputs in %s", context.run_id, run_dir)
@@ -103,7 +105,7 @@ def main(grid: Grid, context: Context) -> None:
     targets = class_targets(cfg, class_names)
     targets.save(run_dir / "targets.safetensors", CLASS_TARGETS,
                  {"prompt-template": cfg.text_encoder.prompt_template, "text-encoder": cfg.text_encoder.model})
-    prepare_render_model(cfg, targets)
+    RenderContext.of(cfg).prepare(targets)
     acfg = AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, clip_dim=targets.clip.shape[1], t5_dim=targets.t5.shape[2])
     adapters = Adapters.seeded(acfg, cfg.seed)
     n_params = sum(p.numel() for p in adapters.parameters())
@@ -128,7 +130,7 @@ def main(grid: Grid, context: Context) -> None:
             "config_hash": run.config_hash,
             "classes": class_names,
             "num_rounds": cfg.num_rounds,
-            "aggregation": aggregation_method(cfg),
+            "aggregation": aggregation_method(cfg.aggregation, cfg.generate_only),
             "server_generator": cfg.server_generator.mode,
             "finetune_epochs": cfg.finetune.epochs,
             "adapter_params": n_params,
@@ -139,6 +141,7 @@ def main(grid: Grid, context: Context) -> None:
         resumed=point.summary if point is not None else None,
     )
     pipelines = build_pipelines(cfg, run, summary)
+    generator_spec = GeneratorSpec.from_config(cfg.generator, *embedding_shape(cfg.audio_encoder))  # what nodes must match
     if point is not None and point.server_bank is not None and pipelines.server_generator is not None:
         pipelines.server_generator.bank = point.server_bank
     strategy = FedA2VStrategy(
@@ -146,7 +149,7 @@ def main(grid: Grid, context: Context) -> None:
         round_pipeline=pipelines.round,
         after_round=pipelines.after_round,
         send_generator=pipelines.server_generator if cfg.server_generator.send_to_nodes else None,
-        validator=ReplyValidator.for_run(cfg, run.template.state_dict(), class_names, acfg, run_dir),
+        validator=ReplyValidator.for_run(cfg.robust, generator_spec, run.template.state_dict(), class_names, acfg, run_dir),
         min_replies=cfg.min_replies,
         connect_timeout=cfg.connect_timeout,
         round_offset=start_round,

@@ -24,7 +24,7 @@ from common.config import FedA2VConfig
 from common.metrics.resources import memory_metrics, release_memory
 from common.models.audio_encoder import embedding_shape
 from common.models.generators import GeneratorSpec, GeneratorTrainSettings
-from common.render.jobs import images_dir
+from common.render.jobs import RenderContext, images_dir
 from common.report.run_data import STEP_SECONDS_PREFIX
 from server_app.aggregators import AGGREGATORS, Aggregator
 from server_app.aggregators.step import AggregateStep
@@ -83,15 +83,15 @@ class RoundPipelines:
     server_generator: ServerGeneratorStep | None
 
 
-def aggregation_method(cfg: FedA2VConfig) -> str:
+def aggregation_method(aggregation: str, generate_only: bool) -> str:
     """The aggregator a run uses: ``aggregation``, or ``keep`` in generate-only runs (nobody trains)."""
-    return "keep" if cfg.generate_only else cfg.aggregation
+    return "keep" if generate_only else aggregation
 
 
 def build_pipelines(cfg: FedA2VConfig, run: ServerRun, summary: RunSummary) -> RoundPipelines:
     """The one place where the configuration decides which steps a round has, in which order."""
     samples = SAMPLE_SOURCES[cfg.sample_source()](run.class_names)
-    method = aggregation_method(cfg)
+    method = aggregation_method(cfg.aggregation, cfg.generate_only)
     aggregator = AGGREGATORS[method](run, kd=cfg.kd, train=cfg.train, seed=cfg.seed, samples=samples,
                                      trim_fraction=cfg.robust.trim_fraction)
     steps: list[Step] = [AggregateStep(aggregator)]
@@ -119,10 +119,11 @@ def build_pipelines(cfg: FedA2VConfig, run: ServerRun, summary: RunSummary) -> R
         SummaryStep(summary),
     ]
     if aggregator.global_model and cfg.render.server and cfg.render.when != "off":
-        after.append(RenderStep(GlobalRenderer(cfg, run.targets, run.template, run.run_dir, str(run.device)), summary))
+        renderer = GlobalRenderer(RenderContext.of(cfg), cfg.num_rounds, run.targets, run.template, run.run_dir, str(run.device))
+        after.append(RenderStep(renderer, summary))
     if cfg.logging.tensorboard:
         after.append(TensorBoardStep(run.run_dir / "tensorboard",
-                                     lambda r: images_dir(cfg, run.run_dir, server_round=r)))
+                                     lambda r: images_dir(cfg.render, run.run_dir, server_round=r)))
     pipelines = RoundPipelines(aggregator, Pipeline("round", steps), Pipeline("after-round", after), server_generator)
     log.info("server round: %s; then %s", " -> ".join(pipelines.round.step_names),
              " -> ".join(pipelines.after_round.step_names))

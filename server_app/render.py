@@ -18,12 +18,11 @@ import torch
 from flwr.app import ArrayRecord
 
 from common import seeds
-from common.config import FedA2VConfig
 from common.generator_bank import GeneratorBank
 from common.models.adapters import Adapters
 from common.records import ClassTensors, arrays_to_module
 from common.render.conditioning import adapter_conditioning, outputs_conditioning
-from common.render.jobs import images_dir, labels_to_classes, render_job, score_owner
+from common.render.jobs import RenderContext, images_dir, labels_to_classes, render_job, score_owner
 from server_app.round_state import RoundState
 from server_app.summary import RunSummary
 
@@ -31,24 +30,28 @@ log = logging.getLogger(__name__)
 
 
 class GlobalRenderer:
-    def __init__(self, cfg: FedA2VConfig, targets: ClassTensors, template: Adapters, run_dir: Path, device: str) -> None:
-        self.cfg = cfg
+    """Renders the round's global images when ``render.when`` says so (``render.server`` on)."""
+
+    def __init__(self, ctx: RenderContext, num_rounds: int, targets: ClassTensors, template: Adapters, run_dir: Path,
+                 device: str) -> None:
+        self.ctx = ctx
+        self.num_rounds = num_rounds
         self.targets = targets
         self.template = template
         self.run_dir = Path(run_dir)
         self.device = device
 
     def due(self, server_round: int) -> bool:
-        return self.cfg.render.server and self.cfg.render.due(server_round, self.cfg.num_rounds)
+        return self.ctx.render.server and self.ctx.render.due(server_round, self.num_rounds)
 
     def __call__(
         self, server_round: int, arrays: ArrayRecord | None, class_means: ClassTensors | None, bank: GeneratorBank | None
     ) -> dict[str, Any]:
-        per_class = self.cfg.render.images_per_class
+        per_class = self.ctx.render.images_per_class
         names = self.targets.class_names
         if bank is not None and arrays is not None:
             adapters = arrays_to_module(arrays, copy.deepcopy(self.template))
-            x, y = bank.sample_dataset({c: per_class for c in bank.classes}, names, seed=seeds.server_render_samples(self.cfg.seed, server_round))
+            x, y = bank.sample_dataset({c: per_class for c in bank.classes}, names, seed=seeds.server_render_samples(self.ctx.seed, server_round))
             cond = adapter_conditioning(adapters, x, device=self.device)
             row_classes = labels_to_classes(y, names)
             sources = [f"server-generator#{i + 1}" for i in range(len(row_classes))]
@@ -60,9 +63,9 @@ class GlobalRenderer:
         else:
             log.warning("round %d: no class means and no server generator: no global images", server_round)
             return {}
-        out = images_dir(self.cfg, self.run_dir, server_round=server_round)
-        report = render_job(self.cfg, None, cond, row_classes, sources, out, server_round, self.targets, self.device)
-        scores = score_owner(self.cfg, out, "server", names, self.device, server_round)
+        out = images_dir(self.ctx.render, self.run_dir, server_round=server_round)
+        report = render_job(self.ctx, None, cond, row_classes, sources, out, server_round, self.targets, self.device)
+        scores = score_owner(self.ctx, out, "server", names, self.device, server_round)
         return {"server_images_rendered": float(report.written), "server_render_seconds": report.seconds,
                 **{f"server_{k}": v for k, v in scores.items()}}
 

@@ -27,7 +27,7 @@ from typing import Any
 from flwr.app import ArrayRecord
 
 from common.checkpoints import CheckpointError, load_tensors, save_tensors
-from common.config import ConfigError, FedA2VConfig, config_hash
+from common.config import ConfigError
 from common.generator_bank import GeneratorBank
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,10 @@ KEEP_RESUME_FILES = 2  # checkpoints/resume_round_{r}.safetensors of the newest 
 # a round's checkpoint and its summary entry: the round before must still be there)
 
 
-def run_directory(cfg: FedA2VConfig, run_id: int) -> Path:
-    name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{run_id}"
-    return (Path(cfg.output_dir).expanduser() / name).resolve()
+def run_directory(output_dir: str, run_name: str, run_id: int) -> Path:
+    """``<output-dir>/<run-name>``; without a run name, a timestamp and Flower's run id."""
+    name = run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{run_id}"
+    return (Path(output_dir).expanduser() / name).resolve()
 
 
 @dataclass
@@ -78,14 +79,16 @@ def save_resume_arrays(run_dir: Path, arrays: ArrayRecord, server_round: int, ru
     return path
 
 
-def open_run(cfg: FedA2VConfig, run_dir: Path, generator_base: str, expected_shape: tuple[int, int] | None) -> ResumePoint | None:
-    """``None`` for a new run; the resume point of an existing one (``resume = true``); errors name the key."""
+def open_run(run_dir: Path, resume: bool, run_hash: str, generator_base: str,
+             expected_shape: tuple[int, int] | None) -> ResumePoint | None:
+    """``None`` for a new run; the resume point of an existing one (``resume = true``); errors name the key.
+    ``run_hash``: :func:`~common.config.config_hash` of this run's config, which a resumed run must share."""
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
-        if cfg.resume:
+        if resume:
             log.warning("resume=true but %s holds no run yet: starting from round 1", run_dir)
         return None
-    if not cfg.resume:
+    if not resume:
         raise ConfigError(f"run-name '{run_dir.name}': {run_dir} already holds a run; set resume=true to continue "
                           "it, or choose another run-name (a run is never overwritten)")
     try:
@@ -93,9 +96,9 @@ def open_run(cfg: FedA2VConfig, run_dir: Path, generator_base: str, expected_sha
     except json.JSONDecodeError as err:
         raise ConfigError(f"resume: {summary_path} is not valid JSON ({err})") from None
     saved_hash = summary.get("run", {}).get("config_hash")
-    if saved_hash and saved_hash != config_hash(cfg):
+    if saved_hash and saved_hash != run_hash:
         raise ConfigError(f"resume: the configuration differs from the one {run_dir.name} was started with "
-                          f"(config hash {config_hash(cfg)} vs {saved_hash}); only num-rounds, timeouts, quorum and "
+                          f"(config hash {run_hash} vs {saved_hash}); only num-rounds, timeouts, quorum and "
                           "paths may change when resuming")
     done = sorted(e["round"] for e in summary.get("rounds", []) if "evaluate" in e)
     last = done[-1] if done else 0

@@ -37,7 +37,8 @@ from flwr.app import Message, RecordDict
 
 from common.generator_bank import GeneratorCheckpointError, bank_from_records
 from common.metric_keys import NUM_EXAMPLES, NUM_VAL, PARTITION_ID
-from common.models.audio_encoder import embedding_shape
+from common.config import RobustConfig
+from common.models.adapters import AdapterConfig
 from common.models.generators import GeneratorSpec
 from common.owners import OWNERS_FILE
 from common.records import (
@@ -102,16 +103,16 @@ class ReplyValidator:
         self.owners = owners if owners is not None else PartitionOwners()
 
     @classmethod
-    def for_run(cls, cfg, template_state: dict[str, torch.Tensor], class_names: list[str], adapter_cfg,
-                run_dir: Path | None) -> "ReplyValidator":
-        """The validator a run's configuration asks for: its limits ([robust]), the generator spec nodes
-        must match, and the partition owners (pinned or assigned ones recorded in ``run_dir``)."""
+    def for_run(cls, robust: RobustConfig, generator_spec: GeneratorSpec, template_state: dict[str, torch.Tensor],
+                class_names: list[str], adapter_cfg: AdapterConfig, run_dir: Path | None) -> "ReplyValidator":
+        """The validator a run's configuration asks for: its limits (``[robust]``), the generator spec nodes
+        must match (the run's, :meth:`GeneratorSpec.from_config`), and the partition owners (pinned or
+        assigned ones recorded in ``run_dir``)."""
         owners = PartitionOwners(run_dir / OWNERS_FILE if run_dir is not None else None,
-                                 pinned=cfg.robust.pin_partitions,
-                                 assigned={int(p): n for p, n in cfg.robust.partition_owners.items()})
+                                 pinned=robust.pin_partitions,
+                                 assigned={int(p): n for p, n in robust.partition_owners.items()})
         return cls(template_state, class_names, adapter_cfg.clip_dim, (adapter_cfg.t5_tokens, adapter_cfg.t5_dim),
-                   ReplyLimits.from_config(cfg.robust),
-                   GeneratorSpec.from_config(cfg.generator, *embedding_shape(cfg.audio_encoder)).to_dict(), owners)
+                   ReplyLimits.from_config(robust), generator_spec.to_dict(), owners)
 
     # ------------------------------------------------------------------ whole replies
     def check_size(self, content: RecordDict) -> None:

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 import client_app.node_data as node_data
 from client_app.app import NODE_DATA, evaluate, train
+from client_app.site import NodeSite
 from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config
 from common.data.synth import synthesize_dataset
 from common.models.adapters import AdapterConfig, Adapters
@@ -53,7 +54,7 @@ def server_content(cfg, server_round: int = 1, run_name: str = "") -> RecordDict
 
 def test_node_partitions_are_disjoint_and_test_clips_never_trained(data_root, tmp_path):
     cfg = load_config(run_config(data_root, tmp_path))
-    nodes = [node_data.load_node_data(cfg, NodeRuntimeConfig(partition_id=i, num_partitions=3)) for i in range(3)]
+    nodes = [node_data.load_node_data(cfg.data, NodeSite.of(cfg, NodeRuntimeConfig(partition_id=i, num_partitions=3))) for i in range(3)]
     trains = [set(n.splits["train"].clip_ids) for n in nodes]
     held_out = set().union(*(set(n.splits["test"].clip_ids) | set(n.splits["val"].clip_ids) for n in nodes))
     for i in range(3):
@@ -73,7 +74,7 @@ def test_bad_file_is_skipped_counted_and_named(data_root, tmp_path, caplog):
     victim.write_bytes(b"this is not a wav file")
     cfg = load_config(run_config(root, tmp_path))
     with caplog.at_level(logging.WARNING):
-        data = node_data.load_node_data(cfg, NodeRuntimeConfig(partition_id=0, num_partitions=1))
+        data = node_data.load_node_data(cfg.data, NodeSite.of(cfg, NodeRuntimeConfig(partition_id=0, num_partitions=1)))
     assert data.skipped_files == 1
     assert victim.name in caplog.text
     total = sum(len(s) for s in data.splits.values())
@@ -90,7 +91,7 @@ def test_file_over_max_file_mb_is_skipped_counted_and_named(data_root, tmp_path,
     sf.write(victim, np.zeros((44100 * 30, 1), dtype=np.float32), 44100, subtype="PCM_16")  # 2.5 MiB of audio
     cfg = load_config(run_config(root, tmp_path, **{"data.max-file-mb": 1.0}))
     with caplog.at_level(logging.WARNING):
-        data = node_data.load_node_data(cfg, NodeRuntimeConfig(partition_id=0, num_partitions=1))
+        data = node_data.load_node_data(cfg.data, NodeSite.of(cfg, NodeRuntimeConfig(partition_id=0, num_partitions=1)))
     assert data.skipped_files == 1
     assert victim.name in caplog.text and "data.max-file-mb=1" in caplog.text
     assert sum(len(s) for s in data.splits.values()) == 35
@@ -227,13 +228,13 @@ def test_node_image_dir_comes_from_the_run_name_not_a_server_path(tmp_path):
     from common.render.jobs import images_dir
 
     cfg = load_config({"output-dir": str(tmp_path / "out")})
-    run_dir = node_run_dir(cfg, "run-1")
+    run_dir = node_run_dir(cfg.output_dir, "run-1")
     assert run_dir == (tmp_path / "out" / "run-1").resolve()
-    assert images_dir(cfg, run_dir) == run_dir / "images"
-    assert node_run_dir(cfg, "") is None
+    assert images_dir(cfg.render, run_dir) == run_dir / "images"
+    assert node_run_dir(cfg.output_dir, "") is None
     own = load_config({"output-dir": str(tmp_path / "out"), "render.output-dir": str(tmp_path / "imgs")})
-    assert images_dir(own, node_run_dir(own, "run-1")) == tmp_path / "imgs"
-    assert images_dir(own, node_run_dir(own, "run-1"), str(tmp_path / "node")) == tmp_path / "node"
+    assert images_dir(own.render, node_run_dir(own.output_dir, "run-1")) == tmp_path / "imgs"
+    assert images_dir(own.render, node_run_dir(own.output_dir, "run-1"), str(tmp_path / "node")) == tmp_path / "node"
 
 
 def test_site_floor_withholds_classes_the_server_would_share(data_root, tmp_path):
@@ -250,7 +251,7 @@ def test_site_floor_withholds_classes_the_server_would_share(data_root, tmp_path
                                        "generator.granularity": "per_class", "generator.epochs": 1})
     cfg = load_config(rc)
     node = {"partition-id": 0, "num-partitions": 1, "checkpoint-dir": str(tmp_path / "ckpt")}
-    data = node_data.load_node_data(cfg, NodeRuntimeConfig.from_node_config(node))
+    data = node_data.load_node_data(cfg.data, NodeSite.of(cfg, NodeRuntimeConfig.from_node_config(node)))
     counts = dict(zip(CLASSES, torch.bincount(data.splits["train"].labels, minlength=len(CLASSES)).tolist()))
     floor = counts["rain"] + 1
     assert all(counts[c] >= floor for c in ("dog", "siren")), counts
@@ -296,6 +297,6 @@ def test_a_run_name_from_the_server_that_is_a_path_is_refused(data_root, tmp_pat
             handler(make_message(content, kind), ctx)
     assert not (tmp_path / "cache" / "node-state").exists()  # nothing was made from it
     with pytest.raises(ValueError, match="run-name"):
-        node_run_dir(cfg, bad)
+        node_run_dir(cfg.output_dir, bad)
     content[CONFIG][RUN_NAME] = "run-1"  # a plain name passes
     assert train(make_message(content), ctx).content["metrics"]["num-examples"] > 0

@@ -21,6 +21,7 @@ from flwr.app import Context, RecordDict
 
 import client_app.node_data as node_data
 from client_app.app import NODE_DATA, train
+from client_app.site import NodeSite
 from ops import cli
 from common.cache import ClipId, EmbeddingStore, ExtractionSettings, embed_clips, open_store
 from common.cache.store import TENSOR
@@ -34,9 +35,8 @@ import cache_helpers  # noqa: E402
 from test_client_app import make_message, run_config, server_content  # noqa: E402
 
 CLASSES = ["dog", "siren", "rain"]
-SETTINGS = ExtractionSettings.from_config(
-    load_config({"data.clip-seconds": 1.0, "audio-encoder.tokens": 4, "audio-encoder.batch-size": 8, "seed": 0})
-)
+_CFG = load_config({"data.clip-seconds": 1.0, "audio-encoder.tokens": 4, "audio-encoder.batch-size": 8, "seed": 0})
+SETTINGS = ExtractionSettings.of(_CFG.audio_encoder, _CFG.data, _CFG.seed)
 HELPERS = Path(__file__).parent / "cache_helpers.py"
 
 
@@ -302,7 +302,7 @@ def test_fully_cached_node_builds_no_model_and_opens_no_audio(dataset, tmp_path,
     rc = run_config(dataset, tmp_path, **{"audio-encoder.tokens": 4})
     cfg = load_config(rc)
     node = NodeRuntimeConfig(partition_id=0, num_partitions=2)
-    first = node_data.load_node_data(cfg, node)
+    first = node_data.load_node_data(cfg.data, NodeSite.of(cfg, node))
     total = sum(len(s) for s in first.splits.values())
     assert first.stats.misses == total and first.stats.hits == 0
     content = server_content(cfg)  # text targets are computed before the traps are set
@@ -315,7 +315,7 @@ def test_fully_cached_node_builds_no_model_and_opens_no_audio(dataset, tmp_path,
     monkeypatch.setattr("transformers.ASTFeatureExtractor.__init__", boom)
     monkeypatch.setattr(sf, "read", boom)
     monkeypatch.setattr(sf, "SoundFile", boom)
-    second = node_data.load_node_data(cfg, node)
+    second = node_data.load_node_data(cfg.data, NodeSite.of(cfg, node))
     assert (second.stats.hits, second.stats.misses, second.stats.extract_seconds) == (total, 0, 0.0)
     for name in ("train", "val", "test"):
         assert torch.equal(first.splits[name].embeddings, second.splits[name].embeddings)
@@ -332,7 +332,7 @@ def test_fully_cached_node_builds_no_model_and_opens_no_audio(dataset, tmp_path,
 
 def test_cache_switch_off_writes_nothing(dataset, tmp_path):
     cfg = load_config(run_config(dataset, tmp_path, **{"audio-encoder.cache": False, "audio-encoder.tokens": 4}))
-    data = node_data.load_node_data(cfg, NodeRuntimeConfig(partition_id=0, num_partitions=2))
+    data = node_data.load_node_data(cfg.data, NodeSite.of(cfg, NodeRuntimeConfig(partition_id=0, num_partitions=2)))
     assert data.stats.hits == 0 and data.stats.misses > 0
     assert not (tmp_path / "embeddings").exists()
 

@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Message
 
 from client_app.app import NODE_DATA, evaluate, train
 from client_app.node_state import LOCAL_ADAPTERS, ON_DISK
-from common.config import ConfigError, load_config
+from common.config import ConfigError, config_hash, load_config
 from common.data.audio import AudioLoadError, load_clip
 from common.errors import redact_paths
 from common.models.adapters import AdapterConfig, Adapters
@@ -177,20 +177,20 @@ def test_evaluate_tolerates_different_metric_keys_without_losing_any(tmp_path):
 def test_reusing_a_run_name_without_resume_is_an_error_and_resume_continues(tmp_path):
     cfg = load_config({"run-name": "r", "output-dir": str(tmp_path)})
     run_dir = tmp_path / "r"
-    assert open_run(cfg, run_dir, "generator", None) is None  # a new run
+    assert open_run(run_dir, cfg.resume, config_hash(cfg), "generator", None) is None  # a new run
     run_dir.mkdir()
     (run_dir / "summary.json").write_text(json.dumps({
-        "run": {"config_hash": __import__("common.config", fromlist=["config_hash"]).config_hash(cfg)},
+        "run": {"config_hash": config_hash(cfg)},
         "rounds": [{"round": 1, "train": {}, "evaluate": {}}, {"round": 2, "train": {}, "evaluate": {}}, {"round": 3, "train": {}}],
     }))
     save_resume_arrays(run_dir, module_to_arrays(Adapters(ACFG)), 2, "h")
     with pytest.raises(ConfigError, match="already holds a run; set resume=true"):
-        open_run(cfg, run_dir, "generator", None)
-    point = open_run(cfg.model_copy(update={"resume": True}), run_dir, "generator", None)
+        open_run(run_dir, False, config_hash(cfg), "generator", None)
+    point = open_run(run_dir, True, config_hash(cfg), "generator", None)
     assert point.last_round == 2 and [e["round"] for e in point.summary["rounds"]] == [1, 2]  # incomplete round 3 dropped
     assert set(point.arrays.keys()) == set(Adapters(ACFG).state_dict())
     with pytest.raises(ConfigError, match="configuration differs"):
-        open_run(cfg.model_copy(update={"resume": True, "seed": 7}), run_dir, "generator", None)
+        open_run(run_dir, True, config_hash(cfg.model_copy(update={"seed": 7})), "generator", None)
 
 
 def test_strategy_round_offset_numbers_rounds_like_the_interrupted_run(tmp_path):

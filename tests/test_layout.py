@@ -127,6 +127,50 @@ def test_no_import_cycles_between_packages():
     assert not cycles, "package cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
+# The entry points that read the whole run configuration: the apps' (ServerApp main helpers, the node's
+# training sources), the CLI's commands, and the section-level constructors that resolve one object from it.
+WHOLE_CONFIG_READERS = {
+    "client_app/site.py:NodeSite.of",
+    "client_app/sources/base.py:TrainingSource.__init__",
+    "client_app/sources/base.py:source_for",
+    "common/cache/commands.py:build",
+    "common/config/loading.py:config_hash",
+    "common/render/generate.py:generate_images",
+    "common/render/jobs.py:RenderContext.of",
+    "server_app/app.py:class_targets",
+    "server_app/app.py:initial_adapters",
+    "server_app/pipeline.py:build_pipelines",
+}
+
+
+def functions_taking_the_whole_config() -> set[str]:
+    """Functions with a parameter annotated ``FedA2VConfig``, or a ``cfg`` parameter left untyped / ``Any``."""
+    found = set()
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            tree = ast.parse(path.read_text(), str(path))
+            owners = {child: node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)
+                      for child in node.body}
+            for node in ast.walk(tree):
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                params = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
+                if any((p.annotation is not None and "FedA2VConfig" in ast.unparse(p.annotation))
+                       or (p.arg == "cfg" and (p.annotation is None or ast.unparse(p.annotation) in ("Any", "object")))
+                       for p in params):
+                    name = f"{owners[node]}.{node.name}" if node in owners else node.name
+                    found.add(f"{path.relative_to(ROOT)}:{name}")
+    return found
+
+
+def test_the_whole_config_stops_at_the_entry_points():
+    """Below the entry points code gets its own section or an object built from it (NodeSite, RenderContext):
+    a new function that needs the whole FedA2VConfig is a design question, not a free addition."""
+    found = functions_taking_the_whole_config()
+    assert len(found) <= 15, sorted(found)
+    assert found <= WHOLE_CONFIG_READERS, f"new readers of the whole config: {sorted(found - WHOLE_CONFIG_READERS)}"
+
+
 def test_docs_code_map_is_current():
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "code_map.py"), "--check"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

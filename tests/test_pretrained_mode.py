@@ -12,7 +12,8 @@ from flwr.app import Context, RecordDict
 
 import client_app.node_data as node_data
 from client_app.app import NODE_DATA, evaluate, train
-from client_app.pretrained import synthetic_train_set
+from client_app.pretrained import synthetic_train_set as _synthetic_train_set
+from client_app.site import NodeSite
 from common.config import ConfigError, NodeRuntimeConfig, load_config
 from common.generator_bank import GeneratorCheckpointError
 from common.models.audio_encoder import AudioEncoder
@@ -21,6 +22,11 @@ from tests.test_client_app import CLASSES, data_root, make_message, run_config, 
 
 NODES = 2
 PRETRAINED = {"generator.mode": "use-pretrained-generators", "generator.init-from-run": "run1"}  # run 2 of 'run1'
+
+
+def synthetic_train_set(cfg, node, state, server_round, memo=None):
+    """The node's synthetic training set for a run config and a node-config, as the ClientApp builds it."""
+    return _synthetic_train_set(cfg.data, cfg.generator, NodeSite.of(cfg, node), state, server_round, memo=memo)
 
 
 def _context(rc: dict, ckpt, pid: int = 0) -> Context:
@@ -66,7 +72,7 @@ def test_pretrained_mode_trains_and_evaluates_without_ast_or_audio(run1, no_ast_
         reply = train(make_message(server_content(cfg, 1)), ctx)
         train(make_message(server_content(cfg, 2)), ctx)
     metrics = reply.content["metrics"]
-    real = node_data.node_index(cfg, NodeRuntimeConfig(partition_id=0, num_partitions=NODES)).train_counts()
+    real = node_data.node_index(cfg.data, NodeSite.of(cfg, NodeRuntimeConfig(partition_id=0, num_partitions=NODES))).train_counts()
     assert metrics["synthetic_samples"] == sum(real.values()) == metrics["num-examples"]  # 'auto' = real counts
     assert metrics["real_samples"] == 0
     assert GENERATORS in reply.content  # the server gets the node's generators in run 2 too
@@ -96,7 +102,7 @@ def test_real_mix_ratio_adds_a_share_of_real_clips(run1):
     cfg = load_config(rc)
     node = NodeRuntimeConfig(partition_id=0, num_partitions=NODES, checkpoint_dir=str(ckpt))
     synth, _ = synthetic_train_set(cfg, node, RecordDict(), server_round=1)
-    real_counts = node_data.node_index(cfg, node).train_counts()
+    real_counts = node_data.node_index(cfg.data, NodeSite.of(cfg, node)).train_counts()
     assert synth.real == sum(max(1, round(0.5 * n)) for n in real_counts.values())
     assert len(synth) == synth.synthetic + synth.real
 
@@ -152,7 +158,7 @@ def test_cache_only_evaluation_without_cached_clips_is_a_logged_skip(run1, no_as
 def test_node_without_audio_takes_classes_and_counts_from_its_checkpoints(run1, no_ast_no_audio, tmp_path, caplog):
     rc, ckpt = run1
     cfg_with_audio = load_config({**rc, **PRETRAINED})
-    real = node_data.node_index(cfg_with_audio, NodeRuntimeConfig(partition_id=0, num_partitions=NODES)).train_counts()
+    real = node_data.node_index(cfg_with_audio.data, NodeSite.of(cfg_with_audio, NodeRuntimeConfig(partition_id=0, num_partitions=NODES))).train_counts()
     # the site has no dataset at all: data.root points nowhere, nodes.0.audio = false
     rc = {**rc, **PRETRAINED, "nodes.0.audio": False,
           "data.root": str(tmp_path / "no-such-dataset")}

@@ -20,7 +20,7 @@ from common.records import ClassTensors
 from common.render.backend import Conditioning
 from common.render.conditioning import calibrate, target_radius, target_soft, with_oracle
 from common.render.images import MANIFEST, read_manifest
-from common.render.jobs import render_job
+from common.render.jobs import RenderContext, render_job
 from ops.cli import main as cli_main
 
 CLASSES = ["dog", "rain", "siren"]
@@ -52,7 +52,7 @@ def test_names_manifest_contact_sheet_and_resume(tmp_path):
     cfg = cfg_with()
     rows = ["dog", "dog", "dog", "rain", "siren", "siren"]
     sources = [f"clip:{i}.wav" for i in range(6)]
-    report = render_job(cfg, 3, random_cond(6), rows, sources, tmp_path, server_round=5)
+    report = render_job(RenderContext.of(cfg), 3, random_cond(6), rows, sources, tmp_path, server_round=5)
     assert report.written == 5  # images-per-class = 2: the third dog row is not rendered
     names = sorted(p.name for p in (tmp_path / "node_3").glob("*.png"))
     assert names == ["contact_sheet.png", "dog_0001.png", "dog_0002.png", "rain_0001.png", "siren_0001.png", "siren_0002.png"]
@@ -67,7 +67,7 @@ def test_names_manifest_contact_sheet_and_resume(tmp_path):
     assert first["render_resolution"] == 32 and first["render_steps"] == 2 and isinstance(first["seed"], int)
     # resume: remove one image; only it is rendered again, and it is the same image
     (tmp_path / "node_3" / "rain_0001.png").rename(tmp_path / "before.png")
-    again = render_job(cfg, 3, random_cond(6), rows, sources, tmp_path, server_round=5)
+    again = render_job(RenderContext.of(cfg), 3, random_cond(6), rows, sources, tmp_path, server_round=5)
     assert (again.written, again.skipped) == (1, 4)
     assert same_image(tmp_path / "before.png", tmp_path / "node_3" / "rain_0001.png")
     assert len((tmp_path / MANIFEST).read_text().splitlines()) == 5
@@ -76,15 +76,15 @@ def test_names_manifest_contact_sheet_and_resume(tmp_path):
 def test_same_seed_same_image_whatever_the_batch(tmp_path):
     cfg = cfg_with()
     cond = random_cond(3, seed=1)
-    render_job(cfg, None, cond, ["dog", "rain", "siren"], ["x"] * 3, tmp_path / "a", None)
+    render_job(RenderContext.of(cfg), None, cond, ["dog", "rain", "siren"], ["x"] * 3, tmp_path / "a", None)
     cfg_single = cfg_with(**{"render.batch-size": 1})
-    render_job(cfg_single, None, cond.rows([1]), ["rain"], ["x"], tmp_path / "b", None)
+    render_job(RenderContext.of(cfg_single), None, cond.rows([1]), ["rain"], ["x"], tmp_path / "b", None)
     assert same_image(tmp_path / "a" / "server" / "rain_0001.png", tmp_path / "b" / "server" / "rain_0001.png")
     assert not same_image(tmp_path / "a" / "server" / "dog_0001.png", tmp_path / "a" / "server" / "rain_0001.png")
-    render_job(cfg, None, cond, ["dog", "rain", "siren"], ["x"] * 3, tmp_path / "a2", None)  # same batch: bit-identical
+    render_job(RenderContext.of(cfg), None, cond, ["dog", "rain", "siren"], ["x"] * 3, tmp_path / "a2", None)  # same batch: bit-identical
     assert np.array_equal(pixels(tmp_path / "a" / "server" / "dog_0001.png"), pixels(tmp_path / "a2" / "server" / "dog_0001.png"))
     other_seed = cfg_with(**{"render.seed": 7})
-    render_job(other_seed, None, cond, ["dog", "rain", "siren"], ["x"] * 3, tmp_path / "c", None)
+    render_job(RenderContext.of(other_seed), None, cond, ["dog", "rain", "siren"], ["x"] * 3, tmp_path / "c", None)
     assert not same_image(tmp_path / "a" / "server" / "dog_0001.png", tmp_path / "c" / "server" / "dog_0001.png")
 
 
@@ -96,14 +96,13 @@ def test_oracle_switch_replaces_one_branch_by_the_class_text_target(tmp_path):
     assert torch.equal(clip_only.tensors["t5_sequence"], cond.tensors["t5_sequence"])
     both = with_oracle(cond, targets, ["rain", "dog"], "both")
     assert torch.equal(both.tensors["t5_sequence"], targets.t5[[1, 0]])
-    render_job(cfg_with(), 0, cond, ["rain", "dog"], ["clip:a", "clip:b"], tmp_path / "adapter", None)
-    render_job(cfg_with(**{"render.oracle": "clip"}), 0, cond, ["rain", "dog"], ["clip:a", "clip:b"], tmp_path / "oracle",
-               None, targets)
+    render_job(RenderContext.of(cfg_with()), 0, cond, ["rain", "dog"], ["clip:a", "clip:b"], tmp_path / "adapter", None)
+    render_job(RenderContext.of(cfg_with(**{"render.oracle": "clip"})), 0, cond, ["rain", "dog"], ["clip:a", "clip:b"], tmp_path / "oracle", None, targets)
     assert not same_image(tmp_path / "adapter" / "node_0" / "rain_0001.png", tmp_path / "oracle" / "node_0" / "rain_0001.png")
     entry = next(e for e in read_manifest(tmp_path / "oracle") if e["class_name"] == "rain")
     assert entry["source"] == "clip:a+oracle-clip"
     with pytest.raises(ValueError, match="needs the class text targets"):
-        render_job(cfg_with(**{"render.oracle": "t5"}), 0, cond, ["rain", "dog"], ["a", "b"], tmp_path / "x", None)
+        render_job(RenderContext.of(cfg_with(**{"render.oracle": "t5"})), 0, cond, ["rain", "dog"], ["a", "b"], tmp_path / "x", None)
 
 
 def test_target_radius_restores_the_length_of_shrunk_outputs_and_keeps_their_direction(tmp_path):
@@ -128,9 +127,8 @@ def test_target_radius_restores_the_length_of_shrunk_outputs_and_keeps_their_dir
     assert torch.allclose(alone.tensors["clip_pooled"], new_clip[:1])
     # the job applies it (recorded in the manifest) and renders differently from the uncalibrated rows
     cond = Conditioning({"clip_pooled": clip[:2], "t5_sequence": t5[:2]})
-    render_job(cfg_with(**{"render.calibrate": "target-span"}), 0, cond, ["rain", "dog"], ["a", "b"], tmp_path / "cal",
-               None, targets)
-    render_job(cfg_with(**{"render.calibrate": "none"}), 0, cond, ["rain", "dog"], ["a", "b"], tmp_path / "raw", None, targets)
+    render_job(RenderContext.of(cfg_with(**{"render.calibrate": "target-span"})), 0, cond, ["rain", "dog"], ["a", "b"], tmp_path / "cal", None, targets)
+    render_job(RenderContext.of(cfg_with(**{"render.calibrate": "none"})), 0, cond, ["rain", "dog"], ["a", "b"], tmp_path / "raw", None, targets)
     assert {e["render_calibrate"] for e in read_manifest(tmp_path / "cal")} == {"target-span"}
     assert {e["render_calibrate"] for e in read_manifest(tmp_path / "raw")} == {"none"}
     assert not same_image(tmp_path / "cal" / "node_0" / "rain_0001.png", tmp_path / "raw" / "node_0" / "rain_0001.png")
@@ -182,8 +180,7 @@ def test_target_soft_gives_a_clear_row_its_class_prompt_and_an_ambiguous_row_a_b
         calibrate(out, targets, "nearest", 1.0)
     with pytest.raises(ValueError, match="calibrate-sigma"):
         target_soft(out, targets, 0.0)
-    render_job(cfg_with(), 0, Conditioning({"clip_pooled": clip[:2], "t5_sequence": t5[:2]}), ["rain", "dog"], ["a", "b"],
-               tmp_path / "soft", None, targets)
+    render_job(RenderContext.of(cfg_with()), 0, Conditioning({"clip_pooled": clip[:2], "t5_sequence": t5[:2]}), ["rain", "dog"], ["a", "b"], tmp_path / "soft", None, targets)
     assert {e["render_calibrate"] for e in read_manifest(tmp_path / "soft")} == {"target-soft"}  # the default
 
 
@@ -281,12 +278,12 @@ def test_zero_shot_metric_plumbing_and_skip_without_weights(tmp_path, caplog):
 
     from common.render.jobs import score_owner
 
-    render_job(cfg_with(), 1, random_cond(4), ["dog", "rain", "siren", "dog"], ["x"] * 4, tmp_path / "img", None)
+    render_job(RenderContext.of(cfg_with()), 1, random_cond(4), ["dog", "rain", "siren", "dog"], ["x"] * 4, tmp_path / "img", None)
     with caplog.at_level(logging.INFO):
-        assert score_owner(cfg_with(), tmp_path / "img", "node_1", CLASSES) == {}
+        assert score_owner(RenderContext.of(cfg_with()), tmp_path / "img", "node_1", CLASSES) == {}
     assert "zero-shot CLIP image metric skipped" in caplog.text
     folder = tiny_clip_folder(tmp_path / "clip")
-    scores = score_owner(cfg_with(**{"render.clip-metric-model": str(folder)}), tmp_path / "img", "node_1", CLASSES)
+    scores = score_owner(RenderContext.of(cfg_with(**{"render.clip-metric-model": str(folder)})), tmp_path / "img", "node_1", CLASSES)
     assert set(scores) == {"image_zs_acc", "image_zs_balanced_acc", "image_zs_macro_f1", "images_scored",
                            "image_zs_acc:dog", "image_zs_acc:rain", "image_zs_acc:siren"}
     assert scores["images_scored"] == 4
@@ -300,7 +297,7 @@ def test_server_renders_global_images_from_its_generator_or_the_class_means(tmp_
     cfg = cfg_with(**{"num-rounds": 3, "render.images-per-class": 1})
     acfg = AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, 768, 4096)
     targets = ClassTensors(CLASSES, torch.randn(3, 768), torch.randn(3, 4, 4096))
-    renderer = GlobalRenderer(cfg, targets, Adapters.seeded(acfg, cfg.seed), tmp_path, "cpu")
+    renderer = GlobalRenderer(RenderContext.of(cfg), cfg.num_rounds, targets, Adapters.seeded(acfg, cfg.seed), tmp_path, "cpu")
     assert not renderer.due(2) and renderer.due(3)
     means = ClassTensors(["dog", "siren"], torch.randn(2, 768), torch.randn(2, 4, 4096), torch.tensor([3, 3]))
     metrics = renderer(3, None, means, None)
@@ -322,11 +319,11 @@ def test_render_every_round_keeps_rounds_apart(tmp_path: Path) -> None:
     every = cfg_with(**{"render.when": "every"})
     final = cfg_with(**{"render.when": "final"})
     run = tmp_path / "run"
-    assert images_dir(final, run, server_round=3) == run / "images"
-    assert images_dir(every, run, server_round=3) == run / "images" / "round_003"
+    assert images_dir(final.render, run, server_round=3) == run / "images"
+    assert images_dir(every.render, run, server_round=3) == run / "images" / "round_003"
     for r in (1, 2):
-        out = images_dir(every, run, server_round=r)
-        report = render_job(every, 0, random_cond(2, seed=r), ["dog", "rain"], ["x", "y"], out, r)
+        out = images_dir(every.render, run, server_round=r)
+        report = render_job(RenderContext.of(every), 0, random_cond(2, seed=r), ["dog", "rain"], ["x", "y"], out, r)
         assert report.written == 2 and report.skipped == 0  # round 2 is not skipped because round 1 drew the same names
     for r in (1, 2):
         manifest = read_manifest(run / "images" / f"round_{r:03d}")

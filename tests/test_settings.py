@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import torch
 
-from client_app.generators import encoder_key
+from client_app.site import NodeSite
 from common.cache import ExtractionSettings
 from common.cache.key import CACHE_FORMAT, cache_key
-from common.config import FedA2VConfig, flatten, load_config
+from common.config import FedA2VConfig, NodeRuntimeConfig, flatten, load_config
 from common.generator_bank import GeneratorBank
 from common.models.adapters import AdapterConfig, Adapters
 from common.models.audio_encoder import TINY_AST, AudioEncoder, ast_frames
@@ -183,7 +183,7 @@ def test_train_settings(case):
 
 def test_extraction_settings_audio_encoder_and_cache_key(case):
     cfg, flat = case
-    settings = ExtractionSettings.from_config(cfg)
+    settings = ExtractionSettings.of(cfg.audio_encoder, cfg.data, cfg.seed)
     _assert_fields(settings, EXTRACTION, flat, "ExtractionSettings")
     pooled = flat["audio-encoder.reduction"] == "pool"
     tokens = flat["audio-encoder.tokens"] if pooled else 1
@@ -198,7 +198,8 @@ def test_extraction_settings_audio_encoder_and_cache_key(case):
         assert ident["seed"] == flat["seed"] and ident["tiny_config"] == TINY_AST
     else:
         assert "seed" not in ident and "files_sha256" in ident
-    assert encoder_key(cfg) == cache_key(fields)  # what the node's generator checkpoints are keyed by
+    node = NodeRuntimeConfig(partition_id=0, num_partitions=1)
+    assert NodeSite.of(cfg, node).encoder_key == cache_key(fields)  # what the node's generator checkpoints are keyed by
     # effective: the encoder these settings build
     enc = settings.build_encoder()
     assert (enc.model_id, enc.clip_seconds, enc.sample_rate, enc.reduction, enc.tokens, enc.dtype) == (

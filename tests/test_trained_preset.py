@@ -15,7 +15,7 @@ from common.render.scoring import PictureScorer, per_class_accuracy, score_image
 from common.records import ClassTensors
 from common.render.backend import Conditioning
 from common.render.flux import check_render_settings
-from common.render.jobs import render_job, render_settings, score_owner
+from common.render.jobs import RenderContext, render_job, score_owner
 from common.render.pictures import (PALETTE, SHAPES, class_look, class_pictures, nearest_colour, nearest_shape, picture,
                                     shape_mask)
 from common.render.trained_preset import PRESET, Recipe, ensure_preset, preset_dir, preset_key, preset_stats
@@ -98,20 +98,20 @@ def test_preset_is_cached_by_key_and_loads_like_real_weights(tmp_path: Path, mon
     # the renderer loads it through FluxPipeline.from_pretrained, like a real FLUX.1 folder
     cfg = load_config({"render.model": PRESET, "render.resolution": 64, "cache-dir": str(tmp_path)})
     with pytest.raises(ValueError, match="needs the class text targets"):
-        render_settings(cfg)
+        RenderContext.of(cfg).settings()
     cond = Conditioning({"clip_pooled": t.clip, "t5_sequence": t.t5})
     import common.render.jobs as jobs
 
     monkeypatch.setattr(jobs, "Recipe", lambda resolution: dataclasses.replace(FAST, resolution=resolution))
     jobs.cached_backend.cache_clear()
-    report = render_job(cfg, None, cond, CLASSES, ["text"] * 3, tmp_path / "img", 1, t, per_class=1)
+    report = render_job(RenderContext.of(cfg), None, cond, CLASSES, ["text"] * 3, tmp_path / "img", 1, t, per_class=1)
     jobs.cached_backend.cache_clear()
     assert report.written == 3
     with Image.open(tmp_path / "img" / "server" / "dog_0001.png") as im:
         assert im.size == (64, 64)
-    scores = score_owner(cfg, tmp_path / "img", "server", CLASSES, server_round=1)
+    scores = score_owner(RenderContext.of(cfg), tmp_path / "img", "server", CLASSES, server_round=1)
     assert set(scores) >= {"image_acc", "image_acc_clip", "image_acc_t5", "images_scored"} and scores["images_scored"] == 3
-    assert score_owner(cfg, tmp_path / "img", "server", CLASSES, server_round=2) == {}  # no images of round 2
+    assert score_owner(RenderContext.of(cfg), tmp_path / "img", "server", CLASSES, server_round=2) == {}  # no images of round 2
 
 
 def test_preset_resolution_rule() -> None:

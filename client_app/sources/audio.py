@@ -25,6 +25,6 @@ class AudioSource(TrainingSource):
     """``generator.mode = "off"``: train on the node's real clips."""
 
     def training_set(self, session: NodeSessionView) -> TrainingSet:
-        data = load_node_data(self.cfg, self.node, memo=session.memo)
+        data = load_node_data(self.cfg.data, self.site, memo=session.memo)
         split = data.splits["train"]
         return TrainingSet(data.class_names, split.embeddings, split.labels, data_metrics(data))

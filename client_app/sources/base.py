@@ -19,7 +19,8 @@ from flwr.app import RecordDict
 from client_app.message import NodeMessage
 from client_app.node_data import NodeDataMemo
 from client_app.node_state import DiskState
-from common.config import FedA2VConfig, NodeRuntimeConfig
+from client_app.site import NodeSite
+from common.config import FedA2VConfig
 from common.errors import FedA2VError
 
 __all__ = ["SOURCES", "NodeSessionView", "TrainingSet", "TrainingSource", "register", "source_for"]
@@ -54,9 +55,9 @@ class TrainingSource:
     carries: ClassVar[tuple[str, ...]] = ()  # Context.state keys the node carries from round to round
     trains: ClassVar[bool] = True  # the adapters train (a generator-only run computes their losses only)
 
-    def __init__(self, cfg: FedA2VConfig, node: NodeRuntimeConfig) -> None:
-        self.cfg = cfg
-        self.node = node
+    def __init__(self, cfg: FedA2VConfig, site: NodeSite) -> None:
+        self.cfg = cfg  # the run's config: a source is where the handlers hand each function its sections
+        self.site = site
 
     @property
     def trains_adapters(self) -> bool:
@@ -88,10 +89,10 @@ def register(*modes: str) -> Callable[[type[TrainingSource]], type[TrainingSourc
     return add
 
 
-def source_for(cfg: FedA2VConfig, node: NodeRuntimeConfig) -> TrainingSource:
+def source_for(cfg: FedA2VConfig, site: NodeSite) -> TrainingSource:
     """The registry lookup: the one place the client reads ``generator.mode``."""
     try:
-        return SOURCES[cfg.generator.mode](cfg, node)
+        return SOURCES[cfg.generator.mode](cfg, site)
     except KeyError:
         raise FedA2VError(f"generator.mode '{cfg.generator.mode}' has no training source on this node "
                           f"(known: {', '.join(sorted(SOURCES))})") from None

@@ -18,9 +18,9 @@ class GeneratorTrainingSource(TrainingSource):
     carries = (GENERATORS,)
 
     def training_set(self, session: NodeSessionView) -> TrainingSet:
-        data = load_node_data(self.cfg, self.node, memo=session.memo)
+        data = load_node_data(self.cfg.data, self.site, memo=session.memo)
         msg = session.message
-        _, gen_metrics = train_node_generators(self.cfg, self.node, data, session.state, msg.server_round,
+        _, gen_metrics = train_node_generators(self.cfg.generator, self.site, data, session.state, msg.server_round,
                                                msg.run_name, msg.run_identity)
         split = data.splits["train"]
         return TrainingSet(data.class_names, split.embeddings, split.labels, {**data_metrics(data), **gen_metrics},

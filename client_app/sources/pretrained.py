@@ -19,8 +19,8 @@ class PretrainedSource(TrainingSource):
         return self.cfg.generator.real_mix_ratio == 0
 
     def training_set(self, session: NodeSessionView) -> TrainingSet:
-        synth, _ = synthetic_train_set(self.cfg, self.node, session.state, session.message.server_round,
-                                       memo=session.memo)
+        synth, _ = synthetic_train_set(self.cfg.data, self.cfg.generator, self.site, session.state,
+                                       session.message.server_round, memo=session.memo)
         session.disk.on_disk.add(GENERATORS)  # in its checkpoints: the next message reads them again
         metrics = {"synthetic_samples": synth.synthetic, "real_samples": synth.real, "extract_seconds": 0.0,
                    "load_seconds": 0.0, "cache_hits": 0, "cache_misses": 0, "skipped_files": 0, "missing_files": 0}
@@ -28,5 +28,6 @@ class PretrainedSource(TrainingSource):
 
     def before_render(self, session: NodeSessionView) -> None:
         if self.cfg.render.source == "generator":  # images drawn from the bank: load it from its checkpoints
-            load_node_bank(self.cfg, self.node, pretrained_index(self.cfg, self.node), session.state)
+            gcfg = self.cfg.generator
+            load_node_bank(gcfg, self.site, pretrained_index(self.cfg.data, gcfg, self.site), session.state)
             session.disk.on_disk.add(GENERATORS)

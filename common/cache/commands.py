@@ -12,36 +12,32 @@ import json
 import logging
 import time
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from common.cache.embed import ExtractionSettings, embed_clips
 from common.cache.key import cache_key, dataset_id
 from common.cache.store import EmbeddingStore, VerifyReport, list_stores
-from common.config import FedA2VConfig
+from common.config import DataConfig, FedA2VConfig, NodeSpec
 from common.data.clips import Clip
 from common.data.dataset import dataset_root, node_splits, prepare_dataset, resolve_classes, scan_dataset
 from common.device import resolve_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build", "clear", "embeddings_root", "info", "select_stores", "verify"]
+__all__ = ["build", "clear", "current_key", "info", "select_stores", "verify"]
 
 
-def embeddings_root(cfg: FedA2VConfig, cache_dir: str = "") -> Path:
-    """``<cache-dir>/embeddings`` with ``--cache-dir`` > config ``cache-dir`` > $FEDA2V_CACHE / user cache."""
-    base = Path(cache_dir).expanduser() if cache_dir else cfg.resolved_cache_dir()
-    return base / "embeddings"
-
-
-def _clips_to_build(cfg: FedA2VConfig, root: Path, num_nodes: int | None, all_classes: bool) -> list[Clip]:
+def _clips_to_build(data: DataConfig, nodes: Mapping[str, NodeSpec], seed: int, root: Path, num_nodes: int | None,
+                    all_classes: bool) -> list[Clip]:
     if all_classes:
-        return scan_dataset(cfg.data, root, None).clips
-    index = scan_dataset(cfg.data, root, resolve_classes(cfg.data, root))
+        return scan_dataset(data, root, None).clips
+    index = scan_dataset(data, root, resolve_classes(data, root))
     clips, class_names = index.clips, index.class_names
     if not num_nodes:
         return clips
     used: dict[str, Clip] = {}
-    for split in node_splits(cfg.data, cfg.nodes, cfg.seed, clips, class_names, num_nodes):
+    for split in node_splits(data, nodes, seed, clips, class_names, num_nodes):
         for clip in (*split.train, *split.val, *split.test):
             used[clip.rel_path] = clip
     return [used[k] for k in sorted(used)]
@@ -49,17 +45,16 @@ def _clips_to_build(cfg: FedA2VConfig, root: Path, num_nodes: int | None, all_cl
 
 def build(
     cfg: FedA2VConfig,
-    cache_dir: str = "",
+    base: Path,
     data_root: str = "",
     num_nodes: int | None = None,
     all_classes: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Embed the dataset's clips into the cache (only the missing ones); returns a summary."""
-    base = Path(cache_dir).expanduser() if cache_dir else cfg.resolved_cache_dir()
+    """Embed the dataset's clips into the cache under ``base`` (only the missing ones); returns a summary."""
     root = prepare_dataset(cfg.data, dataset_root(cfg.data, base, data_root))
-    clips = _clips_to_build(cfg, root, num_nodes, all_classes)
-    settings = ExtractionSettings.from_config(cfg, device=str(resolve_device(cfg.device)))
+    clips = _clips_to_build(cfg.data, cfg.nodes, cfg.seed, root, num_nodes, all_classes)
+    settings = ExtractionSettings.of(cfg.audio_encoder, cfg.data, cfg.seed, device=str(resolve_device(cfg.device)))
     store = EmbeddingStore.open(base / "embeddings", root, settings.key_fields())
     t0 = time.perf_counter()
     res = embed_clips(clips, settings, store, progress=progress)
@@ -76,11 +71,10 @@ def build(
     }
 
 
-def _current_key(cfg: FedA2VConfig, base: Path, data_root: str = "") -> tuple[str, str] | None:
-    """(dataset dir name, key) the given config would use, if computable without side effects."""
+def current_key(data: DataConfig, settings: ExtractionSettings, base: Path, data_root: str = "") -> tuple[str, str] | None:
+    """(dataset dir name, key) a run of these settings would use under ``base``, if computable without side effects."""
     try:
-        root = dataset_root(cfg.data, base, data_root)
-        settings = ExtractionSettings.from_config(cfg)
+        root = dataset_root(data, base, data_root)
         return dataset_id(root), cache_key(settings.key_fields())
     except Exception as err:  # e.g. esc50 without data.root, a model folder absent on this host
         log.debug("no current key: %s", err)
@@ -92,10 +86,9 @@ def select_stores(root: Path, key: str = "") -> list[EmbeddingStore]:
     return [s for s in list_stores(root) if not key or s.key.startswith(key) or s.dir.name.startswith(key)]
 
 
-def info(cfg: FedA2VConfig, cache_dir: str = "", key: str = "") -> list[dict[str, Any]]:
-    """One summary per key directory; ``current`` marks the key the given config would use."""
-    root = embeddings_root(cfg, cache_dir)
-    current = _current_key(cfg, root.parent)
+def info(root: Path, current: tuple[str, str] | None = None, key: str = "") -> list[dict[str, Any]]:
+    """One summary per key directory under ``root`` (``<cache-dir>/embeddings``); ``current`` marks the
+    key the given config would use (:func:`current_key`)."""
     out = []
     for store in select_stores(root, key):
         summary = store.summary()
@@ -121,12 +114,10 @@ def format_info(summary: dict[str, Any]) -> str:
     return head
 
 
-def verify(
-    cfg: FedA2VConfig, cache_dir: str = "", key: str = "", repair: bool = False
-) -> list[tuple[VerifyReport, VerifyReport | None]]:
-    """``(what was found, state after repair or None)`` for every selected store."""
+def verify(root: Path, key: str = "", repair: bool = False) -> list[tuple[VerifyReport, VerifyReport | None]]:
+    """``(what was found, state after repair or None)`` for every selected store under ``root``."""
     out: list[tuple[VerifyReport, VerifyReport | None]] = []
-    for store in select_stores(embeddings_root(cfg, cache_dir), key):
+    for store in select_stores(root, key):
         found = store.verify(repair=repair)
         out.append((found, store.verify() if found.repaired else None))
     return out
@@ -146,10 +137,10 @@ def format_report(report: VerifyReport) -> str:
     return "\n".join(lines)
 
 
-def clear(cfg: FedA2VConfig, cache_dir: str = "", key: str = "") -> list[Path]:
-    """Delete the selected key directories (all of them when ``key`` is empty)."""
+def clear(root: Path, key: str = "") -> list[Path]:
+    """Delete the selected key directories under ``root`` (all of them when ``key`` is empty)."""
     removed = []
-    for store in select_stores(embeddings_root(cfg, cache_dir), key):
+    for store in select_stores(root, key):
         store.clear()
         removed.append(store.dir)
     return removed

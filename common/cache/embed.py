@@ -29,6 +29,7 @@ import torch
 
 from common.cache.key import cache_key_fields
 from common.cache.store import ClipId, EmbeddingStore
+from common.config import AudioEncoderConfig, DataConfig
 from common.data.audio import load_clips
 from common.data.clips import Clip
 from common.dtypes import torch_dtype
@@ -44,7 +45,7 @@ __all__ = ["EmbedResult", "EmbedStats", "ExtractionSettings", "LazyEncoder", "em
 class ExtractionSettings:
     """Everything the extraction path needs; ``identity()`` is the part that changes an embedding.
 
-    No field has a default: build it with :meth:`from_config` (``audio-encoder.*``, ``data.*`` and
+    No field has a default: build it with :meth:`of` (``audio-encoder.*``, ``data.*`` and
     ``seed``); ``device`` is where the AST runs (:func:`common.device.resolve_device`).
     """
 
@@ -62,25 +63,24 @@ class ExtractionSettings:
     max_file_mb: float  # larger files are skipped before decoding; not part of the key
 
     @classmethod
-    def from_config(cls, cfg: Any, device: str = "cpu") -> "ExtractionSettings":
-        """From a :class:`~common.config.FedA2VConfig` (the tiny AST's seed is the run seed).
+    def of(cls, encoder: AudioEncoderConfig, data: DataConfig, seed: int, device: str = "cpu") -> "ExtractionSettings":
+        """From the ``audio-encoder`` and ``data`` sections and the run seed (the tiny AST's weights).
 
         ``device`` only places the AST; it is not part of the cache key.
         """
-        ae = cfg.audio_encoder
         return cls(
-            model=ae.model,
-            clip_seconds=cfg.data.clip_seconds,
-            sample_rate=cfg.data.sample_rate,
-            reduction=ae.reduction,
-            tokens=ae.tokens,
-            dtype=ae.dtype,
-            seed=cfg.seed,
-            storage_dtype=ae.cache_dtype,
-            batch_size=ae.batch_size,
+            model=encoder.model,
+            clip_seconds=data.clip_seconds,
+            sample_rate=data.sample_rate,
+            reduction=encoder.reduction,
+            tokens=encoder.tokens,
+            dtype=encoder.dtype,
+            seed=seed,
+            storage_dtype=encoder.cache_dtype,
+            batch_size=encoder.batch_size,
             device=device,
-            min_clip_seconds=cfg.data.min_clip_seconds,
-            max_file_mb=cfg.data.max_file_mb,
+            min_clip_seconds=data.min_clip_seconds,
+            max_file_mb=data.max_file_mb,
         )
 
     def identity(self) -> dict[str, Any]:

@@ -246,7 +246,7 @@ class AudioEncoder:
         """``model``: ``"tiny"``, a local folder (``save_pretrained`` layout) or a hub id in the local cache.
 
         No setting has a default here: they come from the config (``audio-encoder.*``, ``data.*``,
-        ``seed``) through :meth:`common.cache.embed.ExtractionSettings.from_config`.
+        ``seed``) through :meth:`common.cache.embed.ExtractionSettings.of`.
         """
         compute_dtype = torch_dtype(dtype)
         max_length = ast_frames(clip_seconds, sample_rate)

@@ -25,7 +25,7 @@ from common.generator_bank import GeneratorBank
 from common.records import ClassTensors
 from common.render.conditioning import adapter_conditioning, outputs_conditioning
 from common.render.images import RenderReport
-from common.render.jobs import labels_to_classes, render_job
+from common.render.jobs import RenderContext, labels_to_classes, render_job
 
 log = logging.getLogger(__name__)
 
@@ -113,4 +113,4 @@ def generate_images(
         cond = outputs_conditioning(text_targets.clip[reps], text_targets.t5[reps])
         rows = [class_names[i] for i in reps.tolist()]
         sources = ["text"] * len(rows)
-    return render_job(cfg, node_id, cond, rows, sources, Path(out), None, text_targets, per_class=n, progress=progress)
+    return render_job(RenderContext.of(cfg), node_id, cond, rows, sources, Path(out), None, text_targets, per_class=n, progress=progress)

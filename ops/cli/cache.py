@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ops.cli.options import add_config_options, config_from_args
 from common.logs import report_error
@@ -16,27 +17,30 @@ HELPS = {
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from common.cache import commands
+    from common.cache import ExtractionSettings, commands
 
     cfg = config_from_args(args)
+    base = Path(args.cache_dir).expanduser() if args.cache_dir else cfg.resolved_cache_dir()  # --cache-dir wins
+    root = base / "embeddings"
     action = args.cache_command
     if action == "build":
-        summary = commands.build(cfg, args.cache_dir, args.data_root, args.num_nodes, args.all_classes, progress=True)
+        summary = commands.build(cfg, base, args.data_root, args.num_nodes, args.all_classes, progress=True)
         print(commands.to_json(summary))
         return 0
     if action == "info":
-        summaries = commands.info(cfg, args.cache_dir, args.key)
+        current = commands.current_key(cfg.data, ExtractionSettings.of(cfg.audio_encoder, cfg.data, cfg.seed), base)
+        summaries = commands.info(root, current, args.key)
         if args.json:
             print(commands.to_json(summaries))
         elif not summaries:
-            print(f"no embedding cache under {commands.embeddings_root(cfg, args.cache_dir)}")
+            print(f"no embedding cache under {root}")
         else:
             print("\n".join(commands.format_info(s) for s in summaries))
         return 0
     if action == "verify":
-        results = commands.verify(cfg, args.cache_dir, args.key, repair=args.repair)
+        results = commands.verify(root, args.key, repair=args.repair)
         if not results:
-            print(f"no embedding cache under {commands.embeddings_root(cfg, args.cache_dir)}")
+            print(f"no embedding cache under {root}")
         bad = False
         for found, after in results:
             print(commands.format_report(found))
@@ -48,7 +52,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         if not (args.key or args.all):
             report_error("give --key PREFIX (see `feda2v cache info`) or --all")
             return 2
-        removed = commands.clear(cfg, args.cache_dir, "" if args.all else args.key)
+        removed = commands.clear(root, "" if args.all else args.key)
         for path in removed:
             print(f"removed {path}")
         if not removed:
