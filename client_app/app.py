@@ -40,7 +40,8 @@ from client_app.message import checked_run_name
 from client_app.node_data import NodeDataMemo, load_node_data
 from client_app.node_state import release_noted
 from client_app.render import render_node_images
-from client_app.replies import evaluate_reply, shared_means, train_reply
+from client_app.local_training import LocalTraining
+from client_app.replies import evaluate_reply, train_reply
 from client_app.session import NodeSession, check_classes
 from common import seeds
 from common.errors import redact_paths
@@ -48,7 +49,7 @@ from common.metric_keys import NUM_EXAMPLES, NUM_VAL, TEST_ACC, TEST_ACC_CLIP, T
 from common.metrics.resources import ENTRY_UNIX, memory_metrics, process_age_seconds, release_memory, warm_start
 from common.records import module_to_arrays
 from common.render.jobs import RenderContext
-from common.training import TrainSettings, class_mean_outputs, evaluate_adapters, train_adapters
+from common.training import TrainSettings, evaluate_adapters
 
 __all__ = ["app", "checked_run_name", "evaluate", "node_run_dir", "train"]
 
@@ -116,6 +117,15 @@ def _no_host_paths(handler):
     return wrapper
 
 
+def _local_training(session: NodeSession, data) -> LocalTraining:
+    """The round's training under the site's DP, or plain. Opacus (seconds of imports) loads on DP sites only."""
+    if session.site.policy.dp:
+        from client_app.privacy import PrivateTraining
+
+        return PrivateTraining(session, data)
+    return LocalTraining(session, data)
+
+
 @app.train()
 @_asks_again_in_full
 @_no_host_paths
@@ -128,27 +138,26 @@ def train(msg: Message, context: Context) -> Message:
     check_classes(targets, data.class_names, node)
     adapters, sent = session.adapters()
     settings = TrainSettings.from_config(cfg.train, seed=seeds.node_train(cfg.seed, r, node.partition_id))
+    local = _local_training(session, data)
     x, y, augmented = augment_from_server(msg.content, data.embeddings, data.labels, data.class_names,
-                                          cfg.train.augment_to, settings.seed)
+                                          local.augment_to(cfg.train.augment_to), settings.seed)
     t0 = time.perf_counter()
     if session.source.trains_adapters:
-        losses = train_adapters(adapters, x, y, targets.clip, targets.t5, settings, device)
+        losses = local.train(adapters, x, y, targets, settings)
     else:  # adapters untouched (generator-only, generate-only): their losses only
         losses = evaluate_adapters(adapters, data.embeddings, data.labels, targets.clip, targets.t5, settings, device=device)
     seconds = time.perf_counter() - t0
-    # means over the node's own embeddings only (never the server generator's samples)
-    means, withheld = shared_means(session, data.class_names,
-                                   *class_mean_outputs(adapters, data.embeddings, data.labels, len(data.class_names), device))
+    means, withheld = local.class_means(adapters)
     weights = module_to_arrays(adapters)
     session.keep_own_adapters(weights)
     log.info("node %d round %d: trained on %d embeddings in %.1fs, loss %.4f (clip %.4f, t5 %.4f)", node.partition_id,
              r, data.labels.numel(), seconds, losses["loss"], losses["loss_clip"], losses["loss_t5"])
-    metrics = _finish({NUM_EXAMPLES: int(data.labels.numel()), **withheld, "augmented_samples": augmented,
-                       "train_loss": losses["loss"], "train_loss_clip": losses["loss_clip"],
-                       "train_loss_t5": losses["loss_t5"], "train_seconds": seconds, **session.state_metrics,
-                       **data.metrics}, timing)
+    metrics = _finish(local.reported({**withheld, "augmented_samples": augmented, "train_loss": losses["loss"],
+                                      "train_loss_clip": losses["loss_clip"], "train_loss_t5": losses["loss_t5"],
+                                      "train_seconds": seconds, **session.state_metrics, **data.metrics}), timing)
     # a generate-only run trains nothing and renders on the nodes: its pretrained banks stay home
     reply = train_reply(msg, session, weights, sent, means, metrics, send_bank=data.has_bank and not cfg.generate_only)
+    local.commit()  # a DP site's ledger records the releases before they leave
     session.close(persist=True)
     return reply
 

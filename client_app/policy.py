@@ -32,12 +32,28 @@ class SitePolicy:
     min_class_count: int  # effective floor: max(run privacy.min-class-count, node-config min-class-count)
     run_min_class_count: int  # what the server asked for, kept for the log line
     node_min_class_count: int  # the site's own floor (0: none)
+    dp: bool = False  # run privacy.dp or node-config privacy-dp / privacy-epsilon: the server cannot turn it off
+    run_epsilon: float = 0.0  # what this run may spend (privacy.epsilon)
+    site_epsilon: float = 0.0  # the site's lifetime cap over its ledger (node-config privacy-epsilon; 0: none)
+    delta: float = 0.0  # min(run privacy.delta, node-config privacy-delta)
+    dp_by_site: bool = False  # DP is on because the site says so (the run config did not ask for it)
 
     @classmethod
     def of(cls, privacy: PrivacyConfig, node: NodeRuntimeConfig) -> "SitePolicy":
         run_floor, own_floor = privacy.min_class_count, node.min_class_count
+        by_site = (node.privacy_dp or node.privacy_epsilon > 0) and not privacy.dp
+        delta = min(privacy.delta, node.privacy_delta) if node.privacy_delta > 0 else privacy.delta
         return cls(partition_id=node.partition_id, min_class_count=max(run_floor, own_floor),
-                   run_min_class_count=run_floor, node_min_class_count=own_floor)
+                   run_min_class_count=run_floor, node_min_class_count=own_floor, dp=privacy.dp or by_site,
+                   run_epsilon=privacy.epsilon, site_epsilon=node.privacy_epsilon, delta=delta, dp_by_site=by_site)
+
+    def budgets(self) -> list[tuple[str, float, bool]]:
+        """(name, epsilon, lifetime) of each cap this site's releases must stay within: the run's (over this run's
+        releases) and, when the site set one, its own (over every release in its ledger)."""
+        caps = [("privacy.epsilon", self.run_epsilon, False)]
+        if self.site_epsilon > 0:
+            caps.append(("node-config privacy-epsilon", self.site_epsilon, True))
+        return caps
 
     def describe_floor(self) -> str:
         """Where the effective floor comes from, for log lines an operator can act on."""

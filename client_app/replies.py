@@ -1,16 +1,15 @@
-"""What a node sends back: the class means it may share, and its train and evaluate replies.
+"""What a node sends back: its train and evaluate replies.
 
-Why here: the rules of what leaves a site sit in one place: per-class means only for classes above the
-privacy floor (the larger of the run's and the site's own, :class:`client_app.policy.SitePolicy`),
-weights in the server's codec (a difference from the weights it sent), the generator bank only when the
-server keeps it, and the names of the server's records the node holds.
+Why here: how a site's releases travel sits in one place: weights in the server's codec (a difference from
+the weights it sent), class means as half floats unless the codec is float32, the generator bank only when
+the server keeps it, and the names of the server's records the node holds. Which class means and counts a
+site may release at all is decided before (:mod:`client_app.local_training`, :mod:`client_app.privacy`).
 """
 
 from __future__ import annotations
 
 import time
 
-import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from client_app.held import HELD, held
@@ -20,18 +19,7 @@ from common.metrics.resources import EXIT_UNIX
 from common.records import ARRAYS, CLASS_MEANS, CLASS_MEANS_META, GENERATORS, GENERATORS_META, METRICS, ClassTensors
 from common.wire import WIRE, encode, wire_config
 
-__all__ = ["evaluate_reply", "shared_means", "train_reply"]
-
-
-def shared_means(session: NodeSession, class_names: list[str], clip: torch.Tensor, t5: torch.Tensor,
-                 counts: torch.Tensor) -> tuple[ClassTensors, dict[str, int]]:
-    """The class means this node may share, and how much it withheld (``withheld_classes``, ``withheld_clips``)."""
-    shared = set(session.site.policy.shareable_classes(dict(zip(class_names, counts.tolist()))))
-    present = [i for i, c in enumerate(class_names) if c in shared]
-    withheld = [i for i, n in enumerate(counts.tolist()) if n > 0 and class_names[i] not in shared]
-    means = ClassTensors([class_names[i] for i in present], clip[present], t5[present], counts[present])
-    return means, {"withheld_classes": len(withheld),  # privacy.min-class-count: too few clips to share a mean
-                   "withheld_clips": int(counts[withheld].sum()) if withheld else 0}
+__all__ = ["evaluate_reply", "train_reply"]
 
 
 def train_reply(msg: Message, session: NodeSession, weights: ArrayRecord, sent: dict | None, means: ClassTensors,

@@ -18,7 +18,7 @@ import torch
 from client_app.policy import SitePolicy
 from common.cache.embed import ExtractionSettings
 from common.cache.key import cache_key
-from common.config import AudioEncoderConfig, FedA2VConfig, NodeRuntimeConfig, NodeSpec
+from common.config import AudioEncoderConfig, ConfigError, FedA2VConfig, NodeRuntimeConfig, NodeSpec
 from common.device import resolve_device
 
 __all__ = ["NodeSite"]
@@ -52,6 +52,11 @@ class NodeSite:
             checkpoint_root = Path(cfg.generator.checkpoint_dir).expanduser()
         else:
             checkpoint_root = cache_dir / "generators"
+        policy = SitePolicy.of(cfg.privacy, node)
+        if policy.dp and cfg.generator.mode != "off":  # the run config already refuses privacy.dp with generators
+            raise ConfigError(f"node-config privacy-dp (or privacy-epsilon) of node {partition}: this site releases "
+                              f"nothing without DP, and generator.mode='{cfg.generator.mode}' trains generators on its "
+                              "clips without DP; the run needs generator.mode='off'")
         device = resolve_device(cfg.device)
         granularity, selected = cfg.node_generator_plan(partition)
         return cls(
@@ -60,7 +65,7 @@ class NodeSite:
             extraction=ExtractionSettings.of(cfg.audio_encoder, cfg.data, cfg.seed, device=str(device)),
             holds_audio=cfg.node_holds_audio(partition), images_per_class=cfg.node_images_per_class(partition),
             generator_granularity=granularity, generator_classes=tuple(selected) if selected is not None else None,
-            policy=SitePolicy.of(cfg.privacy, node),
+            policy=policy,
         )
 
     @property

@@ -97,13 +97,15 @@ def precision_context(precision: str, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def match_loss(pred: Tensor, target: Tensor, cosine_weight: float) -> Tensor:
-    """MSE plus ``cosine_weight * (1 - cos)`` (cosine over the flattened output, as in retrieval)."""
-    loss = F.mse_loss(pred, target)
+def match_loss(pred: Tensor, target: Tensor, cosine_weight: float, reduction: str = "mean") -> Tensor:
+    """MSE plus ``cosine_weight * (1 - cos)`` (cosine over the flattened output, as in retrieval); per sample
+    with ``reduction="none"`` (DP-SGD clips each clip's gradient), else their mean."""
+    flat_pred, flat_target = pred.flatten(1), target.flatten(1)
+    loss = (flat_pred - flat_target).pow(2).mean(1)
     if cosine_weight:
-        cos = (F.normalize(pred.flatten(1), dim=1) * F.normalize(target.flatten(1), dim=1)).sum(1).mean()
+        cos = (F.normalize(flat_pred, dim=1) * F.normalize(flat_target, dim=1)).sum(1)
         loss = loss + cosine_weight * (1.0 - cos)
-    return loss
+    return loss.mean() if reduction == "mean" else loss
 
 
 def branch_loss(
@@ -113,6 +115,7 @@ def branch_loss(
     cosine_weight: float,
     contrastive_weight: float,
     temperature: float,
+    reduction: str = "mean",
 ) -> Tensor:
     """Regression to the own class target plus an optional class-contrastive term.
 
@@ -120,27 +123,30 @@ def branch_loss(
     * ``cosine_weight * (1 - cos)``, cosine over the flattened output as in retrieval;
     * ``contrastive_weight * CE(cos(pred, every class target) / temperature, label)``.
 
+    Every term is a mean over the batch of per-sample terms: ``reduction="none"`` returns them.
+
     Why the contrastive term: text embeddings of "a photo of a dog" and "a photo of a siren" share
     most of their structure (mean off-diagonal cosine ~0.86 for the tiny encoders, higher for real
     T5), so plain regression first learns the shared mean and only slowly the class-specific
     part that decides which picture FLUX draws. Contrasting against the other classes' targets,
     which every node receives anyway, puts the gradient on exactly that part.
     """
-    loss = match_loss(pred, class_targets[labels], cosine_weight)
+    loss = match_loss(pred, class_targets[labels], cosine_weight, reduction="none")
     if contrastive_weight:
         flat = F.normalize(pred.flatten(1), dim=1)
         logits = flat @ F.normalize(class_targets.flatten(1), dim=1).T / temperature
-        loss = loss + contrastive_weight * F.cross_entropy(logits, labels)
-    return loss
+        loss = loss + contrastive_weight * F.cross_entropy(logits, labels, reduction="none")
+    return loss.mean() if reduction == "mean" else loss
 
 
 def adapter_losses(
-    out_clip: Tensor, out_t5: Tensor, labels: Tensor, targets_clip: Tensor, targets_t5: Tensor, s: "TrainSettings"
+    out_clip: Tensor, out_t5: Tensor, labels: Tensor, targets_clip: Tensor, targets_t5: Tensor, s: "TrainSettings",
+    reduction: str = "mean",
 ) -> tuple[Tensor, Tensor]:
-    """Both branches' losses with the configured weights (one definition for train and eval)."""
+    """Both branches' losses with the configured weights (one definition for train, eval and DP-SGD)."""
     return (
-        branch_loss(out_clip, labels, targets_clip, s.cosine_weight, s.contrastive_weight, s.temperature),
-        branch_loss(out_t5, labels, targets_t5, s.cosine_weight, s.contrastive_weight, s.temperature),
+        branch_loss(out_clip, labels, targets_clip, s.cosine_weight, s.contrastive_weight, s.temperature, reduction),
+        branch_loss(out_t5, labels, targets_t5, s.cosine_weight, s.contrastive_weight, s.temperature, reduction),
     )
 
 

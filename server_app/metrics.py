@@ -11,10 +11,11 @@ from common.metric_keys import NUM_EXAMPLES, NUM_VAL, PARTITION_ID
 
 ID_KEYS = (PARTITION_ID,)
 SUMMED = (NUM_VAL, "skipped_files", "images_rendered", "images_skipped", "images_scored")  # counts: summed over nodes
+MAXED = ("dp_epsilon", "dp_epsilon_run")  # privacy spent: the federation's figure is its most exposed site's
 
 
 def _gather(records: list[RecordDict], weighted_by_key: str) -> tuple[dict[str, float], dict[str, list[tuple[float, float]]]]:
-    """Counts summed over nodes (``weighted_by_key`` and :data:`SUMMED`), and every other metric's
+    """Counts summed over nodes (``weighted_by_key`` and :data:`SUMMED`), :data:`MAXED` as their maximum, and every other metric's
     ``(value, weight)`` per node that reported it: ``val_*`` weighted by ``num_val``, ``image_*`` by
     ``images_scored``, the rest by ``weighted_by_key``; ids and non-numbers left out."""
     counts: dict[str, float] = {}
@@ -26,6 +27,9 @@ def _gather(records: list[RecordDict], weighted_by_key: str) -> tuple[dict[str, 
                 continue
             if key in (weighted_by_key, *SUMMED):
                 counts[key] = counts.get(key, 0.0) + float(value)  # counts are summed, not averaged
+                continue
+            if key in MAXED:
+                counts[key] = max(counts.get(key, 0.0), float(value))
                 continue
             weight_key = (NUM_VAL if key.startswith("val_") and NUM_VAL in metrics
                           else "images_scored" if key.startswith("image_") and "images_scored" in metrics

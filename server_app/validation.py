@@ -37,7 +37,7 @@ from flwr.app import Message, RecordDict
 
 from common.generator_bank import GeneratorCheckpointError, bank_from_records
 from common.metric_keys import NUM_EXAMPLES, NUM_VAL, PARTITION_ID
-from common.config import RobustConfig
+from common.config import PrivacyConfig, RobustConfig
 from common.models.adapters import AdapterConfig
 from common.models.generators import GeneratorSpec
 from common.owners import OWNERS_FILE
@@ -88,10 +88,12 @@ def is_accuracy(key: str) -> bool:
 class ReplyValidator:
     def __init__(self, template_state: dict[str, torch.Tensor], class_names: list[str], clip_dim: int,
                  t5_shape: tuple[int, int], limits: ReplyLimits | None = None,
-                 generator_spec: Mapping[str, Any] | None = None, owners=None) -> None:
+                 generator_spec: Mapping[str, Any] | None = None, owners=None, dp_epsilon: float | None = None) -> None:
         """``generator_spec``: the server's own generator spec (``GeneratorSpec.to_dict()`` from the
         config and the embedding shape); node banks must match it (``num_classes`` per unit aside).
-        ``owners``: who may reply for which partition (:class:`server_app.identity.PartitionOwners`)."""
+        ``owners``: who may reply for which partition (:class:`server_app.identity.PartitionOwners`).
+        ``dp_epsilon``: the run asks for ``privacy.dp`` with this budget; a train reply must say it applied DP
+        and spent at most that in this run (a site's own DP, with the run's off, is accepted as it is)."""
         self.expected = {k: (tuple(v.shape), v.dtype) for k, v in template_state.items()}
         self.shapes = {k: shape for k, (shape, _) in self.expected.items()}
         self.class_list = list(class_names)
@@ -101,10 +103,12 @@ class ReplyValidator:
         self.limits = limits or ReplyLimits()
         self.generator_spec = dict(generator_spec) if generator_spec is not None else None
         self.owners = owners if owners is not None else PartitionOwners()
+        self.dp_epsilon = dp_epsilon
 
     @classmethod
     def for_run(cls, robust: RobustConfig, generator_spec: GeneratorSpec, template_state: dict[str, torch.Tensor],
-                class_names: list[str], adapter_cfg: AdapterConfig, run_dir: Path | None) -> "ReplyValidator":
+                class_names: list[str], adapter_cfg: AdapterConfig, run_dir: Path | None,
+                privacy: PrivacyConfig | None = None) -> "ReplyValidator":
         """The validator a run's configuration asks for: its limits (``[robust]``), the generator spec nodes
         must match (the run's, :meth:`GeneratorSpec.from_config`), and the partition owners (pinned or
         assigned ones recorded in ``run_dir``)."""
@@ -112,7 +116,8 @@ class ReplyValidator:
                                  pinned=robust.pin_partitions,
                                  assigned={int(p): n for p, n in robust.partition_owners.items()})
         return cls(template_state, class_names, adapter_cfg.clip_dim, (adapter_cfg.t5_tokens, adapter_cfg.t5_dim),
-                   ReplyLimits.from_config(robust), generator_spec.to_dict(), owners)
+                   ReplyLimits.from_config(robust), generator_spec.to_dict(), owners,
+                   privacy.epsilon if privacy is not None and privacy.dp else None)
 
     # ------------------------------------------------------------------ whole replies
     def check_size(self, content: RecordDict) -> None:
@@ -195,6 +200,12 @@ class ReplyValidator:
         """The reason to reject a parsed :class:`~server_app.round_state.NodeReply`, or ``None``."""
         if reply.arrays is None:
             return "no adapter weights ('arrays' record)"
+        if self.dp_epsilon is not None:
+            if reply.metrics.get("dp") != 1:
+                return "the run asks for privacy.dp, and this reply says it was not made under DP"
+            spent = float(reply.metrics.get("dp_epsilon_run", math.inf))
+            if spent > self.dp_epsilon * (1 + 1e-6):
+                return f"the site reports epsilon {spent:g} spent in this run, over privacy.epsilon={self.dp_epsilon:g}"
         state = reply.arrays.to_torch_state_dict()
         missing = sorted(set(self.expected) - set(state))
         extra = sorted(set(state) - set(self.expected))

@@ -181,6 +181,25 @@ class FedA2VConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _dp_covers_every_release(self) -> "FedA2VConfig":
+        """Generators trained on a site's clips would be a release outside the DP guarantee."""
+        if not self.privacy.dp:
+            return self
+        if self.generator.mode != "off":
+            raise ValueError(f"privacy.dp covers adapters and class means only: generator.mode='{self.generator.mode}' "
+                             "trains (or samples) generators on the sites' clips without DP; set generator.mode='off'")
+        if self.train.augment_to > 0:
+            raise ValueError("privacy.dp with train.augment-to > 0: how many samples a thin class gets reveals its "
+                             "exact count; set train.augment-to = 0")
+        if self.train.proximal_mu > 0:
+            raise ValueError("privacy.dp with train.proximal-mu > 0: DP-SGD has no FedProx term; set "
+                             "train.proximal-mu = 0")
+        if (self.aggregation == "kd" or self.finetune.epochs > 0) and self.privacy.means != "every-round":
+            raise ValueError("privacy.dp: aggregation='kd' and finetune.epochs > 0 read the class means every round; "
+                             "set privacy.means = 'every-round'")
+        return self
+
+    @model_validator(mode="after")
     def _audio_free_nodes_use_pretrained_generators(self) -> "FedA2VConfig":
         silent = sorted(k for k, spec in self.nodes.items() if not spec.audio)
         if silent and (self.generator.mode != "use-pretrained-generators" or self.generator.real_mix_ratio > 0):
@@ -231,6 +250,17 @@ class NodeRuntimeConfig(Strict):
         0, ge=0, description="This site's own privacy floor: classes it holds fewer training clips of are withheld "
         "from its class means and generator training even when the run's privacy.min-class-count is lower "
         "(the larger of the two applies; 0: the run's alone).",
+    )
+    privacy_dp: bool = Field(
+        False, description="This site releases nothing without differential privacy: DP is on for it even when the "
+        "run's privacy.dp is off.",
+    )
+    privacy_epsilon: float = Field(
+        0.0, ge=0, description="This site's lifetime budget: epsilon over every release of its data in every run "
+        "(its ledger); it can only lower the run's privacy.epsilon. 0: the run's alone. Setting it turns DP on.",
+    )
+    privacy_delta: float = Field(
+        0.0, ge=0, lt=1, description="This site's delta; it can only lower the run's privacy.delta (0: the run's).",
     )
 
     @model_validator(mode="after")

@@ -415,11 +415,45 @@ class LoggingConfig(Strict):
 
 
 class PrivacyConfig(Strict):
-    """What a node may reveal about its data beyond adapter weights."""
+    """What a node may reveal about its data: the class floor and record-level differential privacy."""
 
     min_class_count: int = Field(
         3, ge=1, description="Classes a node holds fewer training clips of are withheld from its class means and "
-        "generator training (a mean of one clip is that clip).",
+        "generator training (a mean of one clip is that clip). With dp, the floor applies to the noisy counts.",
+    )
+    dp: bool = Field(
+        False, description="Clip-level differential privacy at every site: adapters train with DP-SGD (per-clip "
+        "clipping, Gaussian noise, Poisson sampling), class means and counts are released through the Gaussian "
+        "mechanism, and an accountant on each site composes every release against its budget. A site's "
+        "node-config privacy-dp turns it on whatever the server says.",
+    )
+    epsilon: float = Field(
+        8.0, gt=0, description="With dp: the privacy budget (epsilon at privacy.delta) each site may spend in this "
+        "run, over all its releases. A site's node-config privacy-epsilon caps what it spends over all runs.",
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="With dp: the delta of the (epsilon, delta) guarantee.")
+    noise_multiplier: float = Field(
+        0.0, ge=0, description="With dp: the DP-SGD noise multiplier (noise std / clipping norm). 0: calibrated on "
+        "each site so that the planned rounds spend its budget (the tighter of the run's and its own).",
+    )
+    max_grad_norm: float = Field(
+        1.0, gt=0, description="With dp: each clip's gradient is clipped to this L2 norm before noise is added.",
+    )
+    means: Literal["final", "every-round"] = Field(
+        "final", description="With dp: when sites release class means: in the last round only (one release; FedAvg "
+        "and the median/trimmed mean do not use them during the run), or every round (KD and fine-tuning read them).",
+    )
+    means_noise_multiplier: float = Field(
+        1.0, gt=0, description="With dp: Gaussian-mechanism noise of the class counts (std = this, drawn once per "
+        "run) and of each released class sum (std = this x means-clip-norm).",
+    )
+    means_clip_norm: float = Field(
+        10.0, gt=0, description="With dp: each clip's adapter output, in the span of the class text targets (CLIP and "
+        "T5 together), is scaled down to at most this L2 norm before it enters a class sum.",
+    )
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp", description="With dp: the privacy accountant (Renyi DP, or the tighter privacy random variable "
+        "accountant).",
     )
 
 

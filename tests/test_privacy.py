@@ -1,0 +1,179 @@
+"""Site-level differential privacy: the accountant, the noise, the DP-SGD twin, the ledger and the budget."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, RecordDict
+from scipy.optimize import brentq
+from scipy.stats import norm
+
+from client_app.app import NODE_DATA, train
+from common.config import ConfigError, load_config
+from common.models.adapters import AdapterConfig, Adapters
+from common.privacy import Release, calibrate_noise, epsilon, gaussian_release
+from common.privacy.dp_adapters import DPTwin
+from common.privacy.dp_sgd import DPSGDSettings, train_adapters_dp
+from common.records import CLASS_MEANS, CLASS_MEANS_META, CONFIG, RUN_IDENTITY, ClassTensors
+from common.training import TrainSettings
+from tests.test_client_app import CLASSES, data_root, make_message, run_config, server_content  # noqa: F401
+
+DELTA = 1e-5
+SETTINGS = TrainSettings(epochs=2, batch_size=8, lr_clip=1e-3, lr_t5=1e-3, weight_decay=0.01, cosine_weight=0.5,
+                         contrastive_weight=1.0, temperature=0.1, proximal_mu=0.0, seed=0, precision="fp32")
+TINY = AdapterConfig(in_dim=8, in_tokens=3, clip_dim=6, t5_dim=5, t5_tokens=4, hidden_dim=16, heads=2, dropout=0.1)
+
+
+def analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
+    """The exact epsilon of one Gaussian mechanism of sensitivity 1 and noise ``sigma`` (Balle & Wang 2018)."""
+    def delta_of(eps: float) -> float:
+        return norm.cdf(-eps * sigma + 1 / (2 * sigma)) - math.exp(eps) * norm.cdf(-eps * sigma - 1 / (2 * sigma))
+    return brentq(lambda e: delta_of(e) - delta, 0.0, 100.0)
+
+
+@pytest.mark.parametrize("sigma,k", [(5.0, 5), (10.0, 5), (2.0, 1)])
+def test_the_accountant_matches_the_exact_gaussian_mechanism(sigma, k):
+    """k Gaussian releases at sigma are one Gaussian release at sigma / sqrt(k): an exact, independent figure."""
+    exact = analytic_gaussian_epsilon(sigma / math.sqrt(k), DELTA)
+    releases = [gaussian_release(sigma)] * k
+    prv, rdp = epsilon(releases, DELTA, "prv"), epsilon(releases, DELTA, "rdp")
+    assert prv == pytest.approx(exact, rel=0.02)
+    assert exact <= rdp <= exact * 1.15  # RDP is an upper bound, and a close one here
+
+
+def test_rdp_and_prv_agree_on_a_subsampled_schedule():
+    """DP-SGD on MNIST as TF-Privacy's tutorial runs it (sigma 1.1, q = 256/60000, 60 epochs)."""
+    steps = 60 * math.ceil(60000 / 256)
+    schedule = [Release("dp-sgd", 1.1, 256 / 60000, steps)]
+    rdp, prv = epsilon(schedule, DELTA, "rdp"), epsilon(schedule, DELTA, "prv")
+    assert prv <= rdp <= prv * 1.15
+    assert 2.0 < rdp < 3.2
+
+
+def test_calibration_spends_the_budget_with_what_was_spent_before():
+    spent = [gaussian_release(3.0)]
+    planned = [Release("dp-sgd", 1.0, 0.25, 40), gaussian_release(2.0)]
+    sigma = calibrate_noise(3.0, DELTA, spent, planned)
+    at = [Release("dp-sgd", sigma, 0.25, 40), gaussian_release(2.0)]
+    assert epsilon([*spent, *at], DELTA) <= 3.0
+    less = [Release("dp-sgd", sigma * 0.97, 0.25, 40), gaussian_release(2.0)]
+    assert epsilon([*spent, *less], DELTA) > 3.0  # the smallest noise that fits, within the tolerance
+    with pytest.raises(ValueError, match="cannot be met"):
+        calibrate_noise(0.5, DELTA, [gaussian_release(0.5)] * 10, planned)
+
+
+def test_the_twin_computes_the_adapters_and_training_keeps_their_keys():
+    adapters = Adapters.seeded(TINY, 0).eval()
+    twin = DPTwin(adapters).eval()
+    x = torch.randn(5, 3, 8)
+    with torch.no_grad():
+        (a_clip, a_t5), (t_clip, t_t5) = adapters(x), twin(x)
+    assert torch.allclose(a_clip, t_clip, atol=1e-6) and torch.allclose(a_t5, t_t5, atol=1e-6)  # t5: 4 query latents
+    shapes = {k: v.shape for k, v in adapters.state_dict().items()}
+    before = {k: v.clone() for k, v in adapters.state_dict().items()}
+    x, y = torch.randn(40, 3, 8), torch.randint(0, 4, (40,))
+    train_adapters_dp(adapters, x, y, torch.randn(4, 6), torch.randn(4, 4, 5), SETTINGS,
+                      DPSGDSettings.schedule(40, 8, 1, 1.0, 1.0))
+    assert {k: v.shape for k, v in adapters.state_dict().items()} == shapes
+    for key in ("clip.pos", "clip.latents", "t5.attn.in_proj_weight", "t5.attn.out_proj.weight", "t5.out.1.weight"):
+        assert not torch.equal(adapters.state_dict()[key], before[key]), key  # every kind of weight trained
+    assert not any(m._forward_hooks or m._backward_hooks for m in adapters.modules())  # no Opacus hooks left
+
+
+def test_dp_noise_comes_from_the_os_not_the_run_seed():
+    """Two DP trainings with the same seed and data differ (the server cannot recompute the noise)."""
+    x, y = torch.randn(40, 3, 8), torch.randint(0, 4, (40,))
+    runs = []
+    for _ in range(2):
+        adapters = Adapters.seeded(TINY, 0)
+        train_adapters_dp(adapters, x, y, torch.randn(4, 6, generator=torch.Generator().manual_seed(1)),
+                          torch.randn(4, 4, 5, generator=torch.Generator().manual_seed(2)), SETTINGS,
+                          DPSGDSettings.schedule(40, 8, 1, 1.0, 1.0))
+        runs.append(adapters.state_dict())
+    assert any(not torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_dp_with_generators_is_a_config_error_naming_the_keys():
+    with pytest.raises(ConfigError, match="privacy.dp.*generator.mode='generator-training'"):
+        load_config({"privacy.dp": True, "generator.mode": "generator-training"})
+    with pytest.raises(ConfigError, match="train.augment-to"):
+        load_config({"privacy.dp": True, "train.augment-to": 8})
+
+
+def _dp_context(root, cache, run_cfg: dict, node_cfg: dict) -> Context:
+    return Context(run_id=1, node_id=7, state=RecordDict(), run_config=run_config(root, cache, **run_cfg),
+                   node_config={"partition-id": 0, "num-partitions": 2, **node_cfg})
+
+
+def _message(cfg, server_round: int, identity: str = "run-a"):
+    content = server_content(cfg, server_round, run_name="dp")
+    content[CONFIG] = ConfigRecord({**dict(content[CONFIG]), RUN_IDENTITY: identity})
+    return make_message(content)
+
+
+def test_a_dp_site_releases_noisy_counts_once_and_keeps_its_ledger(data_root, tmp_path):  # noqa: F811
+    rc = {"privacy.dp": True, "privacy.epsilon": 8.0, "num-rounds": 2, "train.local-epochs": 1}
+    cfg = load_config(run_config(data_root, tmp_path, **rc))
+    NODE_DATA.clear()
+    ctx = _dp_context(data_root, tmp_path, rc, {})
+    first = train(_message(cfg, 1), ctx).content
+    m1 = first["metrics"]
+    assert m1["dp"] == 1 and 0 < m1["dp_epsilon_run"] <= 8.0 and m1["dp_noise_multiplier"] > 0
+    assert not {"train_loss", "cache_hits", "cache_misses", "skipped_files"} & set(m1)  # exact counts stay home
+    means1 = ClassTensors.from_records(first, CLASS_MEANS, CLASS_MEANS_META)
+    assert means1.class_names == []  # privacy.means = "final": no means before the last round
+    assert m1["withheld_clips"] == m1["num-examples"]  # what the server's check adds up
+    ledger = json.loads(next((tmp_path / "privacy").glob("ledger_*_p0.json")).read_text())
+    assert [r["mechanism"] for r in ledger["releases"]] == ["dp-sgd", "gaussian"]  # DP-SGD and the counts
+    last = train(_message(cfg, 2), ctx).content
+    m2 = last["metrics"]
+    assert m2["num-examples"] == m1["num-examples"]  # the run's noisy counts, drawn once
+    means2 = ClassTensors.from_records(last, CLASS_MEANS, CLASS_MEANS_META)
+    assert int(means2.counts.sum()) + m2["withheld_clips"] == m2["num-examples"]
+    assert m1["dp_epsilon_run"] < m2["dp_epsilon_run"] <= 8.0 * (1 + 1e-6)
+    ledger = json.loads(next((tmp_path / "privacy").glob("ledger_*_p0.json")).read_text())
+    assert [r["round"] for r in ledger["releases"]] == [1, 1, 2, 2]  # round 2: DP-SGD and the class sums
+
+
+def test_a_site_refuses_the_round_that_would_exceed_its_own_budget(data_root, tmp_path):  # noqa: F811
+    """The server asks for no DP at all; the site's node-config turns it on and caps its lifetime epsilon."""
+    rc = {"num-rounds": 3, "train.local-epochs": 1, "privacy.noise-multiplier": 2.0, "privacy.epsilon": 1000.0}
+    cfg = load_config(run_config(data_root, tmp_path, **rc))
+
+    def run(cache, cap: float, rounds, identity: str = "run-a") -> list[float]:
+        NODE_DATA.clear()
+        ctx = Context(run_id=1, node_id=7, state=RecordDict(), run_config=run_config(data_root, cache, **rc),
+                      node_config={"partition-id": 0, "num-partitions": 2, "privacy-epsilon": cap})
+        return [train(_message(cfg, r, identity), ctx).content["metrics"]["dp_epsilon"] for r in rounds]
+
+    free = run(tmp_path / "free", 1000.0, (1, 2, 3))  # what each round spends
+    assert free[0] < free[1] < free[2]
+    cap = (free[1] + free[2]) / 2
+    assert run(tmp_path / "capped", cap, (1, 2)) == pytest.approx(free[:2])
+    with pytest.raises(Exception, match=f"over node-config privacy-epsilon={cap:g}"):
+        run(tmp_path / "capped", cap, (3,))
+    # a later run on the same data starts from the site's ledger: its first round is refused as well
+    with pytest.raises(Exception, match="over node-config privacy-epsilon"):
+        run(tmp_path / "capped", cap, (1,), identity="run-b")
+
+
+def test_a_run_with_privacy_dp_rejects_replies_made_without_it(tmp_path):
+    from server_app.round_state import parse_train_reply
+    from server_app.validation import Rejected
+    from tests.hostile_replies import as_reply, honest_content, server
+
+    strategy = server(tmp_path)
+    strategy.validator.dp_epsilon = 3.0  # what ReplyValidator.for_run sets from privacy.dp / privacy.epsilon
+
+    def parse(metrics: dict):
+        return parse_train_reply(as_reply(honest_content(0, metrics=metrics), 100), strategy.validator, set(), None,
+                                 strategy._decode_reply)
+
+    with pytest.raises(Rejected, match="not made under DP"):
+        parse({})
+    with pytest.raises(Rejected, match="over privacy.epsilon=3"):
+        parse({"dp": 1, "dp_epsilon_run": 3.5, "dp_epsilon": 3.5})
+    assert parse({"dp": 1, "dp_epsilon_run": 2.9, "dp_epsilon": 4.0}).partition_id == 0  # lifetime is the site's
