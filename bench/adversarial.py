@@ -48,26 +48,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the ho
 
 from flwr.app import Message, MessageType, MetricRecord, RecordDict  # noqa: E402
 from record import add_record_argument, emit  # the sibling module (bench/ is sys.path[0])
+from federation import InProcessFederation  # noqa: E402
 from workspace import isolated_cache  # noqa: E402
 
 from client_app.app import evaluate as node_evaluate  # noqa: E402
-from client_app.app import train as node_train  # noqa: E402
-from common.config import flatten, load_config  # noqa: E402
-from common.data.dataset import resolve_classes
+from common.config import load_config  # noqa: E402
 from common.logs import setup_logging  # noqa: E402
 from common.metrics.resources import rss_mb  # noqa: E402
 from common.models.adapters import AdapterConfig, Adapters
-from common.models.audio_encoder import embedding_shape
-from common.models.generators import GeneratorSpec
-from common.records import ARRAYS, CLASS_MEANS, CLASS_MEANS_META, METRICS, RUN_NAME, ClassTensors, module_to_arrays  # noqa: E402
-from common.wire import WIRE, decode, encode, received, wire_config  # noqa: E402
-from ops.local_run import node_context, server_content, server_message  # noqa: E402
-from server_app.app import class_targets  # noqa: E402
-from server_app.pipeline import build_pipelines  # noqa: E402
-from server_app.run_context import ServerRun  # noqa: E402
-from server_app.strategy import FedA2VStrategy  # noqa: E402
-from server_app.summary import RunSummary  # noqa: E402
-from server_app.validation import Rejected, ReplyValidator  # noqa: E402
+from common.records import ARRAYS, CLASS_MEANS, CLASS_MEANS_META, METRICS, ClassTensors  # noqa: E402
+from common.wire import decode, encode  # noqa: E402
+from server_app.validation import Rejected  # noqa: E402
 
 log = logging.getLogger("bench.adversarial")
 NODES, HOSTILE = 5, 4
@@ -135,63 +126,23 @@ def fuzz(cases: int, tmp: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------- in-process federation
-class Federation:
+class Federation(InProcessFederation):
     """The real strategy and pipelines and 5 real node handlers in one process, one round at a time."""
 
     def __init__(self, overrides: dict, work: Path, name: str) -> None:
-        flat = {**flatten(load_config({}).model_dump(by_alias=True)), "render.when": "off", "device": "cpu",
-                "run-name": name, "output-dir": str(work / "outputs"), **overrides}
-        self.cfg = load_config(flat)
-        cfg = self.cfg
-        self.run_config = flatten(cfg.model_dump(by_alias=True))
-        class_names = resolve_classes(cfg.data, None)
-        self.targets = class_targets(cfg, class_names)
-        acfg = AdapterConfig.from_sections(cfg.adapter, cfg.audio_encoder, cfg.text_encoder, clip_dim=self.targets.clip.shape[1], t5_dim=self.targets.t5.shape[2])
-        template = Adapters.seeded(acfg, cfg.seed)
-        run_dir = work / "outputs" / name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run = ServerRun(run_dir=run_dir, targets=self.targets, template=template, adapter_config=acfg.to_dict(),
-                        config_hash="bench", num_rounds=cfg.num_rounds, device=torch.device("cpu"))
-        pipelines = build_pipelines(cfg, run, RunSummary(run_dir / "summary.json", {"classes": class_names}))
-        spec = GeneratorSpec.from_config(cfg.generator, *embedding_shape(cfg.audio_encoder))
-        validator = ReplyValidator.for_run(cfg.robust, spec, template.state_dict(), class_names, acfg, run_dir)
-        self.strategy = FedA2VStrategy(targets=self.targets, round_pipeline=pipelines.round,
-                                       after_round=pipelines.after_round, validator=validator,
-                                       min_replies=cfg.min_replies, wire_codec=cfg.wire_codec,
-                                       evaluate_metrics=cfg.robust.evaluate, trim_fraction=cfg.robust.trim_fraction)
-        self.arrays = module_to_arrays(template)
-        self.aggregator, self.class_names = pipelines.aggregator, class_names
-        self.contexts = [node_context(self.run_config, {"partition-id": p, "num-partitions": NODES, "num-threads": 1})
-                         for p in range(NODES)]
-        self.name = name
-        self.server_seconds: list[float] = []
-
-    def message(self, server_round: int, node: int, kind: str) -> Message:
-        content = server_content(self.targets, encode(self.arrays, self.cfg.wire_codec), server_round)
-        content[WIRE] = wire_config(self.cfg.wire_codec, delta=False)
-        content["config"][RUN_NAME] = self.name
-        return server_message(content, kind, dst_node_id=100 + node)
+        super().__init__(overrides, work, name, NODES)
 
     def round(self, server_round: int, attack: str | None) -> dict:
         """One round; node 4 tampers with its train reply for a weight attack. The attacks that do not
         change training (:data:`SIDE_ATTACKS`: class means, evaluation metrics) are replayed beside the
         honest replies of the same round, through the same validator, aggregator and evaluation."""
-        self.strategy.sent_arrays = self.arrays
-        self.strategy.sent_base = received(self.arrays, self.cfg.wire_codec)
-        self.strategy.asked = {"train": NODES, "evaluate": NODES}
-        replies = []
-        for node in range(NODES):
-            msg = self.message(server_round, node, MessageType.TRAIN)
-            reply = node_train(msg, self.contexts[node])
-            if node == HOSTILE and attack:
-                tamper_train(reply, attack, self.strategy.sent_base, self.cfg)
-            replies.append(reply)
+        self.prepare()
+        replies = self.train_replies(server_round)
+        if attack:
+            tamper_train(replies[HOSTILE], attack, self.strategy.sent_base, self.cfg)
         if attack == "partition_squatting":
             replies.insert(0, replies.pop(HOSTILE))  # the squatter replies first
-        t0 = time.perf_counter()
-        arrays, _ = self.strategy.aggregate_train(server_round, replies)
-        self.server_seconds.append(time.perf_counter() - t0)
-        self.arrays = arrays
+        self.aggregate(server_round, replies)
         out: dict = {"means": self.strategy.state.global_means, "node_means": dict(self.strategy.state.replies.means)}
         if attack is None:  # poisoned class means: the same round with node 4's means shifted
             poisoned = replies[HOSTILE]

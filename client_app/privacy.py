@@ -77,12 +77,12 @@ class PrivateTraining(LocalTraining):
         self.counts = self._recorded_counts(data.class_names)
         self.shared_clips = 0  # clips behind the class means released this round
         self.means_now = self.privacy.means == "every-round" or msg.server_round >= cfg.num_rounds
-        trains = session.source.trains_adapters
-        remaining = max(0, cfg.num_rounds - msg.server_round)  # rounds after this one
-        self.sigma = self._noise(trains, remaining, cfg.train)
-        self.dpsgd = (DPSGDSettings.schedule(self.rows, cfg.train.batch_size, cfg.train.local_epochs, self.sigma,
-                                             self.privacy.max_grad_norm) if trains else None)
-        self.now = self._round_releases(self.dpsgd)
+        self.trains, self.train_cfg = session.source.trains_adapters, cfg.train
+        self.remaining = max(0, cfg.num_rounds - msg.server_round)  # rounds after this one
+        self.sigma = self._noise()
+        self.sigma_means = self.privacy.means_noise_multiplier or self.sigma
+        self.dpsgd = self._schedule(self.sigma)
+        self.now = self._releases(self.dpsgd, self.sigma_means, counts=self.counts is None, means=self.means_now)
         self._check_budgets()
 
     # ------------------------------------------------------------------ the budget
@@ -93,33 +93,40 @@ class PrivateTraining(LocalTraining):
             return torch.tensor([int(c) for c in record["counts"]], dtype=torch.int64)
         return None
 
-    def _releases(self, dpsgd: DPSGDSettings | None, counts: bool, means: bool) -> list[Release]:
+    def _releases(self, dpsgd: DPSGDSettings | None, sigma_means: float, counts: bool, means: bool) -> list[Release]:
         """One round's releases: its DP-SGD steps, the run's noisy counts (once), the noisy class sums."""
-        sigma_means = gaussian_release(self.privacy.means_noise_multiplier)
-        return [*([dpsgd.release()] if dpsgd is not None else []), *([sigma_means] if counts else []),
-                *([sigma_means] if means else [])]
+        gaussian = gaussian_release(sigma_means)
+        return [*([dpsgd.release()] if dpsgd is not None else []), *([gaussian] if counts else []),
+                *([gaussian] if means else [])]
 
-    def _round_releases(self, dpsgd: DPSGDSettings | None) -> list[Release]:
-        return self._releases(dpsgd, counts=self.counts is None, means=self.means_now)
+    def _schedule(self, sigma: float) -> DPSGDSettings | None:
+        """This round's DP-SGD at noise ``sigma`` (``None`` when the source does not train the adapters)."""
+        if not self.trains:
+            return None
+        return DPSGDSettings.schedule(self.rows, self.train_cfg.batch_size, self.train_cfg.local_epochs, sigma,
+                                      self.privacy.max_grad_norm)
+
+    def _plan(self, sigma: float) -> list[Release]:
+        """This round's releases and those of the rounds after it, at noise ``sigma`` (later rounds reuse this
+        run's counts and release sums as ``privacy.means`` says)."""
+        dpsgd, sigma_means = self._schedule(sigma), self.privacy.means_noise_multiplier or sigma
+        releases = self._releases(dpsgd, sigma_means, counts=self.counts is None, means=self.means_now)
+        every = self.privacy.means == "every-round"
+        for later in range(1, self.remaining + 1):
+            releases += self._releases(dpsgd, sigma_means, counts=False, means=every or later == self.remaining)
+        return releases
 
     def _spent(self, lifetime: bool) -> list[Release]:
         return self.ledger.releases(None if lifetime else self.run_identity)
 
-    def _noise(self, trains: bool, remaining: int, train_cfg) -> float:
-        """The DP-SGD noise multiplier: set, or the smallest that keeps this round and the ``remaining`` later
-        ones within every cap (later rounds reuse this run's counts and release sums as ``privacy.means`` says)."""
-        if self.privacy.noise_multiplier > 0 or not trains:
-            return self.privacy.noise_multiplier or 1.0
-        plan = DPSGDSettings.schedule(self.rows, train_cfg.batch_size, train_cfg.local_epochs, 1.0,
-                                      self.privacy.max_grad_norm)
-        every = self.privacy.means == "every-round"
-        planned = self._round_releases(plan)
-        for later in range(1, remaining + 1):
-            planned += self._releases(plan, counts=False, means=every or later == remaining)
+    def _noise(self) -> float:
+        """The noise multiplier: set, or the smallest that keeps the planned rounds within every cap."""
+        if self.privacy.noise_multiplier > 0:
+            return self.privacy.noise_multiplier
         sigma = 0.0
         for name, cap, lifetime in self.policy.budgets():
             try:
-                sigma = max(sigma, calibrate_noise(cap, self.policy.delta, self._spent(lifetime), planned,
+                sigma = max(sigma, calibrate_noise(cap, self.policy.delta, self._spent(lifetime), self._plan,
                                                    self.privacy.accountant))
             except ValueError as err:
                 raise PrivacyBudgetExhausted(f"node {self.policy.partition_id}: {name}={cap:g}: {err} "
@@ -156,15 +163,15 @@ class PrivateTraining(LocalTraining):
         data, names = self.data, self.data.class_names
         gen = secure_generator()
         if self.counts is None:
-            self.counts = noisy_counts(data.labels, len(names), self.privacy.means_noise_multiplier, gen)
+            self.counts = noisy_counts(data.labels, len(names), self.sigma_means, gen)
         counts = self.counts
-        floor = max(self.policy.min_class_count, math.ceil(3 * self.privacy.means_noise_multiplier))
+        floor = max(self.policy.min_class_count, math.ceil(3 * self.sigma_means))
         shared = [i for i, n in enumerate(counts.tolist()) if n >= floor] if self.means_now else []
         if shared:
             targets = self.session.targets
             out_clip, out_t5 = predict(adapters, data.embeddings, device=self.session.site.device)
             clip, t5 = noisy_class_means(out_clip, out_t5, data.labels, counts, target_basis(targets.clip, targets.t5),
-                                         self.privacy.means_clip_norm, self.privacy.means_noise_multiplier, gen)
+                                         self.privacy.means_clip_norm, self.sigma_means, gen)
             means = ClassTensors([names[i] for i in shared], clip[shared], t5[shared], counts[shared])
         else:
             dim_clip, t5_shape = self.session.targets.clip.shape[1], tuple(self.session.targets.t5.shape[1:])
@@ -181,7 +188,8 @@ class PrivateTraining(LocalTraining):
         lifetime = epsilon([*self._spent(True), *self.now], self.policy.delta, self.privacy.accountant)
         run = epsilon([*self._spent(False), *self.now], self.policy.delta, self.privacy.accountant)
         return {NUM_EXAMPLES: total, **kept, "dp": 1, "dp_epsilon": lifetime, "dp_epsilon_run": run,
-                "dp_delta": self.policy.delta, "dp_noise_multiplier": self.sigma}
+                "dp_delta": self.policy.delta, "dp_noise_multiplier": self.sigma,
+                "dp_means_noise_multiplier": self.sigma_means}
 
     def commit(self) -> None:
         """The round's releases into the ledger (with this run's noisy counts), before the reply leaves."""

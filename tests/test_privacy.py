@@ -55,14 +55,15 @@ def test_rdp_and_prv_agree_on_a_subsampled_schedule():
 
 def test_calibration_spends_the_budget_with_what_was_spent_before():
     spent = [gaussian_release(3.0)]
-    planned = [Release("dp-sgd", 1.0, 0.25, 40), gaussian_release(2.0)]
-    sigma = calibrate_noise(3.0, DELTA, spent, planned)
-    at = [Release("dp-sgd", sigma, 0.25, 40), gaussian_release(2.0)]
-    assert epsilon([*spent, *at], DELTA) <= 3.0
-    less = [Release("dp-sgd", sigma * 0.97, 0.25, 40), gaussian_release(2.0)]
-    assert epsilon([*spent, *less], DELTA) > 3.0  # the smallest noise that fits, within the tolerance
+
+    def plan(sigma: float) -> list[Release]:
+        return [Release("dp-sgd", sigma, 0.25, 40), gaussian_release(2.0)]
+
+    sigma = calibrate_noise(3.0, DELTA, spent, plan)
+    assert epsilon([*spent, *plan(sigma)], DELTA) <= 3.0
+    assert epsilon([*spent, *plan(sigma * 0.97)], DELTA) > 3.0  # the smallest noise that fits, within the tolerance
     with pytest.raises(ValueError, match="cannot be met"):
-        calibrate_noise(0.5, DELTA, [gaussian_release(0.5)] * 10, planned)
+        calibrate_noise(0.5, DELTA, [gaussian_release(0.5)] * 10, plan)
 
 
 def test_the_twin_computes_the_adapters_and_training_keeps_their_keys():

@@ -444,8 +444,9 @@ class PrivacyConfig(Strict):
         "and the median/trimmed mean do not use them during the run), or every round (KD and fine-tuning read them).",
     )
     means_noise_multiplier: float = Field(
-        1.0, gt=0, description="With dp: Gaussian-mechanism noise of the class counts (std = this, drawn once per "
-        "run) and of each released class sum (std = this x means-clip-norm).",
+        0.0, ge=0, description="With dp: Gaussian-mechanism noise of the class counts (std = this, drawn once per "
+        "run) and of each released class sum (std = this x means-clip-norm). 0: the DP-SGD noise multiplier "
+        "(calibrated together).",
     )
     means_clip_norm: float = Field(
         10.0, gt=0, description="With dp: each clip's adapter output, in the span of the class text targets (CLIP and "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -61,28 +61,24 @@ def epsilon(releases: Sequence[Release], delta: float, accountant: str = "rdp") 
         return float(acct.get_epsilon(delta))
 
 
-def calibrate_noise(target_epsilon: float, delta: float, spent: Sequence[Release], planned: Sequence[Release],
-                    accountant: str = "rdp", tolerance: float = 0.01) -> float:
-    """The smallest noise multiplier ``sigma`` for the DP-SGD releases of ``planned`` (their own multiplier is a
-    placeholder) such that ``spent`` + ``planned`` cost at most ``target_epsilon`` at ``delta``.
+def calibrate_noise(target_epsilon: float, delta: float, spent: Sequence[Release],
+                    plan: Callable[[float], Sequence[Release]], accountant: str = "rdp", tolerance: float = 0.01) -> float:
+    """The smallest noise multiplier ``sigma`` such that ``spent`` + ``plan(sigma)`` cost at most ``target_epsilon``
+    at ``delta`` (``plan``: the releases still planned, as a function of the noise multiplier).
 
     Raises ``ValueError`` naming the shortfall when even :data:`MAX_NOISE` does not fit (for example when
-    ``spent`` or the fixed Gaussian releases of ``planned`` already exceed the budget)."""
+    ``spent`` or the releases of ``plan`` whose noise is fixed already exceed the budget)."""
 
     def cost(sigma: float) -> float:
-        trial = [Release(r.mechanism, sigma, r.sample_rate, r.steps) if r.mechanism == "dp-sgd" else r for r in planned]
-        return epsilon([*spent, *trial], delta, accountant)
+        return epsilon([*spent, *plan(sigma)], delta, accountant)
 
     floor = cost(MAX_NOISE)
     if floor > target_epsilon:
-        raise ValueError(f"epsilon {target_epsilon:g} at delta {delta:g} cannot be met: the releases already made and "
-                         f"the planned class-mean releases alone cost {floor:.3f}")
+        raise ValueError(f"epsilon {target_epsilon:g} at delta {delta:g} cannot be met: what was released already "
+                         f"and the planned releases of fixed noise alone cost {floor:.3f}")
     low, high = 0.0, 1.0
     while cost(high) > target_epsilon:
-        low, high = high, high * 2
-        if high > MAX_NOISE:
-            high = MAX_NOISE
-            break
+        low, high = high, min(high * 2, MAX_NOISE)
     while high - low > tolerance * max(high, 1e-3):
         mid = (low + high) / 2
         if mid > 0 and cost(mid) <= target_epsilon:
