@@ -178,3 +178,17 @@ def test_a_run_with_privacy_dp_rejects_replies_made_without_it(tmp_path):
     with pytest.raises(Rejected, match="over privacy.epsilon=3"):
         parse({"dp": 1, "dp_epsilon_run": 3.5, "dp_epsilon": 3.5})
     assert parse({"dp": 1, "dp_epsilon_run": 2.9, "dp_epsilon": 4.0}).partition_id == 0  # lifetime is the site's
+
+
+def test_a_restarted_site_continues_its_accounting_and_its_counts(data_root, tmp_path):  # noqa: F811
+    """A resumed run (same run identity) on a fresh node process: the ledger, not memory, carries the run."""
+    rc = {"privacy.dp": True, "privacy.epsilon": 8.0, "num-rounds": 3, "train.local-epochs": 1}
+    cfg = load_config(run_config(data_root, tmp_path, **rc))
+    NODE_DATA.clear()
+    first = train(_message(cfg, 1), _dp_context(data_root, tmp_path, rc, {})).content["metrics"]
+    NODE_DATA.clear()  # the SuperNode restarted: a new process, a new Context
+    second = train(_message(cfg, 2), _dp_context(data_root, tmp_path, rc, {})).content["metrics"]
+    assert second["num-examples"] == first["num-examples"]  # the counts drawn in round 1, read back
+    assert second["dp_epsilon_run"] > first["dp_epsilon_run"]  # composed with round 1, not restarted
+    ledger = json.loads(next((tmp_path / "privacy").glob("ledger_*_p0.json")).read_text())
+    assert [r["round"] for r in ledger["releases"]] == [1, 1, 2]  # round 2 drew no new counts

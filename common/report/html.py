@@ -67,6 +67,9 @@ def _acc_plots(run: RunData) -> list[dict[str, Any]]:
                  plots.line_plot("global losses", losses, ylabel="loss")))
     per_node_loss = {f"node {n}": run.series("train", "train_loss", n) for n in run.nodes}
     figs.append(("Per-node train loss", plots.line_plot("per-node train loss", per_node_loss, ylabel="loss")))
+    spent = {f"node {n}": run.series("train", "dp_epsilon", n) for n in run.nodes}  # DP sites only: no plot without
+    figs.append(("Privacy spent per site (epsilon at the run's delta, the site's whole ledger)",
+                 plots.line_plot("privacy spent per site", spent, ylabel="epsilon")))
     return [{"title": t, "src": data_uri(png)} for t, png in figs if png is not None]
 
 
