@@ -159,14 +159,16 @@ def test_secure_loopback_deployment(tmp_path: Path) -> None:
 def test_multi_host_deployment_over_tls(tmp_path: Path) -> None:
     """SuperLink and SuperNodes on separate hosts (network namespaces this test makes), TLS and node
     authentication by LAN address, `flwr run` from this machine: 2 rounds to `finished:completed`.
-    The sites run ``feda2v-supernode``: every ClientApp process is forked warm by ``feda2v-superexec``."""
+    The sites run ``feda2v-supernode``: every ClientApp process is forked warm by ``feda2v-superexec``.
+    Site 1 demands differential privacy in its own node-config; the run config asks for none, and cannot
+    turn it off: site 1's replies are DP releases within its budget, site 0's are not."""
     data_root = _data(tmp_path)
     out = tmp_path / "out"
     with NetnsLan(["superlink", "site0", "site1"]) as lan:
         superlink = lan.hosts["superlink"]
         fed = LocalFederation(tmp_path / "fed", NUM_NODES, data_root, cache_dir=tmp_path / "cache", secure=True,
                               superlink_host=superlink, node_hosts=[lan.hosts["site0"], lan.hosts["site1"]],
-                              prompt_supernodes=True)
+                              prompt_supernodes=True, node_configs={1: "privacy-dp=true privacy-epsilon=20"})
         with fed:
             assert fed.address.startswith(f"{superlink.address}:")
             result = fed.run(_run_config(out, "lan"), timeout=RUN_TIMEOUT_S)
@@ -176,6 +178,11 @@ def test_multi_host_deployment_over_tls(tmp_path: Path) -> None:
             rounds = load_summary(out / "lan")["rounds"]
             starts = [m.get("warm_start") for e in rounds for ph in ("train", "evaluate") for m in e[ph]["nodes"].values()]
             assert len(starts) == ROUNDS * 2 * NUM_NODES and set(starts) == {1}, starts  # no cold ClientApp start
+            for entry in rounds:  # the site's own DP: the server's run config did not ask for it
+                private, plain = entry["train"]["nodes"]["1"], entry["train"]["nodes"]["0"]
+                assert private["dp"] == 1 and 0 < private["dp_epsilon_run"] <= 8.0 and private["dp_epsilon"] <= 20.0
+                assert "dp" not in plain and "train_loss" in plain and "train_loss" not in private
+            assert list((tmp_path / "cache" / "privacy").glob("ledger_*_p1.json"))  # the site's ledger, on the site
             # the sites reached the SuperLink from their own addresses, over the LAN
             peers = set(re.findall(r"(\d+\.\d+\.\d+\.\d+):\d+ - \"POST /v1/fleet/", fed.superlink_log()))
             assert {lan.hosts["site0"].address, lan.hosts["site1"].address} <= peers, peers

@@ -102,8 +102,11 @@ class LocalFederation:
                  base_env: Mapping[str, str] | None = None, startup_timeout_s: float = 90.0, secure: bool = False,
                  superlink_host: Host = LOOPBACK, node_hosts: Sequence[Host] | None = None,
                  prompt_supernodes: bool = False, superlink_database: bool = True,
-                 node_programs: Mapping[int, Sequence[str]] | None = None) -> None:
+                 node_programs: Mapping[int, Sequence[str]] | None = None,
+                 node_configs: Mapping[int, str] | None = None) -> None:
         self.root = Path(root)
+        # per node, more of its --node-config (a site's own settings, e.g. 'privacy-dp=true privacy-epsilon=20')
+        self.node_configs = dict(node_configs or {})
         # feda2v-supernode: flower-supernode with prompt hand-offs and warm ClientApps (ops.deploy.prompt_timing)
         self.node_program = "feda2v-supernode" if prompt_supernodes else "flower-supernode"
         # per node, a program that replaces it (drills: a faulty node, ops.deploy.faulty_supernode)
@@ -201,6 +204,7 @@ class LocalFederation:
         else:
             security = ["--insecure"]
         node_config = f'partition-id={pid} num-partitions={self.num_nodes} data-root="{self.data_root}" num-threads=1'
+        node_config += f" {self.node_configs[pid]}" if pid in self.node_configs else ""
         program = self.node_programs.get(pid, [self.node_program])
         return [*program, *security, "--superlink", self.address, "--port", str(free_port()),
                 "--node-config", node_config]
