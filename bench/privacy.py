@@ -23,7 +23,11 @@ knows every other clip of the class, as DP's threat model allows, and the canary
   the mechanism would release, whether or not the floor then suppresses it) to that clip's own output,
   relative to the output's norm (0: the clip itself is released).
 
-Not measured here yet: membership through the adapter weights (it needs a training per trial), central DP.
+Central DP (``--central-sites`` sites, ``aggregation = "dp-fedavg"`` at ``--central-noise``, no site-level DP):
+its ``acc`` and the server's ``central_epsilon`` (site-level neighbours), beside the same federation without it
+(``acc_plain``).
+
+Not measured here yet: membership through the adapter weights (it needs a training per trial).
 
 Usage:  python bench/privacy.py [--rounds 5] [--epsilons 1,3,8] [--trials 2000] [--run-config 'k=v'] [--work DIR]
         [--record]
@@ -59,9 +63,10 @@ log = logging.getLogger("bench.privacy")
 NODES = 3
 
 
-def run_setting(name: str, overrides: dict, rounds: int, work: Path) -> tuple[dict, InProcessFederation]:
-    fed = InProcessFederation({**overrides, "num-rounds": rounds}, work, name, NODES)
-    train_seconds, epsilons, sigmas = [], [0.0] * NODES, []
+def run_setting(name: str, overrides: dict, rounds: int, work: Path, nodes: int = NODES
+                ) -> tuple[dict, InProcessFederation]:
+    fed = InProcessFederation({**overrides, "num-rounds": rounds}, work, name, nodes)
+    train_seconds, epsilons, sigmas = [], [0.0] * nodes, []
     acc = float("nan")
     for r in range(1, rounds + 1):
         fed.prepare()
@@ -71,10 +76,12 @@ def run_setting(name: str, overrides: dict, rounds: int, work: Path) -> tuple[di
         epsilons = [float(m.get("dp_epsilon", 0.0)) for m in metrics]
         sigmas += [float(m["dp_noise_multiplier"]) for m in metrics if "dp_noise_multiplier" in m]
         fed.aggregate(r, replies)
+        central = fed.strategy.state.metrics.get("central_epsilon")
         acc = fed.true_accuracy(fed.evaluate_replies(r))
         log.info("%s round %d: acc %.4f, epsilon per site %s, train %.2fs", name, r, acc,
                  [round(e, 3) for e in epsilons], train_seconds[-1])
     return {"acc": round(acc, 4), "epsilon_spent": [round(e, 4) for e in epsilons],
+            **({"central_epsilon": round(float(central), 4)} if central is not None else {}),
             "train_seconds_per_round": round(statistics.mean(train_seconds), 3),
             "noise_multiplier": round(statistics.mean(sigmas), 4) if sigmas else 0.0}, fed
 
@@ -154,6 +161,8 @@ def main() -> None:
     parser.add_argument("--epsilons", default="1,3,8")
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--trials", type=int, default=2000)
+    parser.add_argument("--central-sites", type=int, default=10)
+    parser.add_argument("--central-noise", type=float, default=1.0)
     parser.add_argument("--run-config", default="", help="run-config overrides for every setting ('k=v k2=v2')")
     parser.add_argument("--work", default="", help="folder for runs and the cache (default: a temporary one)")
     add_record_argument(parser)
@@ -175,8 +184,17 @@ def main() -> None:
         result["mean_distance"] = single_clip_distance(release)
         results[name] = result
         log.info("%s: %s", name, result)
+    central = {}
+    if args.central_sites:
+        plain, _ = run_setting("central-plain", base, args.rounds, work, args.central_sites)
+        dp, _ = run_setting("central-dp", {**base, "aggregation": "dp-fedavg",
+                                           "privacy.central-noise-multiplier": args.central_noise}, args.rounds, work,
+                            args.central_sites)
+        central = {"sites": args.central_sites, "noise_multiplier": args.central_noise, "acc": dp["acc"],
+                   "acc_plain": plain["acc"], "central_epsilon": dp.get("central_epsilon")}
+        log.info("central DP: %s", central)
     nodp = results["nodp"]
-    out = {"settings": results, "acc_nodp": nodp["acc"], "delta": args.delta, "rounds": args.rounds, "nodes": NODES,
+    out = {"settings": results, "central_dp": central, "acc_nodp": nodp["acc"], "delta": args.delta, "rounds": args.rounds, "nodes": NODES,
            "acc_ratio": {k: round(v["acc"] / nodp["acc"], 4) for k, v in results.items() if k != "nodp"},
            "train_cost_ratio": {k: round(v["train_seconds_per_round"] / nodp["train_seconds_per_round"], 3)
                                 for k, v in results.items() if k != "nodp"},

@@ -93,7 +93,8 @@ def build_pipelines(cfg: FedA2VConfig, run: ServerRun, summary: RunSummary) -> R
     samples = SAMPLE_SOURCES[cfg.sample_source()](run.class_names)
     method = aggregation_method(cfg.aggregation, cfg.generate_only)
     aggregator = AGGREGATORS[method](run, kd=cfg.kd, train=cfg.train, seed=cfg.seed, samples=samples,
-                                     trim_fraction=cfg.robust.trim_fraction)
+                                     trim_fraction=cfg.robust.trim_fraction, privacy=cfg.privacy,
+                                     fraction_train=cfg.fraction_train)
     steps: list[Step] = [AggregateStep(aggregator)]
     if cfg.robust.clip_norm != "off" and aggregator.global_model:
         steps.insert(0, ClipUpdatesStep(cfg.robust.clip_norm))

@@ -192,3 +192,36 @@ def test_a_restarted_site_continues_its_accounting_and_its_counts(data_root, tmp
     assert second["dp_epsilon_run"] > first["dp_epsilon_run"]  # composed with round 1, not restarted
     ledger = json.loads(next((tmp_path / "privacy").glob("ledger_*_p0.json")).read_text())
     assert [r["round"] for r in ledger["releases"]] == [1, 1, 2]  # round 2 drew no new counts
+
+
+def test_central_dp_clips_every_site_to_the_bound_and_adds_noise_of_its_scale(tmp_path):
+    """dp-fedavg: unweighted mean of updates clipped to C, plus N(0, (z C / m)^2) per coordinate."""
+    from flwr.app import ArrayRecord
+
+    from common.config import PrivacyConfig
+    from server_app.aggregators import AGGREGATORS
+    from server_app.round_state import RoundState
+
+    sent = {"w": torch.zeros(20000)}
+    big = torch.zeros(20000)
+    big[0] = 100.0  # a site that tries to move the model by 100: clipped to C = 1
+    small = torch.zeros(20000)
+    small[1] = 0.5  # within the bound: unchanged
+    privacy = PrivacyConfig(central_clip_norm=1.0, central_noise_multiplier=2.0)
+    aggregator = AGGREGATORS["dp-fedavg"](None, privacy=privacy)
+
+    class Replies:
+        arrays = {0: ArrayRecord({"w": big}), 1: ArrayRecord({"w": small})}
+
+    state = RoundState.__new__(RoundState)
+    state.sent, state.replies, state.metrics = ArrayRecord(sent), Replies(), {}
+    out = aggregator.aggregate(state).to_torch_state_dict()["w"]
+    std = 2.0 * 1.0 / 2  # z * C / m
+    assert state.metrics["central_noise_std"] == pytest.approx(std)
+    assert state.metrics["central_clipped_updates"] == 1
+    noise = out.clone()
+    noise[0] -= 0.5  # the clipped update 1.0, over m = 2 sites
+    noise[1] -= 0.25
+    assert float(noise.std()) == pytest.approx(std, rel=0.05)  # 20000 coordinates: the noise scale
+    assert abs(float(noise.mean())) < 0.05
+    assert state.metrics["central_epsilon"] > 0

@@ -18,7 +18,7 @@ __all__ = [
 # Forward passes of a training step: fp32, bf16 autocast (fp32 weights), or bf16 where the device has bf16 units
 Precision = Literal["fp32", "bf16", "auto"]
 DatasetName = Literal["synthetic", "esc50", "vegas", "vggsound"]
-AggregationName = Literal["fedavg", "median", "trimmed-mean", "none", "kd"]
+AggregationName = Literal["fedavg", "median", "trimmed-mean", "none", "kd", "dp-fedavg"]
 GeneratorMode = Literal["off", "generator-training", "generator-only", "use-pretrained-generators"]
 GeneratorKind = Literal["vae", "gan"]
 Granularity = Literal["unified", "per_class", "per_group"]

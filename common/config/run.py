@@ -53,7 +53,8 @@ class FedA2VConfig(Strict):
         "median / trimmed mean over nodes of the adapters and, per class, of the class means (robust to a hostile "
         "node, [robust]); 'kd': distil this round's node adapters (owner-only teachers) into the global one on "
         "synthetic embeddings ([kd]); 'none': standalone nodes, each keeps its own adapters (global metrics are "
-        "averages over nodes).",
+        "averages over nodes); 'dp-fedavg': central (site-level) differential privacy, the unweighted mean of the "
+        "sites' updates clipped to privacy.central-clip-norm plus Gaussian noise (privacy.central-noise-multiplier).",
     )
     fraction_train: float = Field(1.0, gt=0, le=1, description="Fraction of nodes sampled for training each round.")
     fraction_evaluate: float = Field(1.0, ge=0, le=1, description="Fraction of nodes sampled for evaluation.")

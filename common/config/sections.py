@@ -452,6 +452,14 @@ class PrivacyConfig(Strict):
         10.0, gt=0, description="With dp: each clip's adapter output, in the span of the class text targets (CLIP and "
         "T5 together), is scaled down to at most this L2 norm before it enters a class sum.",
     )
+    central_clip_norm: float = Field(
+        1.0, gt=0, description="aggregation='dp-fedavg': each site's update (weights minus the weights sent) is clipped "
+        "to this L2 norm before the unweighted mean.",
+    )
+    central_noise_multiplier: float = Field(
+        1.0, gt=0, description="aggregation='dp-fedavg': the noise std on the mean update is this x "
+        "central-clip-norm / the sites that replied.",
+    )
     accountant: Literal["rdp", "prv"] = Field(
         "rdp", description="With dp: the privacy accountant (Renyi DP, or the tighter privacy random variable "
         "accountant).",

@@ -28,7 +28,7 @@ class Release:
     """``steps`` uses of the Gaussian mechanism with ``noise_multiplier`` (noise std / sensitivity), each on
     a Poisson sample of rate ``sample_rate`` of the site's clips."""
 
-    mechanism: str  # "dp-sgd" or "gaussian" (for the record; the accountant needs the numbers only)
+    mechanism: str  # "dp-sgd", "gaussian" or "central" (for the record; the accountant needs the numbers only)
     noise_multiplier: float
     sample_rate: float
     steps: int
