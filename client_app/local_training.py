@@ -8,9 +8,7 @@ chosen once per message by the train handler.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import torch
+from torch import Tensor
 
 from client_app.session import NodeSession
 from client_app.sources import TrainingSet
@@ -18,9 +16,6 @@ from common.metric_keys import NUM_EXAMPLES
 from common.models.adapters import Adapters
 from common.records import ClassTensors
 from common.training import TrainSettings, class_mean_outputs, train_adapters
-
-if TYPE_CHECKING:
-    from torch import Tensor
 
 __all__ = ["LocalTraining", "shared_means"]
 
@@ -55,8 +50,7 @@ class LocalTraining:
         """Called once the reply is built, before it leaves: nothing to record without DP."""
 
 
-def shared_means(session: NodeSession, class_names: list[str], clip: torch.Tensor, t5: torch.Tensor,
-                 counts: torch.Tensor) -> tuple[ClassTensors, dict[str, int]]:
+def shared_means(session: NodeSession, class_names: list[str], clip: Tensor, t5: Tensor, counts: Tensor) -> tuple[ClassTensors, dict[str, int]]:
     """The class means above the site's floor (:class:`client_app.policy.SitePolicy`), and how much was withheld."""
     shared = set(session.site.policy.shareable_classes(dict(zip(class_names, counts.tolist()))))
     present = [i for i, c in enumerate(class_names) if c in shared]
