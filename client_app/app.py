@@ -150,6 +150,7 @@ def train(msg: Message, context: Context) -> Message:
     means, withheld = local.class_means(adapters)
     weights = module_to_arrays(adapters)
     session.keep_own_adapters(weights)
+    local.commit()  # a DP site's ledger records (and re-checks under its lock) the releases before they leave
     log.info("node %d round %d: trained on %d embeddings in %.1fs, loss %.4f (clip %.4f, t5 %.4f)", node.partition_id,
              r, data.labels.numel(), seconds, losses["loss"], losses["loss_clip"], losses["loss_t5"])
     metrics = _finish(local.reported({**withheld, "augmented_samples": augmented, "train_loss": losses["loss"],
@@ -157,7 +158,6 @@ def train(msg: Message, context: Context) -> Message:
                                       "train_seconds": seconds, **session.state_metrics, **data.metrics}), timing)
     # a generate-only run trains nothing and renders on the nodes: its pretrained banks stay home
     reply = train_reply(msg, session, weights, sent, means, metrics, send_bank=data.has_bank and not cfg.generate_only)
-    local.commit()  # a DP site's ledger records the releases before they leave
     session.close(persist=True)
     return reply
 

@@ -19,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from filelock import FileLock
@@ -93,11 +94,17 @@ class PrivacyLedger:
         return [e.release for e in self.entries if run_identity is None or e.run_identity == run_identity]
 
     def append(self, run_identity: str, run_name: str, server_round: int, releases: list[Release],
-               run_record: dict[str, Any] | None = None) -> None:
-        """Record ``releases`` (and this run's record, e.g. its noisy counts) before they leave the site."""
+               run_record: dict[str, Any] | None = None, check: Callable[[], None] | None = None) -> None:
+        """Record ``releases`` (and this run's record, e.g. its noisy counts) before they leave the site.
+
+        ``check`` runs under the lock once the file is read again, before anything is written: another run on
+        this host may have spent budget since this one planned its round, so the budget is checked where no
+        other writer can come between the check and the record. If it raises, nothing is recorded."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.lock:
             self._read()  # another run on this host may have written since we opened it
+            if check is not None:
+                check()
             self.entries.extend(LedgerEntry(run_identity, run_name, server_round, r) for r in releases)
             if run_record is not None:
                 self.runs[run_identity] = run_record

@@ -47,7 +47,7 @@ class LocalTraining:
         return {NUM_EXAMPLES: int(self.data.labels.numel()), **metrics}
 
     def commit(self) -> None:
-        """Called once the reply is built, before it leaves: nothing to record without DP."""
+        """Called once the releases are computed, before the reply is built: nothing to record without DP."""
 
 
 def shared_means(session: NodeSession, class_names: list[str], clip: Tensor, t5: Tensor, counts: Tensor) -> tuple[ClassTensors, dict[str, int]]:

@@ -83,6 +83,7 @@ class PrivateTraining(LocalTraining):
         self.sigma_means = self.privacy.means_noise_multiplier or self.sigma
         self.dpsgd = self._schedule(self.sigma)
         self.now = self._releases(self.dpsgd, self.sigma_means, counts=self.counts is None, means=self.means_now)
+        self.committed = False
         self._check_budgets()
 
     # ------------------------------------------------------------------ the budget
@@ -185,14 +186,19 @@ class PrivateTraining(LocalTraining):
         kept = {k: v for k, v in metrics.items() if k not in DP_WITHHELD_METRICS}
         total = max(1, int(self.counts.sum()) if self.counts is not None else 0)
         kept["withheld_clips"] = total - self.shared_clips  # what the server checks adds up
-        lifetime = epsilon([*self._spent(True), *self.now], self.policy.delta, self.privacy.accountant)
-        run = epsilon([*self._spent(False), *self.now], self.policy.delta, self.privacy.accountant)
+        now = [] if self.committed else self.now  # once committed, the ledger holds this round's releases
+        lifetime = epsilon([*self._spent(True), *now], self.policy.delta, self.privacy.accountant)
+        run = epsilon([*self._spent(False), *now], self.policy.delta, self.privacy.accountant)
         return {NUM_EXAMPLES: total, **kept, "dp": 1, "dp_epsilon": lifetime, "dp_epsilon_run": run,
                 "dp_delta": self.policy.delta, "dp_noise_multiplier": self.sigma,
                 "dp_means_noise_multiplier": self.sigma_means}
 
     def commit(self) -> None:
-        """The round's releases into the ledger (with this run's noisy counts), before the reply leaves."""
+        """The round's releases into the ledger (with this run's noisy counts), before the reply is built; the
+        budget is checked again under the ledger's lock (another run on this host may have spent since
+        :meth:`__init__` checked it) and a refusal records nothing."""
         msg = self.session.message
         record = {"class_names": list(self.data.class_names), "counts": [int(c) for c in self.counts.tolist()]}
-        self.ledger.append(self.run_identity, msg.run_name, msg.server_round, self.now, run_record=record)
+        self.ledger.append(self.run_identity, msg.run_name, msg.server_round, self.now, run_record=record,
+                           check=self._check_budgets)
+        self.committed = True

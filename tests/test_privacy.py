@@ -161,6 +161,31 @@ def test_a_site_refuses_the_round_that_would_exceed_its_own_budget(data_root, tm
         run(tmp_path / "capped", cap, (1,), identity="run-b")
 
 
+def test_a_run_that_spends_the_budget_meanwhile_makes_the_other_refuse_at_commit(data_root, tmp_path, monkeypatch):  # noqa: F811
+    """Two runs on one host share the site's ledger: the budget is checked again under its lock before a release
+    is recorded, so a run that planned its round before another one spent the rest of the budget refuses."""
+    from client_app import privacy as site_privacy
+    from client_app.ledger import PrivacyLedger
+
+    rc = {"num-rounds": 1, "train.local-epochs": 1, "privacy.noise-multiplier": 2.0, "privacy.epsilon": 1000.0}
+    cfg = load_config(run_config(data_root, tmp_path, **rc))
+    ctx = Context(run_id=1, node_id=7, state=RecordDict(), run_config=run_config(data_root, tmp_path, **rc),
+                  node_config={"partition-id": 0, "num-partitions": 2, "privacy-epsilon": 5.0})
+    trained = site_privacy.PrivateTraining.train
+
+    def train_while_another_run_spends(self, *args, **kwargs):
+        other = PrivacyLedger(self.ledger.path, self.ledger.dataset, self.ledger.partition_id)
+        other.append("run-b", "other", 1, [gaussian_release(1.0)] * 3)  # lands while this run trains
+        return trained(self, *args, **kwargs)
+
+    monkeypatch.setattr(site_privacy.PrivateTraining, "train", train_while_another_run_spends)
+    NODE_DATA.clear()
+    with pytest.raises(Exception, match="over node-config privacy-epsilon=5"):
+        train(_message(cfg, 1), ctx)
+    ledger = json.loads(next((tmp_path / "privacy").glob("ledger_*_p0.json")).read_text())
+    assert {r["run_identity"] for r in ledger["releases"]} == {"run-b"}  # the refused round recorded nothing
+
+
 def test_a_run_with_privacy_dp_rejects_replies_made_without_it(tmp_path):
     from server_app.round_state import parse_train_reply
     from server_app.validation import Rejected
