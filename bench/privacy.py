@@ -5,7 +5,8 @@ Federations (in process, ``bench/federation.py``: the real node handlers and the
 value (delta ``--delta``). Per setting:
 
 * ``acc``: the true global test retrieval accuracy after the last round (the sites' own evaluations);
-* ``epsilon_spent``: each site's ``dp_epsilon`` after the last round (its ledger, at delta);
+* ``epsilon_spent``: each site's ``dp_epsilon_run`` after the last round (this setting's releases, at delta;
+  the settings share the sites' data, so each site's lifetime ``dp_epsilon`` in its ledger adds them up);
 * ``train_seconds_per_round``: the sites' mean ``train_seconds`` (their local training, not the round);
 * ``noise_multiplier``: the DP-SGD noise the sites calibrated.
 
@@ -73,7 +74,7 @@ def run_setting(name: str, overrides: dict, rounds: int, work: Path, nodes: int 
         replies = fed.train_replies(r)
         metrics = [dict(reply.content[METRICS]) for reply in replies]
         train_seconds.append(statistics.mean(m["train_seconds"] for m in metrics))
-        epsilons = [float(m.get("dp_epsilon", 0.0)) for m in metrics]
+        epsilons = [float(m.get("dp_epsilon_run", 0.0)) for m in metrics]
         sigmas += [float(m["dp_noise_multiplier"]) for m in metrics if "dp_noise_multiplier" in m]
         fed.aggregate(r, replies)
         central = fed.strategy.state.metrics.get("central_epsilon")
