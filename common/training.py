@@ -325,11 +325,25 @@ def predict(adapters: nn.Module, embeddings: Tensor, batch_size: int = 256, devi
     return torch.cat(clips), torch.cat(t5s)
 
 
-def retrieval_correct(outputs: Tensor, class_targets: Tensor, labels: Tensor) -> Tensor:
-    """Per-sample top-1 hits: is the own class's target the most cosine-similar one?"""
+def cosine_to_targets(outputs: Tensor, class_targets: Tensor) -> Tensor:
+    """``[N, C]`` cosine of each output to each class's target, both flattened (a T5 row is its whole sequence)."""
     out = F.normalize(outputs.flatten(1).float(), dim=1)
     tgt = F.normalize(class_targets.flatten(1).float(), dim=1)
-    return (out @ tgt.T).argmax(dim=1) == labels
+    return out @ tgt.T
+
+
+def retrieval_correct(outputs: Tensor, class_targets: Tensor, labels: Tensor) -> Tensor:
+    """Per-sample top-1 hits: is the own class's target the most cosine-similar one?"""
+    return cosine_to_targets(outputs, class_targets).argmax(dim=1) == labels
+
+
+def class_similarity(out_clip: Tensor, out_t5: Tensor, targets_clip: Tensor, targets_t5: Tensor) -> Tensor:
+    """``[N, C]`` similarity of each clip to each class over both branches: the mean of the two cosines.
+
+    The one definition of a clip's *nearest class* (``feda2v imagine``, the pipeline, the local page) and of
+    the joint retrieval accuracy ``retrieval_acc_joint``: one class per clip, chosen by both branches
+    together (the per-branch accuracies let each branch pick its own)."""
+    return (cosine_to_targets(out_clip, targets_clip) + cosine_to_targets(out_t5, targets_t5)) / 2
 
 
 @torch.no_grad()
@@ -351,6 +365,7 @@ def evaluate_adapters(
     loss_clip, loss_t5 = loss_clip_t.item(), loss_t5_t.item()
     acc_clip = retrieval_correct(out_clip, targets_clip, labels).float().mean().item()
     acc_t5 = retrieval_correct(out_t5, targets_t5, labels).float().mean().item()
+    joint = class_similarity(out_clip, out_t5, targets_clip, targets_t5).argmax(dim=1) == labels
     return {
         "loss": loss_clip + loss_t5,
         "loss_clip": loss_clip,
@@ -358,6 +373,7 @@ def evaluate_adapters(
         "retrieval_acc_clip": acc_clip,
         "retrieval_acc_t5": acc_t5,
         "retrieval_acc": (acc_clip + acc_t5) / 2,
+        "retrieval_acc_joint": joint.float().mean().item(),
     }
 
 

@@ -38,7 +38,7 @@ from common.progress import Progress
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EmbedResult", "EmbedStats", "ExtractionSettings", "LazyEncoder", "embed_clips", "open_store"]
+__all__ = ["EmbedResult", "EmbedStats", "ExtractionSettings", "LazyEncoder", "as_stored", "embed_clips", "open_store"]
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,9 @@ def open_store(cache_root: Path, dataset_root: Path, settings: ExtractionSetting
         return None
 
 
-def _round(emb: torch.Tensor, storage_dtype: str) -> torch.Tensor:
+def as_stored(emb: torch.Tensor, storage_dtype: str) -> torch.Tensor:
+    """``emb`` as the embedding cache stores it (``audio-encoder.cache-dtype``): what the adapters train on, so
+    a clip embedded outside the cache (``feda2v imagine``) is rounded the same way."""
     stored = emb.to(torch_dtype(storage_dtype))
     if not torch.isfinite(stored).all():
         log.warning("embeddings overflow %s (max |x| = %.3g); set audio-encoder.cache-dtype to bfloat16 or float32",
@@ -220,7 +222,7 @@ def embed_clips(
         kept = [i for i in idx if clips[i].rel_path in ok]
         if kept:
             emb = encoder.get().encode(loaded.waveforms, batch_size=settings.batch_size)
-            stored = _round(emb, settings.storage_dtype)
+            stored = as_stored(emb, settings.storage_dtype)
             for j, i in enumerate(kept):
                 rows[i] = stored[j]
         stats.extract_seconds += time.perf_counter() - t1

@@ -156,10 +156,21 @@ def load_clip(path: Path, sample_rate: int = 16000, clip_seconds: float = 5.0, m
     """
     _check_target(sample_rate, clip_seconds)
     data, rate = _read(Path(path), sample_rate, clip_seconds, min_seconds, max_mb)
-    wave = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1, dtype=np.float32)))
+    return fit_clip(torch.from_numpy(np.ascontiguousarray(data.mean(axis=1, dtype=np.float32))), rate, sample_rate,
+                    clip_seconds)
+
+
+def fit_clip(wave: torch.Tensor, rate: int, sample_rate: int = 16000, clip_seconds: float = 5.0) -> torch.Tensor:
+    """A mono waveform at ``rate`` Hz as the clip the models read: resampled to ``sample_rate``, then cut to
+    ``clip_seconds`` from its first sample or zero-padded at its end (the one definition of the crop, for
+    files and for raw waveforms alike)."""
+    _check_target(sample_rate, clip_seconds)
+    if rate <= 0:
+        raise ValueError(f"the waveform's sample rate must be positive, got {rate}")
+    wave = torch.as_tensor(wave, dtype=torch.float32)
     if rate != sample_rate:
         with torch.no_grad():
-            wave = _resampler(rate, sample_rate)(wave)
+            wave = _resampler(int(rate), sample_rate)(wave)
     target = num_samples(sample_rate, clip_seconds)
     if wave.shape[0] >= target:
         wave = wave[:target]

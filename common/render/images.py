@@ -77,7 +77,8 @@ def image_path(out: Path, owner: str, class_name: str, index: int) -> Path:
     return Path(out) / owner / f"{safe_name(class_name)}_{index:04d}.png"
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
+def save_png(image: Image.Image, path: Path) -> None:
+    """One PNG, written atomically (temp file + rename)."""
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
 
@@ -125,7 +126,7 @@ def render_images(
         images = backend.render(cond.rows([r.row for r in batch]), [r.seed for r in batch])
         for req, image in zip(batch, images):
             path = image_path(out, req.owner, req.class_name, req.index)
-            _save_png(image, path)
+            save_png(image, path)
             report.paths.append(path)
         report.written += len(batch)
         if bar is not None:
@@ -143,26 +144,32 @@ def render_images(
 
 
 def _update_manifest(out: Path, requests: list[ImageRequest], settings: RenderSettings, backend: str) -> None:
-    """Read-merge-write under a file lock: nodes of one host render into one image dir at once."""
+    entries = []
+    for req in requests:
+        entry = {k: v for k, v in asdict(req).items() if k not in ("row", "extra")}
+        entry.update(req.extra)
+        entry.update({"path": str(image_path(out, req.owner, req.class_name, req.index).relative_to(out)),
+                      "backend": backend, **{f"render_{k}": v for k, v in settings.manifest_fields().items()}})
+        entries.append(entry)
+    merge_manifest(out, entries, keep_same_seed=True)
+
+
+def merge_manifest(out: Path, entries: list[dict[str, Any]], keep_same_seed: bool = False) -> Path:
+    """Add ``entries`` (keyed by their ``path``, relative to ``out``) to ``{out}/manifest.jsonl``: read, merge,
+    write atomically, under a file lock (nodes of one host, or two ``feda2v imagine`` runs, write one image
+    dir at once). ``keep_same_seed``: an entry whose image was not re-rendered (same path and seed: a resumed
+    run) keeps its original record."""
     from filelock import FileLock
 
     Path(out).mkdir(parents=True, exist_ok=True)
     with FileLock(str(Path(out) / f".{MANIFEST}.lock")):
-        _merge_manifest(out, requests, settings, backend)
-
-
-def _merge_manifest(out: Path, requests: list[ImageRequest], settings: RenderSettings, backend: str) -> None:
-    entries = {e.get("path"): e for e in read_manifest(out)}
-    for req in requests:
-        path = image_path(out, req.owner, req.class_name, req.index)
-        rel = str(path.relative_to(out))
-        entry = {k: v for k, v in asdict(req).items() if k not in ("row", "extra")}
-        entry.update(req.extra)
-        entry.update({"path": rel, "backend": backend, **{f"render_{k}": v for k, v in settings.manifest_fields().items()}})
-        if rel in entries and entries[rel].get("seed") == entry["seed"]:
-            continue  # resumed: keep the original record of an image that was not re-rendered
-        entries[rel] = entry
-    _write_manifest(out, sorted(entries.values(), key=lambda e: e["path"]))
+        merged = {e.get("path"): e for e in read_manifest(out)}
+        for entry in entries:
+            old = merged.get(entry["path"])
+            if keep_same_seed and old is not None and old.get("seed") == entry.get("seed"):
+                continue
+            merged[entry["path"]] = entry
+        return _write_manifest(out, sorted(merged.values(), key=lambda e: e["path"]))
 
 
 def contact_sheet(out: Path, owner: str, cell: int = 96) -> Path | None:
@@ -173,17 +180,23 @@ def contact_sheet(out: Path, owner: str, cell: int = 96) -> Path | None:
         rows.setdefault(path.stem.rsplit("_", 1)[0], []).append(path)
     if not rows:
         return None
+    return draw_contact_sheet([([name[:18]], rows[name]) for name in sorted(rows)], folder / CONTACT_SHEET, cell)
+
+
+def draw_contact_sheet(rows: list[tuple[list[str], list[Path]]], target: Path, cell: int = 96, label: int = 120) -> Path:
+    """A sheet of one row per ``(label lines, image paths)``: the labels in a strip on the left, the images in
+    order; written atomically to ``target``."""
     from PIL import ImageDraw
 
-    cols = max(len(v) for v in rows.values())
-    label = 120  # left strip with the class name
-    sheet = Image.new("RGB", (label + cols * cell, len(rows) * cell), "white")
+    cols = max((len(paths) for _, paths in rows), default=1)
+    sheet = Image.new("RGB", (label + max(cols, 1) * cell, max(len(rows), 1) * cell), "white")
     draw = ImageDraw.Draw(sheet)
-    for r, name in enumerate(sorted(rows)):
-        draw.text((4, r * cell + cell // 2 - 6), name[:18], fill="black")
-        for c, path in enumerate(rows[name]):
+    for r, (lines, paths) in enumerate(rows):
+        top = r * cell + cell // 2 - 6 * len(lines)
+        for i, line in enumerate(lines):
+            draw.text((4, top + 12 * i), line, fill="black")
+        for c, path in enumerate(paths):
             with Image.open(path) as im:
                 sheet.paste(im.convert("RGB").resize((cell, cell)), (label + c * cell, r * cell))
-    target = folder / CONTACT_SHEET
-    _save_png(sheet, target)
+    save_png(sheet, target)
     return target

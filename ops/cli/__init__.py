@@ -1,6 +1,8 @@
-"""``feda2v`` command line: run the federation, make data, manage the embedding cache, render images from
-checkpoints (``generate``), write run reports (``report``), inspect the configuration, prepare a
-deployment (``deploy``).
+"""``feda2v`` command line: run the federation, turn your own audio into pictures, and the tools around them.
+
+Commands: ``run`` (the federation), ``imagine`` (pictures from your audio files), ``export`` (a run's
+portable pipeline), ``serve`` (a local page), ``report`` (run reports), ``data``, ``cache`` (the
+embedding cache), ``generate`` (images from checkpoints), ``config``, ``deploy``, ``owners``.
 
 ``feda2v run`` is a thin wrapper around ``flwr run`` (see :mod:`ops.launcher`) that sets what a
 local simulation needs on this kind of machine (no run-time dependency installation, 1 CPU per
@@ -17,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 
-from ops.cli import cache, config, data, deploy, generate, owners, report, run
+from ops.cli import cache, config, data, deploy, export, generate, imagine, owners, report, run, serve
 from common.errors import FedA2VError
 from common.logs import report_error, setup_logging
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (run, report, data, cache, generate, config, deploy, owners)  # the order of `feda2v --help`
+COMMANDS = (run, imagine, export, serve, report, data, cache, generate, config, deploy, owners)  # the order of `feda2v --help`
 
 
 def build_parser() -> argparse.ArgumentParser:
