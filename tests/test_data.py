@@ -209,6 +209,10 @@ class TestSynth:
         # a clip does not depend on which other classes were generated with it
         d = _files(synthesize_dataset(tmp_path / "d", ["dog"], seed=3, **kwargs))
         assert all(d[k] == a[k] for k in d if k.endswith(".wav"))
+        # the same command again on its own folder changes nothing; other parameters there are refused
+        assert _files(synthesize_dataset(tmp_path / "a", ["rain", "dog"], seed=3, **kwargs)) == a
+        with pytest.raises(DatasetError, match="already exists and is not empty"):
+            synthesize_dataset(tmp_path / "a", ["rain", "dog"], seed=4, **kwargs)
 
     def test_clips_vary_within_a_class(self) -> None:
         for name in SYNTH_CLASSES:

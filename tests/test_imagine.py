@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -139,6 +140,24 @@ def test_export_errors_name_what_is_wrong(run: Path, tmp_path: Path, caplog: pyt
     assert "is not a pipeline folder: refusing to overwrite it" in caplog.text and (busy / "notes.txt").is_file()
     assert cli_main(["export", str(tmp_path / "nowhere"), str(tmp_path / "q")]) == 2
     assert "is not a run folder (no config.json)" in caplog.text
+
+
+def test_a_folder_of_runs_stands_for_its_newest_completed_run(tmp_path: Path) -> None:
+    from common.config import ConfigError
+    from common.imagine.export import find_run
+
+    outputs = tmp_path / "outputs"
+    for name, status, when in (("old", "completed", 1000), ("new", "completed", 2000), ("going", "running", 3000)):
+        run_dir = outputs / name
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "config.json").write_text("{}")
+        (run_dir / "summary.json").write_text(json.dumps({"run": {"status": status}}))
+        os.utime(run_dir / "summary.json", (when, when))
+    assert find_run(outputs) == outputs / "new"  # a run still going on is passed over
+    assert find_run(outputs / "going") == outputs / "going"  # named, it is used
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="is not a run folder .no config.json. and holds none"):
+        find_run(tmp_path / "empty")
 
 
 def test_a_pipeline_whose_parts_do_not_match_is_refused_naming_the_field(run: Path, tmp_path: Path) -> None:

@@ -66,7 +66,8 @@ def test_calibration_spends_the_budget_with_what_was_spent_before():
         calibrate_noise(0.5, DELTA, [gaussian_release(0.5)] * 10, plan)
 
 
-def test_the_twin_computes_the_adapters_and_training_keeps_their_keys():
+@pytest.mark.parametrize("mode", ["per-sample", "ghost"])
+def test_the_twin_computes_the_adapters_and_training_keeps_their_keys(mode):
     adapters = Adapters.seeded(TINY, 0).eval()
     twin = DPTwin(adapters).eval()
     x = torch.randn(5, 3, 8)
@@ -77,11 +78,31 @@ def test_the_twin_computes_the_adapters_and_training_keeps_their_keys():
     before = {k: v.clone() for k, v in adapters.state_dict().items()}
     x, y = torch.randn(40, 3, 8), torch.randint(0, 4, (40,))
     train_adapters_dp(adapters, x, y, torch.randn(4, 6), torch.randn(4, 4, 5), SETTINGS,
-                      DPSGDSettings.schedule(40, 8, 1, 1.0, 1.0))
+                      DPSGDSettings.schedule(40, 8, 1, 1.0, 1.0), mode=mode)
     assert {k: v.shape for k, v in adapters.state_dict().items()} == shapes
     for key in ("clip.pos", "clip.latents", "t5.attn.in_proj_weight", "t5.attn.out_proj.weight", "t5.out.1.weight"):
         assert not torch.equal(adapters.state_dict()[key], before[key]), key  # every kind of weight trained
     assert not any(m._forward_hooks or m._backward_hooks for m in adapters.modules())  # no Opacus hooks left
+
+
+def test_per_sample_and_ghost_clipping_take_the_same_steps(monkeypatch):
+    """The two ways of clipping each clip's gradient compute the same clipped sum (same batches, no noise)."""
+    import common.privacy.dp_sgd as dp_sgd
+
+    monkeypatch.setattr(dp_sgd, "secure_generator", lambda device: torch.Generator(device).manual_seed(0))
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(40, 3, 8, generator=g), torch.randint(0, 4, (40,), generator=g)
+    tc, tt = torch.randn(4, 6, generator=g), torch.randn(4, 4, 5, generator=g)
+    states = {}
+    for mode in ("per-sample", "ghost"):
+        adapters = Adapters.seeded(TINY, 0)
+        train_adapters_dp(adapters, x, y, tc, tt, SETTINGS, DPSGDSettings(0.0, 0.05, 0.3, 4), mode=mode)
+        states[mode] = adapters.state_dict()
+    before = Adapters.seeded(TINY, 0).state_dict()
+    assert any(not torch.equal(states["ghost"][k], before[k]) for k in before)
+    for key in before:
+        assert torch.allclose(states["per-sample"][key], states["ghost"][key], atol=1e-5, rtol=1e-4), key
+    assert dp_sgd.clipping_mode(13_800_000, 32) == "ghost" and dp_sgd.clipping_mode(526_000, 32) == "per-sample"
 
 
 def test_dp_noise_comes_from_the_os_not_the_run_seed():

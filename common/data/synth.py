@@ -199,7 +199,8 @@ def synthesize_dataset(root: Path, classes: Sequence[str] | None = None, clips_p
     """Write a synthetic dataset at `root` in the official ESC-50 layout (or ``layout`` "vegas" / "vggsound",
     for tests and demos of those readers) and return its resolved path.
 
-    ``root`` must not exist yet (or be an empty directory): the data is built in a temporary folder beside it and
+    ``root`` must not exist yet (or be an empty directory, or already hold this very dataset: then nothing is
+    written): the data is built in a temporary folder beside it and
     renamed into place, so readers never see a partial dataset. Not safe against concurrent callers on the same
     root -- use :func:`ensure_synthetic_dataset` for that.
     """
@@ -207,9 +208,12 @@ def synthesize_dataset(root: Path, classes: Sequence[str] | None = None, clips_p
     if layout not in LAYOUTS:
         raise DatasetError(f"unknown layout {layout!r}; available: {', '.join(LAYOUTS)}")
     root = Path(root).expanduser().absolute()
-    if root.exists() and not (root.is_dir() and not any(root.iterdir())):
-        raise DatasetError(f"{root} already exists and is not empty; pick another data.root or delete it")
     params = _params(classes, clips_per_class, seed, clip_seconds, sample_rate, num_folds, layout)
+    if root.exists() and not (root.is_dir() and not any(root.iterdir())):
+        if root.is_dir() and read_synth_params(root) == params:  # the same command again: nothing to do
+            logger.info("%s already holds this synthetic dataset", root)
+            return root
+        raise DatasetError(f"{root} already exists and is not empty; pick another data.root or delete it")
     root.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))

@@ -67,8 +67,9 @@ def adapters_checkpoint(run_dir: Path, aggregation: str, checkpoint: str = "fina
 
 
 def find_run(path: str | Path) -> Path:
-    """``path`` if it is a run folder; if it holds run folders (``outputs/``), the one written last (by its
-    ``summary.json``), logged so the user sees which."""
+    """``path`` if it is a run folder; if it holds run folders (``outputs/``), the completed one written last
+    (by its ``summary.json``; a run still going on is passed over while a completed one exists), logged so
+    the user sees which."""
     path = Path(path).expanduser()
     if (path / "config.json").is_file():
         return path
@@ -76,10 +77,21 @@ def find_run(path: str | Path) -> Path:
         if path.is_dir() else []
     if not runs:
         raise ConfigError(f"'{path}' is not a run folder (no config.json) and holds none")
-    newest = max(runs, key=lambda d: ((d / "summary.json").stat().st_mtime if (d / "summary.json").is_file() else 0.0,
-                                      d.name))
-    log.info("%s holds %d run(s): using the newest, %s", path, len(runs), newest)
+    def written(d: Path) -> float:
+        return (d / "summary.json").stat().st_mtime if (d / "summary.json").is_file() else 0.0
+
+    finished = [d for d in runs if _status(d) == "completed"]
+    newest = max(finished or runs, key=lambda d: (written(d), d.name))
+    log.info("%s holds %d run(s): using the newest %s, %s", path, len(runs), "completed one" if finished else "one",
+             newest)
     return newest
+
+
+def _status(run_dir: Path) -> str:
+    try:
+        return str(json.loads((run_dir / "summary.json").read_text())["run"].get("status", ""))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ""
 
 
 def _run_config(run_dir: Path) -> FedA2VConfig:

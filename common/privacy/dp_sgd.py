@@ -4,10 +4,17 @@ What is private here: every step's batch is a Poisson sample of the site's rows 
 with probability ``sample_rate``) drawn from a secure generator, each row's gradient (both branches
 together: one clip moves both) is clipped to ``max_grad_norm`` and noise of std ``noise_multiplier *
 max_grad_norm`` is added to their sum. That is the subsampled Gaussian mechanism the accountant composes
-(:class:`~common.privacy.accounting.Release`). How: Opacus' ghost clipping (the clipped gradient without
-materialising per-sample gradients of the Linear layers, two backward passes) on a twin of the adapters
+(:class:`~common.privacy.accounting.Release`). How: Opacus on a twin of the adapters
 (:mod:`common.privacy.dp_adapters`), with one AdamW over both branches (their own learning rates as two
-parameter groups).
+parameter groups), in one of two modes chosen by size (:func:`clipping_mode`):
+
+* ``per-sample``: every clip's gradient materialised by Opacus' hooks in the one backward pass, then
+  clipped: the faster mode while ``batch x weights`` fits :data:`PER_SAMPLE_BUDGET` (small adapters);
+* ``ghost``: ghost clipping, the clipped gradient without materialising per-sample gradients of the
+  Linear layers, at the price of a second backward pass: memory that does not grow with the batch, for
+  large adapters (the default ``hidden-dim = 512`` has 13.8 M weights).
+
+Both compute the same clipped, noised sum (tested against each other), so the guarantee is the same.
 
 Why the loop is not :func:`common.training.fit_adapters`: that loop shuffles with a generator seeded from the
 run seed and takes fixed batches; here the number of steps is fixed in advance (the accountant's ``steps``)
@@ -21,8 +28,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from opacus.grad_sample import GradSampleModuleFastGradientClipping
-from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import Tensor
 
@@ -33,7 +40,7 @@ from common.privacy.secure import secure_generator
 from common.seeds import seeded
 from common.training import TrainSettings, adapter_losses
 
-__all__ = ["DPSGDSettings", "train_adapters_dp"]
+__all__ = ["PER_SAMPLE_BUDGET", "DPSGDSettings", "clipping_mode", "train_adapters_dp"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,15 @@ class DPSGDSettings:
         return Release("dp-sgd", self.noise_multiplier, self.sample_rate, self.steps)
 
 
+PER_SAMPLE_BUDGET = 64 * 2**20  # per-sample gradient values one step may hold in per-sample mode (256 MiB in float32)
+
+
+def clipping_mode(num_weights: int, expected_batch: int) -> str:
+    """``per-sample`` when twice the expected Poisson batch times the trained weights fits
+    :data:`PER_SAMPLE_BUDGET`, else ``ghost``."""
+    return "per-sample" if 2 * max(expected_batch, 1) * num_weights <= PER_SAMPLE_BUDGET else "ghost"
+
+
 def train_adapters_dp(
     adapters: Adapters,
     embeddings: Tensor,
@@ -70,22 +86,34 @@ def train_adapters_dp(
     settings: TrainSettings,
     dp: DPSGDSettings,
     device: torch.device | str = "cpu",
+    mode: str = "auto",
 ) -> dict[str, float]:
-    """Train ``adapters`` in place with DP-SGD; returns the mean losses of the last epoch's worth of steps."""
+    """Train ``adapters`` in place with DP-SGD; returns the mean losses of the last epoch's worth of steps.
+    ``mode``: ``per-sample``, ``ghost`` or ``auto`` (:func:`clipping_mode`)."""
     device = torch.device(device)
     adapters.to(device)
     embeddings, labels = embeddings.to(device), labels.to(device)
     targets_clip, targets_t5 = targets_clip.to(device), targets_t5.to(device)
     twin = DPTwin(adapters).to(device).train()
-    model = GradSampleModuleFastGradientClipping(twin, max_grad_norm=dp.max_grad_norm, use_ghost_clipping=True,
-                                                 loss_reduction="mean")
+    rows = len(embeddings)
+    expected = max(1, round(dp.sample_rate * rows))
+    if mode == "auto":
+        mode = clipping_mode(sum(p.numel() for p in twin.parameters()), expected)
+    if mode not in ("per-sample", "ghost"):
+        raise ValueError(f"DP-SGD mode must be 'per-sample', 'ghost' or 'auto', got {mode!r}")
+    log.debug("DP-SGD: %s clipping, %d steps, expected batch %d", mode, dp.steps, expected)
     lrs = {"clip": settings.lr_clip, "t5": settings.lr_t5}
     groups = [{"params": params, "lr": lrs[name]} for name, params in twin.branch_parameters().items()]
-    rows = len(embeddings)
-    optimizer = DPOptimizerFastGradientClipping(
-        torch.optim.AdamW(groups, weight_decay=settings.weight_decay), noise_multiplier=dp.noise_multiplier,
-        max_grad_norm=dp.max_grad_norm, expected_batch_size=max(1, round(dp.sample_rate * rows)),
-        generator=secure_generator(device), secure_mode=True, loss_reduction="mean")
+    base = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+    common = dict(noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, expected_batch_size=expected,
+                  generator=secure_generator(device), secure_mode=True, loss_reduction="mean")
+    if mode == "ghost":
+        model = GradSampleModuleFastGradientClipping(twin, max_grad_norm=dp.max_grad_norm, use_ghost_clipping=True,
+                                                     loss_reduction="mean")
+        optimizer = DPOptimizerFastGradientClipping(base, **common)
+    else:
+        model = GradSampleModule(twin, loss_reduction="mean")
+        optimizer = DPOptimizer(base, **common)
     sampler = secure_generator("cpu")  # the batches, as secret as the noise
     per_epoch = max(1, math.ceil(1.0 / dp.sample_rate))
     sums = {"loss_clip": 0.0, "loss_t5": 0.0}
@@ -98,7 +126,10 @@ def train_adapters_dp(
                 out_clip, out_t5 = model(embeddings[idx].float())
                 loss_clip, loss_t5 = adapter_losses(out_clip, out_t5, labels[idx], targets_clip, targets_t5, settings,
                                                     reduction="none")
-                DPTensorFastGradientClipping(model, optimizer, loss_clip + loss_t5, "mean").backward()
+                if mode == "ghost":
+                    DPTensorFastGradientClipping(model, optimizer, loss_clip + loss_t5, "mean").backward()
+                else:
+                    (loss_clip + loss_t5).mean().backward()
                 if step >= dp.steps - per_epoch:  # the last epoch's worth of steps: the reported losses
                     sums["loss_clip"] += float(loss_clip.detach().sum())
                     sums["loss_t5"] += float(loss_t5.detach().sum())
@@ -106,6 +137,8 @@ def train_adapters_dp(
             else:  # an empty Poisson batch is still a step: noise only
                 for p in twin.parameters():
                     p.grad = torch.zeros_like(p)
+                    if mode == "per-sample":
+                        p.grad_sample = torch.zeros(0, *p.shape, device=p.device, dtype=p.dtype)
             optimizer.step()
     model.remove_hooks()  # the twin shares its layers with the adapters: leave them as they were
     for p in twin.parameters():
