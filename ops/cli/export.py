@@ -1,5 +1,7 @@
-"""``feda2v export``: a run's portable pipeline (AST, adapters, targets, calibration, render model) in one
-folder that ``feda2v imagine --pipeline`` / ``AudioToImagePipeline.from_pretrained`` load on any machine.
+"""``feda2v export``: a run's portable audio-to-image pipeline, in one folder.
+
+The folder holds the AST, the adapters, the class targets, the calibration and the render model;
+``feda2v imagine --pipeline`` and ``AudioToImagePipeline.from_pretrained`` load it on any machine.
 
 Parses the arguments and calls :func:`common.imagine.export.export_pipeline` (which adapters, standalone
 runs) and :meth:`common.imagine.pipeline.AudioToImagePipeline.save_pretrained` (the folder's layout).

@@ -1,5 +1,6 @@
-"""``feda2v imagine``: pictures from your own audio files (any length, rate, channels), through a run's
-or an exported pipeline.
+"""``feda2v imagine``: pictures from your own audio files, through a run's or an exported pipeline.
+
+Any length, rate or channel count.
 
 Parses the arguments and calls :func:`common.imagine.job.imagine_files`, which documents the output
 folder; :mod:`common.imagine.inputs` says how a file becomes a clip, :mod:`common.imagine.pipeline`

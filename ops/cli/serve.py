@@ -1,5 +1,6 @@
-"""``feda2v serve``: a local page where you upload or record a clip and see its pictures and nearest
-classes, and browse the run's report.
+"""``feda2v serve``: a local page to upload or record a clip and see its pictures and nearest classes.
+
+It also shows the run's report.
 
 Needs the optional extra: ``pip install 'feda2v[serve]'``. Binds 127.0.0.1 unless ``--host`` says
 otherwise; the pipeline is loaded once before the page accepts requests. :mod:`ops.serve.app` documents
