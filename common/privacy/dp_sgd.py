@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -118,7 +119,9 @@ def train_adapters_dp(
     per_epoch = max(1, math.ceil(1.0 / dp.sample_rate))
     sums = {"loss_clip": 0.0, "loss_t5": 0.0}
     seen = 0
-    with seeded(settings.seed, device):  # dropout only: its draws need not be secret
+    with seeded(settings.seed, device), warnings.catch_warnings():  # dropout only: its draws need not be secret
+        # Opacus' hooks on the first layer fire for its output: the embeddings are data, not trained
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         for step in range(dp.steps):
             idx = (torch.rand(rows, generator=sampler) < dp.sample_rate).nonzero().flatten().to(device)
             optimizer.zero_grad(set_to_none=True)
