@@ -462,6 +462,7 @@ def launch(
     lines: list[str] = []
     t0 = time.monotonic()
     result = LaunchResult(list(cmd), 0, "", 0.0, tag, local_superlink=own)
+    previous = _sigterm_as_exit()
     try:
         proc = subprocess.Popen(list(cmd), env=full_env, cwd=workdir, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
@@ -504,7 +505,23 @@ def launch(
             if result.leftovers:
                 log.warning("processes of run tag %s survived SIGKILL: %s", tag, "; ".join(result.leftovers))
             _tidy(own, result)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return result
+
+
+def _sigterm_as_exit():
+    """While a launch waits, SIGTERM (``kill PID``, a service manager stopping ``feda2v run``) ends it like
+    Ctrl-C: ``flwr run`` is stopped and everything the run started is swept, instead of Python dying on the
+    spot and leaving the run's SuperLink and simulation behind. Returns the handler to restore (``None``
+    off the main thread, where Python allows no handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def _tidy(own: LocalSuperLink | None, result: LaunchResult) -> None:

@@ -50,6 +50,37 @@ def test_launch_stops_the_processes_its_run_started_and_reports_no_success_witho
     assert result.leftovers == []
 
 
+def test_sigterm_to_a_waiting_launch_stops_what_its_run_started(tmp_path: Path) -> None:
+    """``kill <feda2v run>`` while the run is going: the run's detached processes go too."""
+    import subprocess
+
+    pid_file = tmp_path / "child.pid"
+    fake = ("import subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True); "
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(300)")
+    script = (f"import sys; from ops import launcher; "
+              f"launcher.launch([sys.executable, '-c', {fake!r}], quiet=True, timeout=120)")
+    outer = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        assert _alive(child)
+        outer.send_signal(signal.SIGTERM)
+        assert outer.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child), "the run's detached process outlived a SIGTERM to its launcher"
+    finally:
+        if outer.poll() is None:
+            outer.kill()
+            outer.wait()
+        if pid_file.is_file() and pid_file.read_text() and _alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)  # only when the launcher failed to
+
+
 def test_keep_superlink_leaves_them_running_and_other_processes_are_never_touched():
     bystander = __import__("subprocess").Popen([sys.executable, "-c", "import time; time.sleep(300)"])
     try:

@@ -96,10 +96,17 @@ def load_flux_pipeline(model: str, dtype: torch.dtype):
     try:
         return FluxPipeline.from_pretrained(
             str(path), text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-            torch_dtype=dtype, local_files_only=True,
+            dtype=dtype, local_files_only=True,
+            low_cpu_mem_usage=_has_accelerate(),  # without accelerate diffusers would say so on every load
         )
     except Exception as err:
         raise ModelLoadError(f"render.model '{model}': cannot load FLUX.1 ({type(err).__name__}: {err})") from err
+
+
+def _has_accelerate() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
 
 
 class FluxBackend:
