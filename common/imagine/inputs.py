@@ -93,7 +93,6 @@ class Decoded:
 
     clips: torch.Tensor  # [N, samples]
     names: list[str]
-    index: list[int]  # position of each clip in the inputs
     failed: list[tuple[str, str]]
 
     @classmethod
@@ -101,7 +100,6 @@ class Decoded:
         """Decode every input; a bad one is recorded in ``failed`` (never raised) so the rest go on."""
         rows: list[torch.Tensor] = []
         names: list[str] = []
-        index: list[int] = []
         failed: list[tuple[str, str]] = []
         for i, item in enumerate(inputs):
             if isinstance(item, (str, Path)):
@@ -119,10 +117,9 @@ class Decoded:
                     failed.append((name, str(err)))
                     continue
             names.append(name)
-            index.append(i)
         length = int(round(spec.clip_seconds * spec.sample_rate))
         clips = torch.stack(rows) if rows else torch.empty(0, length)
-        return cls(clips, names, index, failed)
+        return cls(clips, names, failed)
 
 
 def clip_digest(clip: torch.Tensor) -> str:

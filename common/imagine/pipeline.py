@@ -132,7 +132,6 @@ class PipelineOutput:
 
     clips: list[ClipImages] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)  # decode, embed, render
 
     @property
     def images(self) -> list[list[Image.Image]]:
@@ -235,14 +234,9 @@ class AudioToImagePipeline:
         n = self.render.images_per_clip if n is None else int(n)
         if n < 1:
             raise ValueError(f"n (images per clip) must be >= 1, got {n}")
-        out = PipelineOutput()
-        t0 = time.perf_counter()
         decoded = Decoded.of(self.audio, items, sample_rate)
-        out.failed = decoded.failed
-        t1 = time.perf_counter()
-        sim, out_clip, out_t5 = self.scores(self.embed(decoded.clips, progress=False))
-        t2 = time.perf_counter()
-        out.seconds = {"decode": t1 - t0, "embed": t2 - t1, "render": 0.0}
+        out = PipelineOutput(failed=decoded.failed)
+        sim, out_clip, out_t5 = self.scores(self.embed(decoded.clips))
         if not decoded.names:
             return out
         cond = calibrate(outputs_conditioning(out_clip, out_t5), self.targets, self.render.calibrate,
@@ -252,7 +246,6 @@ class AudioToImagePipeline:
         rows = torch.arange(len(decoded.names)).repeat_interleave(n).tolist()
         flat_seeds = [s for per in seeds for s in per]
         images = self._render(cond.rows(rows), flat_seeds, progress)
-        out.seconds["render"] = time.perf_counter() - t2
         k = min(top_k, len(self.classes))
         best = sim.topk(k, dim=1)
         for i, name in enumerate(decoded.names):
