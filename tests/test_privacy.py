@@ -66,7 +66,7 @@ def test_calibration_spends_the_budget_with_what_was_spent_before():
         calibrate_noise(0.5, DELTA, [gaussian_release(0.5)] * 10, plan)
 
 
-@pytest.mark.parametrize("mode", ["per-sample", "ghost"])
+@pytest.mark.parametrize("mode", ["book-keeping", "per-sample", "ghost"])
 def test_the_twin_computes_the_adapters_and_training_keeps_their_keys(mode):
     adapters = Adapters.seeded(TINY, 0).eval()
     twin = DPTwin(adapters).eval()
@@ -85,8 +85,9 @@ def test_the_twin_computes_the_adapters_and_training_keeps_their_keys(mode):
     assert not any(m._forward_hooks or m._backward_hooks for m in adapters.modules())  # no Opacus hooks left
 
 
-def test_per_sample_and_ghost_clipping_take_the_same_steps(monkeypatch):
-    """The two ways of clipping each clip's gradient compute the same clipped sum (same batches, no noise)."""
+def test_book_keeping_per_sample_and_ghost_clipping_take_the_same_steps(monkeypatch):
+    """The three ways of clipping each clip's gradient compute the same clipped sum (same batches, no noise):
+    the book-keeping mode against Opacus' two, the independent reference."""
     import common.privacy.dp_sgd as dp_sgd
 
     monkeypatch.setattr(dp_sgd, "secure_generator", lambda device: torch.Generator(device).manual_seed(0))
@@ -94,15 +95,58 @@ def test_per_sample_and_ghost_clipping_take_the_same_steps(monkeypatch):
     x, y = torch.randn(40, 3, 8, generator=g), torch.randint(0, 4, (40,), generator=g)
     tc, tt = torch.randn(4, 6, generator=g), torch.randn(4, 4, 5, generator=g)
     states = {}
-    for mode in ("per-sample", "ghost"):
+    for mode in dp_sgd.MODES:
         adapters = Adapters.seeded(TINY, 0)
         train_adapters_dp(adapters, x, y, tc, tt, SETTINGS, DPSGDSettings(0.0, 0.05, 0.3, 4), mode=mode)
         states[mode] = adapters.state_dict()
     before = Adapters.seeded(TINY, 0).state_dict()
     assert any(not torch.equal(states["ghost"][k], before[k]) for k in before)
     for key in before:
-        assert torch.allclose(states["per-sample"][key], states["ghost"][key], atol=1e-5, rtol=1e-4), key
-    assert dp_sgd.clipping_mode(13_800_000, 32) == "ghost" and dp_sgd.clipping_mode(526_000, 32) == "per-sample"
+        for mode in ("book-keeping", "ghost"):
+            assert torch.allclose(states["per-sample"][key], states[mode][key], atol=1e-5, rtol=1e-4), (mode, key)
+
+
+class _Mixed(torch.nn.Module):
+    """Every case of the clipping rules: a Linear over many tokens with few weights (the clip's own gradient
+    measured), one over few tokens (ghost norm), one without bias, LayerNorms over tokens and over [B, d]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(2)
+        self.many = torch.nn.Linear(2, 3)
+        self.few = torch.nn.Linear(30, 7, bias=False)
+        self.norm_flat = torch.nn.LayerNorm(7)
+
+    def forward(self, x):  # x [B, 10, 2]
+        return self.norm_flat(self.few(torch.tanh(self.many(self.norm(x))).flatten(1)))
+
+
+def test_per_clip_clipping_matches_per_sample_gradients_from_vmap():
+    """The book-keeping norms and clipped sums against per-sample gradients computed by torch.func."""
+    from torch.func import functional_call, grad, vmap
+
+    from common.privacy.clipping import PerClipClipping
+
+    torch.manual_seed(0)
+    model, x = _Mixed(), torch.randn(6, 10, 2)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_of(p, xi):
+        return functional_call(model, p, (xi[None],)).pow(2).sum()
+
+    per_sample = vmap(grad(loss_of), in_dims=(None, 0))(params, x)
+    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in per_sample.values()))
+    clipping = PerClipClipping(model)
+    sums, got_norms = clipping.clipped_sums(model(x).pow(2).sum(1), max_norm=float(norms.median()))
+    assert torch.allclose(got_norms, norms, rtol=1e-4)
+    factor = (norms.median() / (norms + 1e-6)).clamp(max=1.0)
+    assert (factor < 1).any() and (factor == 1).any()  # some clips clipped, some not
+    for name, p in model.named_parameters():
+        assert torch.allclose(sums[p], torch.einsum("b,b...->...", factor, per_sample[name]), atol=1e-5), name
+    clipping.remove()
+    assert not any(m._forward_hooks for m in model.modules())
+    with pytest.raises(TypeError, match=r"no per-clip clipping rule for: conv \(Conv1d\)"):
+        PerClipClipping(torch.nn.ModuleDict({"conv": torch.nn.Conv1d(1, 1, 1)}))
 
 
 def test_dp_noise_comes_from_the_os_not_the_run_seed():

@@ -20,6 +20,7 @@ from opacus.grad_sample import register_grad_sampler
 from torch import Tensor, nn
 
 from common.models.adapters import Adapters, BranchAdapter
+from common.privacy.clipping import per_clip_rule, register_rule
 
 __all__ = ["DPTwin"]
 
@@ -47,14 +48,14 @@ class Latents(nn.Module):
         return self.weight.unsqueeze(0).expand(x.shape[0], -1, -1) + 0 * x[:, :1, :1].sum()
 
 
-@register_grad_sampler(AddParam)
-def _add_param_grad_sample(layer: AddParam, activations, backprops: Tensor) -> dict:
+def _output_grad(layer: AddParam | Latents, activations, backprops: Tensor) -> dict:
+    """Each clip's gradient of ``weight`` is the gradient of the layer's output (``[B, *weight.shape]``)."""
     return {layer.weight: backprops}
 
 
-@register_grad_sampler(Latents)
-def _latents_grad_sample(layer: Latents, activations, backprops: Tensor) -> dict:
-    return {layer.weight: backprops}
+for _layer in (AddParam, Latents):
+    register_grad_sampler(_layer)(_output_grad)  # Opacus' per-sample mode
+    register_rule(_layer, per_clip_rule(_output_grad))  # the book-keeping mode
 
 
 class LinearAttention(nn.Module):

@@ -4,17 +4,20 @@ What is private here: every step's batch is a Poisson sample of the site's rows 
 with probability ``sample_rate``) drawn from a secure generator, each row's gradient (both branches
 together: one clip moves both) is clipped to ``max_grad_norm`` and noise of std ``noise_multiplier *
 max_grad_norm`` is added to their sum. That is the subsampled Gaussian mechanism the accountant composes
-(:class:`~common.privacy.accounting.Release`). How: Opacus on a twin of the adapters
-(:mod:`common.privacy.dp_adapters`), with one AdamW over both branches (their own learning rates as two
-parameter groups), in one of two modes chosen by size (:func:`clipping_mode`):
+(:class:`~common.privacy.accounting.Release`). How, in one of three modes that compute the same clipped,
+noised sum (tested against each other), so the guarantee is the same:
 
-* ``per-sample``: every clip's gradient materialised by Opacus' hooks in the one backward pass, then
-  clipped: the faster mode while ``batch x weights`` fits :data:`PER_SAMPLE_BUDGET` (small adapters);
-* ``ghost``: ghost clipping, the clipped gradient without materialising per-sample gradients of the
-  Linear layers, at the price of a second backward pass: memory that does not grow with the batch, for
-  large adapters (the default ``hidden-dim = 512`` has 13.8 M weights).
+* ``book-keeping`` (the default): :mod:`common.privacy.clipping`, one backward pass to the layers' outputs,
+  each clip's gradient norm from the layers' inputs and output gradients, the clipped sum as one matmul per
+  layer. About the cost of a plain step plus the norms, memory as in plain training;
+* ``per-sample``: Opacus' ``GradSampleModule`` + ``DPOptimizer`` (every clip's gradient materialised, then
+  clipped): ``batch x weights`` values per step;
+* ``ghost``: Opacus' ghost clipping (no per-sample gradients of the Linear layers, a second backward pass).
 
-Both compute the same clipped, noised sum (tested against each other), so the guarantee is the same.
+The Opacus modes are kept as the independent reference the book-keeping mode is tested against. All three
+run on a twin of the adapters (:mod:`common.privacy.dp_adapters`, the attention as four Linear layers), with
+one AdamW over both branches (their own learning rates as two parameter groups), and draw the noise with
+Opacus' ``_generate_noise`` in secure mode from the secure generator.
 
 Why the loop is not :func:`common.training.fit_adapters`: that loop shuffles with a generator seeded from the
 run seed and takes fixed batches; here the number of steps is fixed in advance (the accountant's ``steps``)
@@ -31,17 +34,19 @@ from dataclasses import dataclass
 import torch
 from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _generate_noise
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import Tensor
 
 from common.models.adapters import Adapters
 from common.privacy.accounting import Release
+from common.privacy.clipping import PerClipClipping
 from common.privacy.dp_adapters import DPTwin
 from common.privacy.secure import secure_generator
 from common.seeds import seeded
 from common.training import TrainSettings, adapter_losses
 
-__all__ = ["PER_SAMPLE_BUDGET", "DPSGDSettings", "clipping_mode", "train_adapters_dp"]
+__all__ = ["MODES", "DPSGDSettings", "train_adapters_dp"]
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +74,7 @@ class DPSGDSettings:
         return Release("dp-sgd", self.noise_multiplier, self.sample_rate, self.steps)
 
 
-PER_SAMPLE_BUDGET = 64 * 2**20  # per-sample gradient values one step may hold in per-sample mode (256 MiB in float32)
-
-
-def clipping_mode(num_weights: int, expected_batch: int) -> str:
-    """``per-sample`` when twice the expected Poisson batch times the trained weights fits
-    :data:`PER_SAMPLE_BUDGET`, else ``ghost``."""
-    return "per-sample" if 2 * max(expected_batch, 1) * num_weights <= PER_SAMPLE_BUDGET else "ghost"
+MODES = ("book-keeping", "per-sample", "ghost")
 
 
 def train_adapters_dp(
@@ -87,10 +86,12 @@ def train_adapters_dp(
     settings: TrainSettings,
     dp: DPSGDSettings,
     device: torch.device | str = "cpu",
-    mode: str = "auto",
+    mode: str = "book-keeping",
 ) -> dict[str, float]:
     """Train ``adapters`` in place with DP-SGD; returns the mean losses of the last epoch's worth of steps.
-    ``mode``: ``per-sample``, ``ghost`` or ``auto`` (:func:`clipping_mode`)."""
+    ``mode``: one of :data:`MODES` (module docstring)."""
+    if mode not in MODES:
+        raise ValueError(f"DP-SGD mode must be one of {', '.join(MODES)}, got {mode!r}")
     device = torch.device(device)
     adapters.to(device)
     embeddings, labels = embeddings.to(device), labels.to(device)
@@ -98,57 +99,35 @@ def train_adapters_dp(
     twin = DPTwin(adapters).to(device).train()
     rows = len(embeddings)
     expected = max(1, round(dp.sample_rate * rows))
-    if mode == "auto":
-        mode = clipping_mode(sum(p.numel() for p in twin.parameters()), expected)
-    if mode not in ("per-sample", "ghost"):
-        raise ValueError(f"DP-SGD mode must be 'per-sample', 'ghost' or 'auto', got {mode!r}")
     log.debug("DP-SGD: %s clipping, %d steps, expected batch %d", mode, dp.steps, expected)
     lrs = {"clip": settings.lr_clip, "t5": settings.lr_t5}
     groups = [{"params": params, "lr": lrs[name]} for name, params in twin.branch_parameters().items()]
     base = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
-    common = dict(noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, expected_batch_size=expected,
-                  generator=secure_generator(device), secure_mode=True, loss_reduction="mean")
-    if mode == "ghost":
-        model = GradSampleModuleFastGradientClipping(twin, max_grad_norm=dp.max_grad_norm, use_ghost_clipping=True,
-                                                     loss_reduction="mean")
-        optimizer = DPOptimizerFastGradientClipping(base, **common)
-    else:
-        model = GradSampleModule(twin, loss_reduction="mean")
-        optimizer = DPOptimizer(base, **common)
+    noise = secure_generator(device)
+    step_fn = (_BookKeeping(twin, base, dp, expected, noise) if mode == "book-keeping"
+               else _Opacus(twin, base, dp, expected, noise, ghost=mode == "ghost"))
     sampler = secure_generator("cpu")  # the batches, as secret as the noise
     per_epoch = max(1, math.ceil(1.0 / dp.sample_rate))
     sums = {"loss_clip": 0.0, "loss_t5": 0.0}
     seen = 0
-    with seeded(settings.seed, device), warnings.catch_warnings():  # dropout only: its draws need not be secret
-        # Opacus' hooks on the first layer fire for its output: the embeddings are data, not trained
-        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-        for step in range(dp.steps):
-            idx = (torch.rand(rows, generator=sampler) < dp.sample_rate).nonzero().flatten().to(device)
-            optimizer.zero_grad(set_to_none=True)
-            if len(idx):
-                out_clip, out_t5 = model(embeddings[idx].float())
-                loss_clip, loss_t5 = adapter_losses(out_clip, out_t5, labels[idx], targets_clip, targets_t5, settings,
-                                                    reduction="none")
-                if mode == "ghost":
-                    DPTensorFastGradientClipping(model, optimizer, loss_clip + loss_t5, "mean").backward()
-                else:
-                    (loss_clip + loss_t5).mean().backward()
-                if step >= dp.steps - per_epoch:  # the last epoch's worth of steps: the reported losses
-                    sums["loss_clip"] += float(loss_clip.detach().sum())
-                    sums["loss_t5"] += float(loss_t5.detach().sum())
-                    seen += len(idx)
-            else:  # an empty Poisson batch is still a step: noise only
-                for p in twin.parameters():
-                    p.grad = torch.zeros_like(p)
-                    if mode == "per-sample":
-                        p.grad_sample = torch.zeros(0, *p.shape, device=p.device, dtype=p.dtype)
-            optimizer.step()
-    model.remove_hooks()  # the twin shares its layers with the adapters: leave them as they were
-    for p in twin.parameters():
-        for attr in ("grad_sample", "_norm_sample", "summed_grad"):
-            if hasattr(p, attr):
-                delattr(p, attr)
-        p.grad = None
+    try:
+        with seeded(settings.seed, device), warnings.catch_warnings():  # dropout only: its draws need not be secret
+            # Opacus' hooks on the first layer fire for its output: the embeddings are data, not trained
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            for step in range(dp.steps):
+                idx = (torch.rand(rows, generator=sampler) < dp.sample_rate).nonzero().flatten().to(device)
+                losses = None
+                if len(idx):
+                    out_clip, out_t5 = step_fn.forward(embeddings[idx].float())
+                    losses = adapter_losses(out_clip, out_t5, labels[idx], targets_clip, targets_t5, settings,
+                                            reduction="none")
+                    if step >= dp.steps - per_epoch:  # the last epoch's worth of steps: the reported losses
+                        sums["loss_clip"] += float(losses[0].detach().sum())
+                        sums["loss_t5"] += float(losses[1].detach().sum())
+                        seen += len(idx)
+                step_fn.step(None if losses is None else losses[0] + losses[1])  # an empty batch: noise only
+    finally:
+        step_fn.close()
     twin.copy_to(adapters)
     adapters.eval()
     metrics = {k: v / max(seen, 1) for k, v in sums.items()}
@@ -156,3 +135,70 @@ def train_adapters_dp(
         raise FloatingPointError(f"DP adapter training diverged: {metrics}")
     metrics["loss"] = metrics["loss_clip"] + metrics["loss_t5"]
     return metrics
+
+
+class _BookKeeping:
+    """One DP-SGD step with :class:`~common.privacy.clipping.PerClipClipping`: clipped sum + noise of std
+    ``noise_multiplier * max_grad_norm``, divided by the expected batch, into ``base``."""
+
+    def __init__(self, twin: DPTwin, base: torch.optim.Optimizer, dp: DPSGDSettings, expected: int,
+                 generator: torch.Generator) -> None:
+        self.twin, self.base, self.dp, self.expected, self.generator = twin, base, dp, expected, generator
+        self.clipping = PerClipClipping(twin)
+        self.forward = twin
+
+    def step(self, losses: Tensor | None) -> None:
+        clipped = {} if losses is None else self.clipping.clipped_sums(losses, self.dp.max_grad_norm)[0]
+        std = self.dp.noise_multiplier * self.dp.max_grad_norm
+        for p in self.twin.parameters():
+            total = clipped.get(p)
+            if total is None:
+                total = torch.zeros_like(p)
+            if std > 0:
+                total = total + _generate_noise(std, p, self.generator, secure_mode=True)
+            p.grad = total / self.expected
+        self.base.step()
+
+    def close(self) -> None:
+        self.clipping.remove()
+        for p in self.twin.parameters():
+            p.grad = None
+
+
+class _Opacus:
+    """One DP-SGD step with Opacus: per-sample gradients (``GradSampleModule``) or ghost clipping."""
+
+    def __init__(self, twin: DPTwin, base: torch.optim.Optimizer, dp: DPSGDSettings, expected: int,
+                 generator: torch.Generator, ghost: bool) -> None:
+        self.twin, self.ghost = twin, ghost
+        common = dict(noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                      expected_batch_size=expected, generator=generator, secure_mode=True, loss_reduction="mean")
+        if ghost:
+            self.model = GradSampleModuleFastGradientClipping(twin, max_grad_norm=dp.max_grad_norm,
+                                                              use_ghost_clipping=True, loss_reduction="mean")
+            self.optimizer = DPOptimizerFastGradientClipping(base, **common)
+        else:
+            self.model = GradSampleModule(twin, loss_reduction="mean")
+            self.optimizer = DPOptimizer(base, **common)
+        self.forward = self.model
+
+    def step(self, losses: Tensor | None) -> None:
+        if losses is None:
+            for p in self.twin.parameters():
+                p.grad = torch.zeros_like(p)
+                if not self.ghost:
+                    p.grad_sample = torch.zeros(0, *p.shape, device=p.device, dtype=p.dtype)
+        elif self.ghost:
+            DPTensorFastGradientClipping(self.model, self.optimizer, losses, "mean").backward()
+        else:
+            losses.mean().backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        self.model.remove_hooks()  # the twin shares its layers with the adapters: leave them as they were
+        for p in self.twin.parameters():
+            for attr in ("grad_sample", "_norm_sample", "summed_grad"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+            p.grad = None
