@@ -1,13 +1,15 @@
-"""A DP-SGD twin of the adapters: the same computation, built only from layers Opacus can clip per clip.
+"""A DP-SGD twin of the adapters: the same computation, built only from layers that can be clipped per clip.
 
-Why a twin and not the adapters themselves: Opacus computes (or, with ghost clipping, measures) per-sample
-gradients layer by layer, and :class:`~common.models.adapters.BranchAdapter` holds two bare parameters
-(``pos``, ``latents``) and an ``nn.MultiheadAttention`` it cannot sample. Opacus' own replacement,
-``DPMultiheadAttention``, is wrong in 1.6.0 whenever the query has more than one token with
-``batch_first=True`` (it splices heads into tokens; the T5 branch queries ``t5_tokens`` latents), and it
-renames the attention's weights. The twin shares every supported submodule with the adapters (the token MLP,
-the summary, the norms, the MLP and the output: trained in place), puts ``pos`` and ``latents`` into two tiny
-modules with their own grad samplers, and rebuilds the attention from four ``nn.Linear`` layers.
+Why a twin and not the adapters themselves: per-clip clipping (:mod:`common.privacy.clipping`, and Opacus,
+its reference) works layer by layer from each layer's input and output gradient, and
+:class:`~common.models.adapters.BranchAdapter` holds two bare parameters (``pos``, ``latents``) and an
+``nn.MultiheadAttention`` whose projections run inside one functional call, out of the hooks' sight.
+Opacus' own replacement, ``DPMultiheadAttention``, is wrong in 1.6.0 whenever the query has more than one
+token with ``batch_first=True`` (it splices heads into tokens; the T5 branch queries ``t5_tokens`` latents),
+and it renames the attention's weights. The twin shares every supported submodule with the adapters (the
+token MLP, the summary, the norms, the MLP and the output: trained in place), puts ``pos`` and ``latents``
+into two tiny modules with their own clipping rules (and Opacus grad samplers), and rebuilds the attention
+from four ``nn.Linear`` layers.
 :meth:`DPTwin.copy_to` writes the trained weights back under the adapters' own keys, so a DP site's reply has
 the same records as any other site's and both can share a federation.
 """
