@@ -115,6 +115,31 @@ def test_parsers():
     assert status["status"] == "finished:failed"
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    (['num-rounds=2 output-dir="/tmp/mine"'], "/tmp/mine"),  # output-dir after another pair in one -c
+    (["num-rounds=2", 'output-dir="/tmp/mine"'], "/tmp/mine"),
+    (["num-rounds=2"], None),  # none given: --output-dir (default ./outputs), made absolute
+])
+def test_feda2v_run_keeps_an_output_dir_given_with_c(monkeypatch, tmp_path, overrides, expected):
+    from ops.cli import run as run_cli
+
+    seen = {}
+
+    def fake_launch(cmd, **kwargs):
+        seen["cmd"] = cmd
+        return launcher.LaunchResult(cmd=list(cmd), returncode=1, output="", seconds=0.0, tag="t", problem="stub")
+
+    monkeypatch.setattr(run_cli.launcher, "launch", fake_launch)
+    monkeypatch.chdir(tmp_path)
+    args = run_cli.argparse.Namespace(app_dir=str(launcher.APP_DIR), run_config=overrides, num_supernodes=3,
+                                      rounds=None, output_dir="outputs", cpus_per_node=1, gpus_per_node=0.0,
+                                      no_stream=True, keep_superlink=False)
+    assert run_cli.cmd_run(args) != 0
+    cmd = seen["cmd"]
+    flat = run_cli.flat_overrides([value for flag, value in zip(cmd, cmd[1:]) if flag == "--run-config"])
+    assert flat["output-dir"] == (expected or str(tmp_path / "outputs"))
+
+
 # A stand-in for `flwr run` that reports where its local SuperLink would live.
 FAKE_FLWR_RUN_ENV = (
     "import json, os; "

@@ -13,14 +13,19 @@ from common.config_overrides import parse_toml_value
 from common.logs import report_error
 
 
-def check_federation(app_dir: Path, overrides: list[str], num_supernodes: int) -> None:
-    """Fail before starting anything when the configuration cannot run on this many simulated nodes."""
+def flat_overrides(overrides: list[str]) -> dict:
+    """The ``-c`` strings (each ``'k=v k2="a b"'``) as one flat run config; later pairs win."""
     flat = {}
     for text in overrides:
         for item in shlex.split(text):
             key, _, value = item.partition("=")
             flat[key.strip()] = parse_toml_value(value)
-    cfg = load_config(flat, search_dirs=(app_dir,))
+    return flat
+
+
+def check_federation(app_dir: Path, overrides: list[str], num_supernodes: int) -> None:
+    """Fail before starting anything when the configuration cannot run on this many simulated nodes."""
+    cfg = load_config(flat_overrides(overrides), search_dirs=(app_dir,))
     if cfg.data.dataset != "synthetic":  # simulated nodes have no node-config data-root: data.root is theirs
         if not cfg.data.root:
             raise ConfigError(f"data.dataset='{cfg.data.dataset}' needs data.root: the dataset folder every simulated "
@@ -38,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_federation(app_dir, overrides, args.num_supernodes)
     if args.rounds is not None:
         overrides.append(f"num-rounds={args.rounds}")
-    if not any(o.strip().startswith("output-dir") for o in overrides):
+    if "output-dir" not in flat_overrides(overrides):  # a -c output-dir=... wins over --output-dir's default
         overrides.append(f'output-dir="{Path(args.output_dir).resolve()}"')
     federation = launcher.federation_config(args.num_supernodes, args.cpus_per_node, args.gpus_per_node)
     cmd = launcher.flwr_run_command(app_dir, federation_config=federation, run_config=overrides,
