@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +41,12 @@ class Rule:
     """How one layer type's per-clip gradients are measured and summed from its input ``a`` and output
     gradient ``g`` (both ``[B, ...]``).
 
-    ``norms2(layer, a, g) -> [B]``: each clip's squared gradient norm over the layer's own parameters;
-    ``sums(layer, a, g, factor) -> {param: sum_i factor_i * grad_i}``."""
+    ``norms2(layer, a, g) -> ([B], state)``: each clip's squared gradient norm over the layer's own
+    parameters, and what :attr:`sums` needs of the work done for it (so nothing is computed twice);
+    ``sums(layer, state, factor) -> {param: sum_i factor_i * grad_i}``."""
 
-    norms2: Callable[[nn.Module, Tensor, Tensor], Tensor]
-    sums: Callable[[nn.Module, Tensor, Tensor, Tensor], dict[nn.Parameter, Tensor]]
+    norms2: Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Any]]
+    sums: Callable[[nn.Module, Any, Tensor], dict[nn.Parameter, Tensor]]
 
 
 RULES: dict[type[nn.Module], Rule] = {}
@@ -60,7 +62,7 @@ def _tokens(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
-def _linear_norms2(layer: nn.Linear, a: Tensor, g: Tensor) -> Tensor:
+def _linear_norms2(layer: nn.Linear, a: Tensor, g: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     a, g = _tokens(a), _tokens(g)
     t = a.shape[1]
     if t * t <= a.shape[2] * g.shape[2]:  # ghost norm: T^2 token products per clip
@@ -69,11 +71,11 @@ def _linear_norms2(layer: nn.Linear, a: Tensor, g: Tensor) -> Tensor:
         norms2 = torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
     if layer.bias is not None:
         norms2 = norms2 + g.sum(1).pow(2).sum(1)
-    return norms2
+    return norms2, (a, g)
 
 
-def _linear_sums(layer: nn.Linear, a: Tensor, g: Tensor, factor: Tensor) -> dict[nn.Parameter, Tensor]:
-    a, g = _tokens(a), _tokens(g)
+def _linear_sums(layer: nn.Linear, state: tuple[Tensor, Tensor], factor: Tensor) -> dict[nn.Parameter, Tensor]:
+    a, g = state
     gc = g * factor[:, None, None]
     out = {layer.weight: gc.reshape(-1, gc.shape[2]).T @ a.reshape(-1, a.shape[2])}
     if layer.bias is not None:
@@ -97,11 +99,12 @@ def per_clip_rule(grads: Callable[[nn.Module, Tensor, Tensor], dict[nn.Parameter
     """A :class:`Rule` for layers whose per-clip gradients are small enough to hold: ``grads(layer, a, g)``
     returns them as ``{param: [B, *param.shape]}``."""
 
-    def norms2(layer: nn.Module, a: Tensor, g: Tensor) -> Tensor:
-        return sum(v.reshape(v.shape[0], -1).pow(2).sum(1) for v in grads(layer, a, g).values())
+    def norms2(layer: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, dict[nn.Parameter, Tensor]]:
+        per_clip = grads(layer, a, g)
+        return sum(v.reshape(v.shape[0], -1).pow(2).sum(1) for v in per_clip.values()), per_clip
 
-    def sums(layer: nn.Module, a: Tensor, g: Tensor, factor: Tensor) -> dict[nn.Parameter, Tensor]:
-        return {p: torch.einsum("b,b...->...", factor, v) for p, v in grads(layer, a, g).items()}
+    def sums(layer: nn.Module, per_clip: dict[nn.Parameter, Tensor], factor: Tensor) -> dict[nn.Parameter, Tensor]:
+        return {p: torch.einsum("b,b...->...", factor, v) for p, v in per_clip.items()}
 
     return Rule(norms2, sums)
 
@@ -145,11 +148,12 @@ class PerClipClipping:
         if len(layers) != len(self._layers):
             raise RuntimeError("some parametrised layers did not run in the forward pass")
         grads = torch.autograd.grad(losses.sum(), [seen[m][1] for m, _ in layers])
-        norms = torch.sqrt(sum(rule.norms2(m, seen[m][0], g) for (m, rule), g in zip(layers, grads)))
+        measured = [rule.norms2(m, seen[m][0], g) for (m, rule), g in zip(layers, grads)]
+        norms = torch.sqrt(sum(norms2 for norms2, _ in measured))
         factor = (max_norm / (norms + NORM_EPS)).clamp(max=1.0)
         sums: dict[nn.Parameter, Tensor] = {}
-        for (m, rule), g in zip(layers, grads):
-            sums.update(rule.sums(m, seen[m][0], g, factor))
+        for (m, rule), (_, state) in zip(layers, measured):
+            sums.update(rule.sums(m, state, factor))
         return sums, norms
 
     def remove(self) -> None:
